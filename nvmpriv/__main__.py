@@ -1,0 +1,80 @@
+"""``python -m nvmpriv``: Trainer subcommands through LightningCLI, plus nvmpriv's own tools.
+
+LightningCLI's subcommands are exactly the Trainer's methods, so nvmpriv's extra subcommands
+(``crossbar``, ``export``, ``attack``, ``sweep``) are dispatched here before LightningCLI sees the
+arguments. Errors caused by the user's input print one line (``error: ...``) and exit with code 2;
+``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+__all__ = ["EXTRA_COMMANDS", "main"]
+
+#: Subcommand -> "module:function" taking ``argv`` and returning an exit code.
+EXTRA_COMMANDS: dict[str, str] = {
+    "crossbar": "nvmpriv.crossbar:cli_main",
+    "export": "nvmpriv.export:cli_main",
+    "attack": "nvmpriv.blackbox:cli_main",
+    "sweep": "nvmpriv.sweep:cli_main",
+}
+
+_USAGE = (
+    "usage: python -m nvmpriv {fit,validate,test,predict} --config CONFIG.yaml [overrides]\n"
+    "       python -m nvmpriv {" + ",".join(EXTRA_COMMANDS) + "} [options]\n"
+)
+
+
+def _load_command(spec: str) -> Callable[[list[str]], int]:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input rather than a bug in nvmpriv."""
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, KeyError, TypeError]
+    try:
+        from jsonargparse import ArgumentError
+
+        errors.append(ArgumentError)
+    except ImportError:  # pragma: no cover - jsonargparse ships with lightning's CLI extra
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m nvmpriv``.
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        Process exit code.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(_USAGE)
+        return 0 if argv else 2
+    try:
+        if argv[0] in EXTRA_COMMANDS:
+            return _load_command(EXTRA_COMMANDS[argv[0]])(argv[1:])
+        from nvmpriv.cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    except _user_errors() as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()
+        sys.stderr.write(f"error: {message[0] if message else type(exc).__name__}"
+                         " (rerun with --debug for the traceback)\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
