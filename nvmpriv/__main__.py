@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-__all__ = ["EXTRA_COMMANDS", "main"]
+__all__ = ["EXTRA_COMMANDS", "main", "one_line"]
 
 #: Subcommand -> "module:function" taking ``argv`` and returning an exit code.
 EXTRA_COMMANDS: dict[str, str] = {
@@ -42,7 +42,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(ArgumentError)
     except ImportError:  # pragma: no cover - jsonargparse ships with lightning's CLI extra
         pass
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    errors.append(MisconfigurationException)
     return tuple(errors)
+
+
+_NOISE = ("Expected a <class 'NoneType'>", "Subtypes:", "Errors:", "Given value type:", "Given value:", "Does not validate")
+
+
+def one_line(exc: BaseException) -> str:
+    """Condense an exception message (jsonargparse's are multi-line) into one readable line.
+
+    Args:
+        exc: The exception.
+
+    Returns:
+        Its informative lines joined by spaces.
+    """
+    lines = [line.strip(" -") for line in str(exc).strip().splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_NOISE)]
+    return " ".join(kept) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if debug:
             raise
-        message = str(exc).strip().splitlines()
-        sys.stderr.write(f"error: {message[0] if message else type(exc).__name__}"
-                         " (rerun with --debug for the traceback)\n")
+        sys.stderr.write(f"error: {one_line(exc)} (rerun with --debug for the traceback)\n")
         return 2
 
 

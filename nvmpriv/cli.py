@@ -7,6 +7,7 @@ number of classes is linked from the data module into the method, so a config ca
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -34,11 +35,14 @@ def run_lightning_cli(args: list[str]) -> Any:
     Returns:
         The finished :class:`NvmprivCLI`.
     """
+    # Passing args explicitly (so tests can call main()) is intended; silence Lightning's warning.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return NvmprivCLI(
         MembershipModule,
         MembershipDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
         args=args,
     )

@@ -48,7 +48,9 @@ def check_probabilities(probs: object, name: str, *, atol: float = PROB_SUM_ATOL
             "pass one probability row per sample"
         )
     if not np.all(np.isfinite(arr)):
-        raise AttackInputError(f"{name} contains NaN or inf; probabilities must be finite in [0, 1]")
+        raise AttackInputError(
+            f"{name} contains NaN or inf; probabilities must be finite in [0, 1]"
+        )
     lo = float(arr.min()) if arr.size else 0.0
     hi = float(arr.max()) if arr.size else 0.0
     if lo < -atol or hi > 1.0 + atol:

@@ -242,9 +242,10 @@ class AttackInputs:
                     f"population_reference covers {self.population_reference.n_samples} samples "
                     f"but population_outputs has {splits['population'].labels.size}"
                 )
-            if self.reference is not None and self.population_reference.n_ref != self.reference.n_ref:
+            n_pref = self.population_reference.n_ref
+            if self.reference is not None and n_pref != self.reference.n_ref:
                 raise AttackInputError(
-                    f"population_reference has {self.population_reference.n_ref} models but "
+                    f"population_reference has {n_pref} models but "
                     f"reference has {self.reference.n_ref}; use the same reference models"
                 )
         object.__setattr__(self, "_splits", splits)
@@ -290,4 +291,3 @@ class AttackInputs:
     def target_phi(self) -> np.ndarray:
         """Target's logit-scaled confidence on members then non-members ``[n_in + n_out]``."""
         return np.concatenate([self.split("member").phi, self.split("nonmember").phi])
-

@@ -131,10 +131,10 @@ def entropy_scores(probs: object, labels: object | None = None) -> np.ndarray:
 
 
 def modified_entropy_scores(probs: object, labels: object) -> np.ndarray:
-    """Negative modified entropy of Song & Mittal.
+    r"""Negative modified entropy of Song & Mittal.
 
     .. math::
-        \\mathrm{Mentr}(p, y) = -(1 - p_y)\\log p_y - \\sum_{i \\ne y} p_i \\log(1 - p_i)
+        \mathrm{Mentr}(p, y) = -(1 - p_y)\log p_y - \sum_{i \ne y} p_i \log(1 - p_i)
 
     Args:
         probs: Probabilities ``[n, C]``.
@@ -147,7 +147,7 @@ def modified_entropy_scores(probs: object, labels: object) -> np.ndarray:
         >>> np.round(modified_entropy_scores([[0.5, 0.5]], [0]), 4)
         array([-0.6931])
         >>> np.round(modified_entropy_scores([[1.0, 0.0]], [1]), 1)  # confidently wrong
-        array([-69.1])
+        array([-138.2])
     """
     p, y = _prepare(probs, labels)
     rows = np.arange(p.shape[0])
