@@ -366,10 +366,10 @@ class MembershipDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.is_global_zero and trainer.log_dir:
             self._save_splits(Path(trainer.log_dir))
 
-    def _save_splits(self, folder: Path) -> None:
+    def _save_splits(self, folder: Path, *, replace: bool = False) -> None:
         assert self.splits is not None
         target = folder / SPLITS_FILE
-        if target.exists():
+        if target.exists() and not replace:
             existing = Splits.load(target)
             if existing.split_hash != self.splits.split_hash:
                 raise SplitFileError(
@@ -469,6 +469,11 @@ class MembershipDataModule(pl.LightningDataModule):
         )
         splits.check_matches(self.raw)
         self.splits = splits
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero and trainer.log_dir:
+            # setup() ran before the checkpoint was restored and saved the config's split; the
+            # checkpoint's split is the ground truth of this run, so it replaces that file.
+            self._save_splits(Path(trainer.log_dir), replace=True)
 
 
 class _TabularFiles(MembershipDataModule):

@@ -16,6 +16,9 @@ Nets and the papers that use them:
 * :class:`MobileNetV2` -- CIFAR (32x32) MobileNetV2 with depthwise convolutions.
 
 :data:`NETS` maps a short name to each class.
+
+Activations are never in-place, so forward hooks on a layer (e.g. a crossbar audit recording
+layer outputs) see that layer's output unchanged by the following nonlinearity.
 """
 
 from __future__ import annotations
@@ -100,10 +103,10 @@ class ColumnFC(nn.Module):
             raise ValueError(f"dropout={dropout!r} is invalid: expected 0 <= dropout < 1")
         self.net = nn.Sequential(
             nn.Linear(in_features, 256),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(256, 128),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(128, num_classes),
         )
@@ -145,17 +148,17 @@ class LeNet5(nn.Module):
             )
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, kernel_size=5, padding=padding),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(6, 16, kernel_size=5),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Linear(16 * side * side, 120),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Linear(120, 84),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Linear(84, num_classes),
         )
 
@@ -188,17 +191,17 @@ class AlexNet(nn.Module):
         _check_positive_int("in_channels", in_channels)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(64, 192, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         # Adaptive pooling keeps the classifier at 256*2*2 even for slightly different inputs.
@@ -206,10 +209,10 @@ class AlexNet(nn.Module):
         self.classifier = nn.Sequential(
             nn.Dropout(0.5),
             nn.Linear(256 * 2 * 2, 4096),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(0.5),
             nn.Linear(4096, 4096),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Linear(4096, num_classes),
         )
 
@@ -437,7 +440,7 @@ class VGG16BN(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 assert isinstance(v, int)
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
                 c = v
         self.features = nn.Sequential(*layers)
         # Makes the classifier input 512 even if the input is not exactly 32x32.
@@ -445,10 +448,10 @@ class VGG16BN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Dropout(0.5),
             nn.Linear(512, 512),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(0.5),
             nn.Linear(512, 512),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Linear(512, num_classes),
         )
 
@@ -480,12 +483,12 @@ class _InvertedResidual(nn.Module):
             layers += [
                 nn.Conv2d(in_planes, hidden, 1, bias=False),
                 nn.BatchNorm2d(hidden),
-                nn.ReLU6(inplace=True),
+                nn.ReLU6(),
             ]
         layers += [
             nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
-            nn.ReLU6(inplace=True),
+            nn.ReLU6(),
             nn.Conv2d(hidden, out_planes, 1, bias=False),
             nn.BatchNorm2d(out_planes),
         ]
@@ -537,7 +540,7 @@ class MobileNetV2(nn.Module):
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False),
             nn.BatchNorm2d(stem),
-            nn.ReLU6(inplace=True),
+            nn.ReLU6(),
         ]
         c_in = stem
         for t, c, n, s in self.stages:
@@ -548,7 +551,7 @@ class MobileNetV2(nn.Module):
         layers += [
             nn.Conv2d(c_in, last, 1, bias=False),
             nn.BatchNorm2d(last),
-            nn.ReLU6(inplace=True),
+            nn.ReLU6(),
         ]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

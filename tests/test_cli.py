@@ -1,0 +1,109 @@
+"""The shipped CLI and configs, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from nvmpriv.__main__ import main
+from nvmpriv.data import Splits
+
+CONFIGS = sorted((ROOT / "lightning_configs").glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nvmpriv", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_environment_imports_together() -> None:
+    code = (
+        "import torch, torchvision, torchmetrics, lightning;"
+        "from torchvision.ops import nms;"
+        "print(nms(torch.tensor([[0.,0.,1.,1.],[0.,0.,1.,1.]]), torch.tensor([1.,.5]), .5).tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0]"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_print_config_and_help(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: nvmpriv.methods." in printed and "class_path: nvmpriv.data." in printed
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--help"])
+    assert done.value.code in (0, None)
+    assert "--trainer.max_epochs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sub", ["validate", "test", "predict"])
+def test_other_subcommands_help(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([sub, "--help"])
+    assert "--ckpt_path" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("quick")
+    out = run_cli("fit", "--config", str(ROOT / "lightning_configs/quickstart.yaml"), cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work / "logs" / "quickstart" / "version_0"
+
+
+def test_quickstart_reaches_accuracy_and_logs_tags(quickstart_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(quickstart_run))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= tags
+    best = max(event.value for event in acc.Scalars("val/acc"))
+    assert best >= 0.90
+    assert (quickstart_run / "checkpoints" / "last.ckpt").exists()
+    assert (quickstart_run / "splits.npz").exists()
+
+
+def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
+    work = quickstart_run.parents[2]
+    ckpt = quickstart_run / "checkpoints" / "last.ckpt"
+    out = run_cli("validate", "--config", str(ROOT / "lightning_configs/quickstart.yaml"),
+                  "--data.init_args.seed=123",
+                  f"--ckpt_path={ckpt}", cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fitted = Splits.load(quickstart_run)
+    validated = Splits.load(work / "logs" / "quickstart" / "version_1")
+    assert validated.split_hash == fitted.split_hash
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    stored = state["Digits"]["indices"]["target_train"]
+    np.testing.assert_array_equal(np.asarray(stored), fitted.indices["target_train"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model.init_args.bogus=3"], "Option 'bogus' is not accepted"),
+        (["--data=nvmpriv.data.Nope"], "has no attribute 'Nope'"),
+        (["--trainer.max_epochs=abc"], "trainer.max_epochs"),
+        (["--data=nvmpriv.data.Texas100", "--data.init_args.root=nowhere"], "not found"),
+    ],
+    ids=["unknown-key", "unknown-class-path", "wrong-type", "missing-data-file"],
+)
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = run_cli("fit", "--config", str(ROOT / "lightning_configs/quickstart.yaml"), *args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))

@@ -1,0 +1,119 @@
+"""Membership splits and DataModules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_cifar10, write_purchase
+
+from nvmpriv.data import CIFAR10, ROLES, Digits, Purchase100, Splits, SplitFileError, make_splits
+
+
+def test_default_fractions_are_yuan_zhang() -> None:
+    roles = make_splits(1000, seed=0)
+    sizes = {role: len(idx) for role, idx in roles.items()}
+    assert sizes["target_train"] == 225 and sizes["target_val"] == 50 and sizes["target_test"] == 225
+    assert sizes["shadow_train"] == 225 and sizes["shadow_val"] == 50 and sizes["shadow_test"] == 225
+    # population defaults to the attacker's half
+    shadow = np.concatenate([roles["shadow_train"], roles["shadow_val"], roles["shadow_test"]])
+    np.testing.assert_array_equal(np.sort(shadow), roles["population"])
+
+
+def test_roles_disjoint_and_cover() -> None:
+    roles = make_splits(997, seed=3, population_fraction=0.2)
+    seen: set[int] = set()
+    for role in ROLES:
+        idx = set(roles[role].tolist())
+        assert not idx & seen, role
+        seen |= idx
+    assert seen == set(range(997))
+
+
+def test_same_seed_same_split_other_seed_differs() -> None:
+    a, b, c = make_splits(500, seed=1), make_splits(500, seed=1), make_splits(500, seed=2)
+    assert all(np.array_equal(a[r], b[r]) for r in ROLES)
+    assert not np.array_equal(a["target_train"], c["target_train"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"train_fraction": 0.6, "val_fraction": 0.5}, "must be < 1"), ({"target_fraction": 1.2}, "outside"),
+     ({"max_samples": 0}, "positive")],
+)
+def test_bad_fractions(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_splits(100, seed=0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_split_file_round_trip_and_tamper(tmp_path: Path) -> None:
+    dm = Digits()
+    dm.setup()
+    assert dm.splits is not None
+    path = dm.splits.save(tmp_path)
+    loaded = Splits.load(tmp_path)
+    assert loaded.split_hash == dm.splits.split_hash
+    loaded.check_matches(dm.raw)
+    stored = dict(np.load(path))
+    stored["idx_target_train"] = stored["idx_target_train"][:-1]
+    np.savez(path, **stored)
+    with pytest.raises(SplitFileError, match="hash check"):
+        Splits.load(path)
+
+
+def test_split_file_from_other_data_set_is_refused(tmp_path: Path) -> None:
+    write_purchase(tmp_path)
+    purchase = Purchase100(root=str(tmp_path))
+    purchase.setup()
+    assert purchase.splits is not None
+    purchase.splits.save(tmp_path / "run")
+    digits = Digits(splits_path=str(tmp_path / "run"))
+    with pytest.raises(SplitFileError, match="made on purchase100"):
+        digits.setup()
+
+
+def test_reload_identity_through_splits_path(tmp_path: Path) -> None:
+    first = Digits(seed=5)
+    first.setup()
+    assert first.splits is not None
+    first.splits.save(tmp_path)
+    second = Digits(seed=99, splits_path=str(tmp_path))
+    second.setup()
+    for role in ROLES:
+        np.testing.assert_array_equal(first.indices(role), second.indices(role))
+
+
+def test_state_dict_round_trip() -> None:
+    a = Digits(seed=1)
+    a.setup()
+    b = Digits(seed=2)
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(a.indices("target_test"), b.indices("target_test"))
+
+
+def test_tabular_module_batches(tmp_path: Path) -> None:
+    write_purchase(tmp_path)
+    dm = Purchase100(root=str(tmp_path), batch_size=16)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 600) and x.dtype == torch.float32 and y.max() < 100
+    xs, ys = dm.arrays("target_test")
+    assert xs.shape[1] == 600 and len(xs) == len(dm.indices("target_test"))
+
+
+def test_image_module_augments_only_training(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, per_batch=40)
+    dm = CIFAR10(root=str(tmp_path), batch_size=8)
+    dm.setup()
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    xs, _ = dm.arrays("target_train")
+    clean = dm.dataset("target_train")[0][0].numpy()
+    np.testing.assert_allclose(xs[0], clean, atol=1e-7)
+
+
+def test_unknown_role() -> None:
+    with pytest.raises(ValueError, match="unknown role"):
+        Digits().indices("members")
