@@ -30,7 +30,8 @@ _USAGE = (
 
 def _load_command(spec: str) -> Callable[[list[str]], int]:
     module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+    command: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
+    return command
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -48,7 +49,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_NOISE = ("Expected a <class 'NoneType'>", "Subtypes:", "Errors:", "Given value type:", "Given value:", "Does not validate")
+_NOISE = (
+    "Expected a <class 'NoneType'>",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Does not validate",
+)
 
 
 def one_line(exc: BaseException) -> str:

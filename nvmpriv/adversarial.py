@@ -150,7 +150,27 @@ def pgd_attack(
             ``clamp`` (e.g. normalised images: pass the normalised range or ``None``).
     """
     _validate(eps, alpha, steps, clamp)
-    x = x.detach()
+    # Lightning validates under torch.inference_mode(); leave it so the input gradient exists.
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.detach().clone(), y.clone()
+        return _pgd(
+            model, x, y, eps, alpha, steps, random_start, clamp, loss_fn, generator, eval_mode
+        )
+
+
+def _pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool,
+    clamp: tuple[float, float] | None,
+    loss_fn: LossFn,
+    generator: torch.Generator | None,
+    eval_mode: bool,
+) -> Tensor:
     if clamp is not None and x.numel() > 0 and (x.min() < clamp[0] or x.max() > clamp[1]):
         raise ValueError(
             f"x has values in [{x.min().item():.4g}, {x.max().item():.4g}] outside "

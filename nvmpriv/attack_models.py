@@ -648,7 +648,13 @@ def _fit_binary(
 ) -> Callable[[list[np.ndarray]], np.ndarray]:
     """Train a membership classifier; return ``features -> membership logit`` (numpy)."""
     torch.manual_seed(seed)
-    ts = [_tensor(f) for f in feats]
+    # Standardize with shadow statistics: posteriors near 1 differ by tiny amounts otherwise.
+    stats = [(f.mean(axis=0), np.maximum(f.std(axis=0), 1e-6)) for f in feats]
+
+    def norm(fs: list[np.ndarray]) -> list[torch.Tensor]:
+        return [_tensor((f - mu) / sd) for f, (mu, sd) in zip(fs, stats, strict=True)]
+
+    ts = norm(feats)
     yt = torch.as_tensor(labels, dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -671,7 +677,7 @@ def _fit_binary(
 
     def score(f: list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():
-            out = model(*[_tensor(a) for a in f]).double()
+            out = model(*norm(f)).double()
         # Logit of P(member): finer than a probability that saturates at 1.0.
         return (out[:, 1] - out[:, 0] if out.shape[-1] == 2 else out[:, 0]).numpy()
 

@@ -124,13 +124,13 @@ def make_splits(
             raise ValueError(f"max_samples={max_samples} must be positive (or null for all)")
         order = order[:max_samples]
     n_pool = len(order)
-    n_pop = int(round(population_fraction * n_pool))
+    n_pop = round(population_fraction * n_pool)
     population, rest = order[:n_pop], order[n_pop:]
-    n_target = int(round(target_fraction * len(rest)))
+    n_target = round(target_fraction * len(rest))
     roles: dict[str, np.ndarray] = {}
     for prefix, half in (("target", rest[:n_target]), ("shadow", rest[n_target:])):
-        n_train = int(round(train_fraction * len(half)))
-        n_val = int(round(val_fraction * len(half)))
+        n_train = round(train_fraction * len(half))
+        n_val = round(val_fraction * len(half))
         roles[f"{prefix}_train"] = half[:n_train]
         roles[f"{prefix}_val"] = half[n_train : n_train + n_val]
         roles[f"{prefix}_test"] = half[n_train + n_val :]
@@ -232,7 +232,9 @@ class Splits:
         except (OSError, KeyError, ValueError) as exc:
             raise SplitFileError(f"split file {path} is unreadable ({exc}); regenerate it") from exc
         if recorded != splits.split_hash:
-            raise SplitFileError(f"split file {path} fails its hash check; it was edited or damaged")
+            raise SplitFileError(
+                f"split file {path} fails its hash check; it was edited or damaged"
+            )
         return splits
 
     def check_matches(self, raw: RawDataset) -> None:
@@ -319,7 +321,9 @@ class MembershipDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size} must be > 0")
+            raise ValueError(
+                f"batch_size={batch_size}, eval_batch_size={eval_batch_size} must be > 0"
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -404,7 +408,9 @@ class MembershipDataModule(pl.LightningDataModule):
         idx = self.indices(role)
         return self._make_dataset(self.raw.features[idx], self.raw.labels[idx], augment)
 
-    def _make_dataset(self, features: np.ndarray, labels: np.ndarray, augment: bool) -> Dataset[Any]:
+    def _make_dataset(
+        self, features: np.ndarray, labels: np.ndarray, augment: bool
+    ) -> Dataset[Any]:
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
         return TensorDataset(x, torch.as_tensor(labels))
 
@@ -423,7 +429,9 @@ class MembershipDataModule(pl.LightningDataModule):
     def _model_input(self, features: np.ndarray) -> np.ndarray:
         return np.asarray(features, dtype=np.float32)
 
-    def dataloader(self, role: str, *, shuffle: bool = False, augment: bool = False) -> DataLoader[Any]:
+    def dataloader(
+        self, role: str, *, shuffle: bool = False, augment: bool = False
+    ) -> DataLoader[Any]:
         """A DataLoader over one role (evaluation batch size unless shuffling for training)."""
         return DataLoader(
             self.dataset(role, augment=augment),
@@ -591,7 +599,9 @@ class _ImageFiles(MembershipDataModule):
             steps.append(v2.RandomHorizontalFlip())
         return v2.Compose(steps) if steps else None
 
-    def _make_dataset(self, features: np.ndarray, labels: np.ndarray, augment: bool) -> Dataset[Any]:
+    def _make_dataset(
+        self, features: np.ndarray, labels: np.ndarray, augment: bool
+    ) -> Dataset[Any]:
         return _ImageDataset(features, labels, self._augmentation() if augment else None)
 
     def _model_input(self, features: np.ndarray) -> np.ndarray:

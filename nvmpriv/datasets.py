@@ -128,7 +128,7 @@ def _download_archive(name: str, root: Path) -> None:
     os.close(fd)
     try:
         try:
-            urllib.request.urlretrieve(url, tmp)  # noqa: S310 -- fixed https URL
+            urllib.request.urlretrieve(url, tmp)
         except OSError as exc:
             raise DataFileError(
                 f"{name}: download of {url} failed ({exc}); download it by hand and extract it "
@@ -161,9 +161,10 @@ def _binary_csv(raw: bytes, n_cols: int, path: Path) -> np.ndarray | None:
     seps = rows[:, 1 : 2 * n_cols - 1 : 2]
     if not (np.all(seps == ord(",")) and np.all(rows[:, -1] == ord("\n"))):
         return None
-    if np.any((values < ord("0")) | (values > ord("9"))):
+    digits = values - np.uint8(ord("0"))  # bytes below '0' wrap around to large values
+    if digits.max() > 9:
         return None
-    return (values - ord("0")).astype(np.uint8)
+    return digits
 
 
 def _general_csv(path: Path, name: str) -> np.ndarray:
@@ -226,7 +227,8 @@ def _cached(
         except (OSError, KeyError, ValueError):
             pass  # a stale or corrupt cache is simply rebuilt from the source files
     features, labels = parse()
-    if not np.isin(features, (0, 1)).all():
+    binary = features.max() <= 1 if features.dtype == np.uint8 else np.isin(features, (0, 1)).all()
+    if not binary:
         raise DataFileError(f"{name}: {sources[0]} has non-binary features; expected 0/1 values")
     features = features.astype(np.uint8)
     digest = content_hash(features, labels)
@@ -378,9 +380,11 @@ def _unpickle(path: Path, name: str) -> dict[str, object]:
         raise _missing(path, name)
     try:
         with path.open("rb") as handle:
-            return pickle.load(handle, encoding="latin1")  # noqa: S301 -- torchvision's own format
+            return pickle.load(handle, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataFileError(f"{name}: {path} is not a CIFAR pickle batch ({exc}); re-extract") from exc
+        raise DataFileError(
+            f"{name}: {path} is not a CIFAR pickle batch ({exc}); re-extract"
+        ) from exc
 
 
 def load_cifar(root: str | Path, *, num_classes: int) -> RawDataset:
@@ -410,7 +414,9 @@ def load_cifar(root: str | Path, *, num_classes: int) -> RawDataset:
         batch = _unpickle(folder / file, name)
         data = np.asarray(batch["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataFileError(f"{name}: {folder / file} has data of shape {data.shape}, not [n, 3072]")
+            raise DataFileError(
+                f"{name}: {folder / file} has data of shape {data.shape}, not [n, 3072]"
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[key], dtype=np.int64))
     x, y = np.concatenate(images), np.concatenate(labels)
@@ -463,8 +469,10 @@ def load_mnist_idx(root: str | Path, *, variant: str = "MNIST") -> RawDataset:
         images = _read_idx(raw_dir / f"{prefix}-images-idx3-ubyte", name)
         labels = _read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", name).astype(np.int64)
         if images.shape[0] != labels.shape[0]:
-            raise DataFileError(f"{name}: {raw_dir} has {images.shape[0]} {prefix} images but "
-                                f"{labels.shape[0]} labels; re-download")
+            raise DataFileError(
+                f"{name}: {raw_dir} has {images.shape[0]} {prefix} images but "
+                f"{labels.shape[0]} labels; re-download"
+            )
         xs.append(images[..., None])
         ys.append(labels)
     x, y = np.concatenate(xs), np.concatenate(ys)
@@ -496,7 +504,9 @@ def load_svhn(root: str | Path) -> RawDataset:
             mat = loadmat(path)
             images, labels = np.asarray(mat["X"], np.uint8), np.asarray(mat["y"]).reshape(-1)
         except (ValueError, KeyError, OSError) as exc:
-            raise DataFileError(f"{name}: {path} is not an SVHN .mat file ({exc}); re-download") from exc
+            raise DataFileError(
+                f"{name}: {path} is not an SVHN .mat file ({exc}); re-download"
+            ) from exc
         xs.append(images.transpose(3, 0, 1, 2))
         ys.append(np.where(labels == 10, 0, labels).astype(np.int64))
     x, y = np.concatenate(xs), np.concatenate(ys)

@@ -20,11 +20,18 @@ def write_purchase(folder: Path, n: int = 300, n_features: int = 600, seed: int 
     labels = rng.integers(1, 101, n)
     feats = rng.integers(0, 2, (n, n_features))
     path = folder / "dataset_purchase"
-    path.write_text("\n".join(f"{lab}," + ",".join(map(str, row)) for lab, row in zip(labels, feats)) + "\n")
+    path.write_text(
+        "\n".join(
+            f"{lab}," + ",".join(map(str, row)) for lab, row in zip(labels, feats, strict=True)
+        )
+        + "\n"
+    )
     return path
 
 
-def write_texas(folder: Path, n: int = 300, layout: str = "texas/100", n_features: int = 6169) -> Path:
+def write_texas(
+    folder: Path, n: int = 300, layout: str = "texas/100", n_features: int = 6169
+) -> Path:
     """``texas/100/feats`` (CSV 0/1) and ``texas/100/labels`` (one label 1..100 per line)."""
     rng = np.random.default_rng(1)
     sub = folder / layout
@@ -38,7 +45,9 @@ def write_texas(folder: Path, n: int = 300, layout: str = "texas/100", n_feature
 def write_location(folder: Path, n: int = 300) -> Path:
     """``bangkok``: quoted label "k" (1..30) then 446 binary features."""
     rng = np.random.default_rng(2)
-    rows = [f'"{rng.integers(1, 31)}",' + ",".join(map(str, rng.integers(0, 2, 446))) for _ in range(n)]
+    rows = [
+        f'"{rng.integers(1, 31)}",' + ",".join(map(str, rng.integers(0, 2, 446))) for _ in range(n)
+    ]
     path = folder / "bangkok"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -62,7 +71,9 @@ def write_cifar10(folder: Path, per_batch: int = 20) -> Path:
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> None:
     """An unsigned-byte IDX file as MNIST ships it."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
     raw = header + array.astype(np.uint8).tobytes()
     if compress:
         path = path.with_name(path.name + ".gz")
@@ -75,7 +86,11 @@ def write_mnist(folder: Path, variant: str = "MNIST", n: int = 50, compress: boo
     raw = folder / variant / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix in ("train", "t10k"):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress=compress)
+        write_idx(
+            raw / f"{prefix}-images-idx3-ubyte",
+            rng.integers(0, 256, (n, 28, 28)),
+            compress=compress,
+        )
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), compress=compress)
     return raw
 
@@ -86,3 +101,11 @@ def tabular_root(tmp_path: Path) -> Path:
     write_texas(tmp_path)
     write_location(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """One intra-op thread per test process: the suite shares 2 cores, oversubscription is slower."""
+    import torch
+
+    torch.set_num_threads(1)

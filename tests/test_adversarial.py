@@ -16,6 +16,15 @@ from nvmpriv.adversarial import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The CI box has 2 shared cores; oversubscribed intra-op threads slow small nets a lot.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -124,6 +133,20 @@ def test_generator_reproducible() -> None:
         net, x, y, eps=0.1, alpha=0.0, steps=0, generator=torch.Generator().manual_seed(3)
     )
     assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inf"])
+def test_works_under_no_grad_and_inference_mode(context) -> None:
+    # Lightning runs validation_step under inference mode; the attack must still see gradients.
+    net = _mlp()
+    x, y = torch.rand(6, 64), torch.randint(0, 10, (6,))
+    ref = pgd_attack(net, x, y, eps=0.1, alpha=0.02, steps=3, random_start=False)
+    with context():
+        xi, yi = x.clone(), y.clone()
+        got = pgd_attack(net, xi, yi, eps=0.1, alpha=0.02, steps=3, random_start=False)
+        acc = robust_accuracy(net, xi, yi, [0.1], steps=3, random_start=False)
+    assert torch.equal(got, ref) and not torch.equal(got, x)
+    assert acc == robust_accuracy(net, x, y, [0.1], steps=3, random_start=False)
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:

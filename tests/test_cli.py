@@ -19,7 +19,11 @@ CONFIGS = sorted((ROOT / "lightning_configs").glob("*.yaml"))
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nvmpriv", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "nvmpriv", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -78,9 +82,14 @@ def test_quickstart_reaches_accuracy_and_logs_tags(quickstart_run: Path) -> None
 def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     work = quickstart_run.parents[2]
     ckpt = quickstart_run / "checkpoints" / "last.ckpt"
-    out = run_cli("validate", "--config", str(ROOT / "lightning_configs/quickstart.yaml"),
-                  "--data.init_args.seed=123",
-                  f"--ckpt_path={ckpt}", cwd=work)
+    out = run_cli(
+        "validate",
+        "--config",
+        str(ROOT / "lightning_configs/quickstart.yaml"),
+        "--data.init_args.seed=123",
+        f"--ckpt_path={ckpt}",
+        cwd=work,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     fitted = Splits.load(quickstart_run)
     validated = Splits.load(work / "logs" / "quickstart" / "version_1")
@@ -101,7 +110,9 @@ def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     ids=["unknown-key", "unknown-class-path", "wrong-type", "missing-data-file"],
 )
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
-    out = run_cli("fit", "--config", str(ROOT / "lightning_configs/quickstart.yaml"), *args, cwd=tmp_path)
+    out = run_cli(
+        "fit", "--config", str(ROOT / "lightning_configs/quickstart.yaml"), *args, cwd=tmp_path
+    )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], out.stderr[-2000:]

@@ -9,14 +9,18 @@ import pytest
 import torch
 from conftest import write_cifar10, write_purchase
 
-from nvmpriv.data import CIFAR10, ROLES, Digits, Purchase100, Splits, SplitFileError, make_splits
+from nvmpriv.data import CIFAR10, ROLES, Digits, Purchase100, SplitFileError, Splits, make_splits
 
 
 def test_default_fractions_are_yuan_zhang() -> None:
     roles = make_splits(1000, seed=0)
     sizes = {role: len(idx) for role, idx in roles.items()}
-    assert sizes["target_train"] == 225 and sizes["target_val"] == 50 and sizes["target_test"] == 225
-    assert sizes["shadow_train"] == 225 and sizes["shadow_val"] == 50 and sizes["shadow_test"] == 225
+    assert (
+        sizes["target_train"] == 225 and sizes["target_val"] == 50 and sizes["target_test"] == 225
+    )
+    assert (
+        sizes["shadow_train"] == 225 and sizes["shadow_val"] == 50 and sizes["shadow_test"] == 225
+    )
     # population defaults to the attacker's half
     shadow = np.concatenate([roles["shadow_train"], roles["shadow_val"], roles["shadow_test"]])
     np.testing.assert_array_equal(np.sort(shadow), roles["population"])
@@ -40,8 +44,11 @@ def test_same_seed_same_split_other_seed_differs() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"train_fraction": 0.6, "val_fraction": 0.5}, "must be < 1"), ({"target_fraction": 1.2}, "outside"),
-     ({"max_samples": 0}, "positive")],
+    [
+        ({"train_fraction": 0.6, "val_fraction": 0.5}, "must be < 1"),
+        ({"target_fraction": 1.2}, "outside"),
+        ({"max_samples": 0}, "positive"),
+    ],
 )
 def test_bad_fractions(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -99,7 +106,7 @@ def test_tabular_module_batches(tmp_path: Path) -> None:
     dm.setup()
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 600) and x.dtype == torch.float32 and y.max() < 100
-    xs, ys = dm.arrays("target_test")
+    xs, _ = dm.arrays("target_test")
     assert xs.shape[1] == 600 and len(xs) == len(dm.indices("target_test"))
 
 
@@ -108,7 +115,7 @@ def test_image_module_augments_only_training(tmp_path: Path) -> None:
     dm = CIFAR10(root=str(tmp_path), batch_size=8)
     dm.setup()
     x, _ = next(iter(dm.train_dataloader()))
-    assert x.shape == (8, 3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (8, 3, 32, 32) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     xs, _ = dm.arrays("target_train")
     clean = dm.dataset("target_train")[0][0].numpy()
     np.testing.assert_allclose(xs[0], clean, atol=1e-7)

@@ -56,7 +56,7 @@ def test_texas_label_count_mismatch(tmp_path: Path) -> None:
     sub = write_texas(tmp_path, n=30)
     labels = (sub / "labels").read_text().splitlines()
     (sub / "labels").write_text("\n".join(labels[:-3]) + "\n")
-    with pytest.raises(DataFileError, match="30 rows but .* 27 labels"):
+    with pytest.raises(DataFileError, match=r"30 rows but .* 27 labels"):
         ds.load_texas100(tmp_path)
 
 
@@ -66,7 +66,7 @@ def test_location_quoted_labels(tmp_path: Path) -> None:
     first_label = int(path.read_text().split(",")[0].strip('"'))
     assert raw.features.shape == (300, 446)
     assert raw.labels[0] == first_label - 1
-    assert 0 <= raw.labels.min() and raw.labels.max() <= 29
+    assert raw.labels.min() >= 0 and raw.labels.max() <= 29
 
 
 def test_missing_file_names_path_and_archive(tmp_path: Path) -> None:
@@ -92,8 +92,12 @@ def test_truncated_file(tmp_path: Path) -> None:
 
 def test_labels_out_of_range(tmp_path: Path) -> None:
     path = write_location(tmp_path, n=10)
-    path.write_text(path.read_text().replace('"', "", 2).replace(path.read_text().split(",")[0].strip('"'), "31", 1))
-    with pytest.raises(DataFileError, match="expected 1..30"):
+    path.write_text(
+        path.read_text()
+        .replace('"', "", 2)
+        .replace(path.read_text().split(",")[0].strip('"'), "31", 1)
+    )
+    with pytest.raises(DataFileError, match=r"expected 1\.\.30"):
         ds.load_location30(tmp_path)
 
 
@@ -114,8 +118,13 @@ def test_cifar100_batches(tmp_path: Path) -> None:
     sub.mkdir()
     for name in ("train", "test"):
         with (sub / name).open("wb") as handle:
-            pickle.dump({"data": rng.integers(0, 256, (7, 3072), dtype=np.uint8),
-                         "fine_labels": rng.integers(0, 100, 7).tolist()}, handle)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (7, 3072), dtype=np.uint8),
+                    "fine_labels": rng.integers(0, 100, 7).tolist(),
+                },
+                handle,
+            )
     raw = ds.load_cifar(tmp_path, num_classes=100)
     assert raw.features.shape == (14, 32, 32, 3) and raw.labels.max() < 100
 
@@ -140,10 +149,13 @@ def test_svhn_mat(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        savemat(tmp_path / f"{split}_32x32.mat", {
-            "X": rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8),
-            "y": np.array([[10], [1], [2], [3], [9]], dtype=np.uint8),
-        })
+        savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8),
+                "y": np.array([[10], [1], [2], [3], [9]], dtype=np.uint8),
+            },
+        )
     raw = ds.load_svhn(tmp_path)
     assert raw.features.shape == (10, 32, 32, 3)
     assert raw.labels[0] == 0 and raw.labels[4] == 9  # SVHN's label 10 is the digit 0

@@ -289,7 +289,9 @@ def _validate(cfg: CrossbarConfig) -> None:  # noqa: C901 - one check per field,
         isinstance(cfg.levels, bool) or not isinstance(cfg.levels, int) or cfg.levels < 2
     ):
         raise _fail("levels", cfg.levels, "an integer >= 2 or None", "use e.g. 16 or None")
-    if not isinstance(cfg.v_read, (int, float)) or not (cfg.v_read > 0 and math.isfinite(cfg.v_read)):
+    if not isinstance(cfg.v_read, (int, float)) or not (
+        cfg.v_read > 0 and math.isfinite(cfg.v_read)
+    ):
         raise _fail("v_read", cfg.v_read, "> 0 V", "use e.g. 0.25")
     _check_bits(cfg, "dac_bits", 2, optional=True)
     _check_bits(cfg, "adc_bits", 2, optional=True)

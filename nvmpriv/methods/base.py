@@ -64,9 +64,7 @@ class MembershipModule(pl.LightningModule):
             )
         return logits
 
-    def training_loss(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss to minimise on one training batch; methods override this one hook.
 
         Args:
@@ -79,7 +77,9 @@ class MembershipModule(pl.LightningModule):
         logits = self._logits(x)
         return F.cross_entropy(logits, y), logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         """One optimisation step (automatic optimisation)."""
         x, y = batch
         loss, logits = self.training_loss(x, y)
@@ -98,7 +98,9 @@ class MembershipModule(pl.LightningModule):
         self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         """Validation loss and accuracy."""
         return self._evaluate(batch, "val")
 
@@ -117,4 +119,7 @@ class MembershipModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"},
+        }
