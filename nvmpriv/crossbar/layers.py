@@ -1,0 +1,713 @@
+"""Crossbar layers: Linear and Conv2d programmed onto simulated N x N crossbar tiles.
+
+Lowering. A layer's matrix-vector product is lowered to a matrix ``W`` of shape ``[K, O]`` per
+group (Linear: ``K = in_features``, ``O = out_features``; Conv2d: ``K = Cin/groups * kh * kw``
+in ``(c, kh, kw)`` order, ``O = Cout/groups``; grouped and depthwise convs get one matrix per
+group). Each group's matrix is zero-padded to multiples of N and cut into ``n_r x n_c`` tiles:
+crossbar rows carry inputs, columns carry outputs.
+
+Programming (static, once per chip; see :meth:`CrossbarLayer.program`). Every tile is a pair of
+N x N arrays (differential pair ``G+``, ``G-``, see :func:`functional.conductance_pair`) whose
+conductances receive levels, variation, stuck-at faults and drift; with parasitics each array is
+replaced by its exact effective matrix (:func:`circuit.effective_conductance`). The result,
+de-scaled back to weight units, is the buffer ``w_tiles``; padded cells stay programmed at
+g_min and still load the lines.
+
+Signed inputs are applied as signed read voltages ``V = x / x_fs * v_read`` within
+``[-v_read, +v_read]`` (one phase). The circuit is linear, so the voltage scale cancels in
+weight units and only matters through the DAC grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvmpriv.crossbar import functional as XF
+from nvmpriv.crossbar.circuit import effective_conductance
+from nvmpriv.crossbar.config import CrossbarConfig
+
+__all__ = ["CrossbarConv2d", "CrossbarLayer", "CrossbarLinear", "NotCalibratedError"]
+
+# Partial-sum elements per chunk on the eager no-grad ADC path (keeps the working set in cache).
+_CHUNK_ELEMENTS = 1 << 21
+
+
+class NotCalibratedError(RuntimeError):
+    """A layer with DAC/ADC was run before its converter ranges were calibrated."""
+
+
+class CrossbarLayer(nn.Module):
+    """Common machinery of crossbar layers (see the module docstring for the lowering).
+
+    Forward equation (non-bit-sliced), for one group, with ``Wt[r]`` the tile-row ``r`` of
+    ``w_tiles`` (``[N, O]``, weight units) and ``x_r`` the matching N inputs::
+
+        xq   = clamp(round(x / s_dac), -q_dac, q_dac) * s_dac          # DAC (if dac_bits)
+        P[r] = xq_r @ Wt[r]  (+ sqrt(xq_r^2 @ Nt[r]) * randn)         # tile MVM (+ read noise)
+        Pq[r]= clamp(round(P[r] / s_adc), -q_adc, q_adc) * s_adc       # per-tile ADC (if adc_bits)
+        y    = sum_r Pq[r] + bias                                      # digital sum
+
+    with ``s_dac = dac_range / q_dac``, ``q_dac = 2^(dac_bits-1) - 1`` and likewise for the ADC.
+    Without ADC the sum over tiles is linear, so ``y = xq @ W_eff + bias`` with the assembled
+    effective matrix (one GEMM/conv; exactly the same function).
+
+    Bit-sliced forward (``config.bit_slicing``): inputs become fixed-point codes split into ``S``
+    signed digits ``d_s`` (stream width ``a`` bits, MSB first), weights into ``T`` unsigned slices
+    per polarity (slice width ``b`` bits); ``w_tiles[..., t*O:(t+1)*O]`` holds slice ``t`` in count
+    units. Then ``P[r, s, t] = d_s,r @ Wt[r, t]``, the ADC quantizes in counts with a power-of-two
+    step ``s_adc = 2^max(0, ceil(log2(N (2^a-1)(2^b-1) / q_adc)))``, and
+    ``y = 2^-(fi+fw) sum_{s,t} 2^(a(S-1-s) + b(T-1-t)) sum_r Pq[r, s, t] + bias``.
+
+    Read noise (per query, global torch RNG): every device's conductance fluctuates by
+    ``read_noise_sigma * G`` (Gaussian, independent per cell and query); the resulting column
+    current noise is drawn exactly in distribution as ``sqrt(x^2 @ Nt) * randn`` with
+    ``Nt = sigma^2 (G+^2 + G-^2)`` in weight units (first order: IR drop acting on the noise
+    itself is neglected).
+
+    Gradients: ``config.gradient == "ste"`` differentiates the simulated chip (effective weights;
+    quantizers pass gradients inside their range) and sends the output gradient to ``weight``
+    as if the effective weights were the weights; ``"digital"`` returns the chip output with the
+    digital layer's gradient.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    w_tiles: torch.Tensor
+    noise_tiles: torch.Tensor
+    dac_range: torch.Tensor
+    adc_range: torch.Tensor
+    calibrated: torch.Tensor
+
+    def __init__(
+        self,
+        config: CrossbarConfig,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        seed: int,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.seed = int(seed)
+        self.groups = int(groups)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.bias = (
+            None
+            if bias is None
+            else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        )
+        k, o = self._matrix_shape()
+        n = config.tile_size
+        self.rows_per_group = k
+        self.cols_per_group = o
+        self.n_row_tiles = math.ceil(k / n)
+        self.n_col_tiles = math.ceil(o / n)
+        self.n_slices = config.n_slices if config.bit_slicing else 1
+        self.register_buffer("w_tiles", torch.empty(0))
+        self.register_buffer("noise_tiles", torch.empty(0))
+        self.register_buffer("dac_range", torch.zeros(()))
+        self.register_buffer("adc_range", torch.zeros(()))
+        self.register_buffer("calibrated", torch.tensor(not config.needs_calibration))
+        self._calibrating = False
+        self.program()
+
+    # ------------------------------------------------------------------ lowering hooks
+    def _matrix_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _weight_matrix(self) -> torch.Tensor:
+        """The digital weights lowered to ``[groups, K, O]``."""
+        raise NotImplementedError
+
+    def _dense_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_weight_matrix`: ``[groups, K, O]`` to the module's weight shape."""
+        raise NotImplementedError
+
+    def _dense_mvm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tile_partial_sums(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Per-tile partial sums with the tile-row axis at ``self._tile_dim``."""
+        raise NotImplementedError
+
+    _tile_dim = 0
+
+    # ------------------------------------------------------------------ programming
+    @torch.no_grad()
+    def program(self) -> None:
+        """Write the current ``weight`` onto the simulated chip (static effects, IR drop).
+
+        Draws variation and faults from ``torch.Generator().manual_seed(self.seed)``, so the
+        same seed programs the same chip. Call again after changing ``weight`` (hardware in the
+        loop); calibration ranges are kept.
+        """
+        cfg = self.config
+        n = cfg.tile_size
+        dg = cfg.g_max - cfg.g_min
+        w = self._weight_matrix().detach().to(torch.float64)  # [G, K, O]
+        n_g, k, o = w.shape
+        if cfg.bit_slicing:
+            codes = XF.fixed_point(w, cfg.weight_bits, cfg.weight_frac_bits)
+            unit = 2**cfg.slice_width - 1
+            pos = XF.unsigned_slices(torch.relu(codes), cfg.slice_width, self.n_slices) / unit
+            neg = XF.unsigned_slices(torch.relu(-codes), cfg.slice_width, self.n_slices) / unit
+            w_scale = unit / dg  # siemens -> counts
+        else:
+            w_max = float(w.abs().max()) or 1.0
+            wq = XF.quantize_levels(w, w_max, cfg.levels)
+            pos = (torch.relu(wq) / w_max).unsqueeze(0)  # [1, G, K, O] fraction of the swing
+            neg = (torch.relu(-wq) / w_max).unsqueeze(0)
+            w_scale = w_max / dg  # siemens -> weight units
+        n_t = pos.shape[0]
+        kp, op = self.n_row_tiles * n, self.n_col_tiles * n
+        noise = torch.empty(0)
+        if cfg.analog_exact:
+            eff = (wq.unsqueeze(0) if not cfg.bit_slicing else (pos - neg) * unit).clone()
+            eff = F.pad(eff, (0, 0, 0, kp - k))  # [T, G, Kp, O]
+        else:
+            frac = torch.stack([pos, neg])  # [2, T, G, K, O]
+            frac = F.pad(frac, (0, op - o, 0, kp - k))
+            frac = frac.view(2, n_t, n_g, self.n_row_tiles, n, self.n_col_tiles, n)
+            frac = frac.permute(0, 1, 2, 3, 5, 4, 6)  # [2, T, G, n_r, n_c, N, N]
+            g = cfg.g_min + frac * dg
+            gen = torch.Generator().manual_seed(self.seed)
+            g = XF.apply_variation(g, cfg.variation_sigma, cfg.variation_model, gen)
+            g = XF.apply_stuck_at(g, cfg.p_stuck_min, cfg.p_stuck_max, cfg.g_min, cfg.g_max, gen)
+            g = XF.apply_drift(g, cfg.drift_nu, cfg.drift_time, cfg.drift_t0)
+            if cfg.has_read_noise:
+                noise = (g[0] ** 2 + g[1] ** 2) * (cfg.read_noise_sigma * w_scale) ** 2
+                noise = self._untile(noise, n_t, n_g, kp, op)[..., :o]
+                noise = noise.to(torch.float32)
+            if cfg.has_parasitics:
+                g = effective_conductance(
+                    g, r_wire=cfg.r_wire, r_source=cfg.r_source, r_sink=cfg.r_sink
+                )
+            eff = self._untile((g[0] - g[1]) * w_scale, n_t, n_g, kp, op)[..., :o]
+        # [T, G, Kp, O] -> [G, n_r, N, T * O]
+        eff = eff.reshape(n_t, n_g, self.n_row_tiles, n, o).permute(1, 2, 3, 0, 4)
+        self.w_tiles = eff.reshape(n_g, self.n_row_tiles, n, n_t * o).to(torch.float32)
+        if noise.numel():
+            noise = noise.reshape(n_t, n_g, self.n_row_tiles, n, o).permute(1, 2, 3, 0, 4)
+            self.noise_tiles = noise.reshape(n_g, self.n_row_tiles, n, n_t * o).contiguous()
+        else:
+            self.noise_tiles = torch.empty(0)
+        self._build_derived()
+
+    def _untile(self, t: torch.Tensor, n_t: int, n_g: int, kp: int, op: int) -> torch.Tensor:
+        """``[T, G, n_r, n_c, N, N]`` -> ``[T, G, Kp, Op]``."""
+        return t.permute(0, 1, 2, 4, 3, 5).reshape(n_t, n_g, kp, op)
+
+    @torch.no_grad()
+    def _build_derived(self) -> None:
+        """Rebuild the non-persistent views used by the fast paths from ``w_tiles``."""
+        cfg = self.config
+        n_g, k, o = self.groups, self.rows_per_group, self.cols_per_group
+        full = self.w_tiles.reshape(n_g, -1, self.n_slices, o)[:, :k]  # [G, K, T, O]
+        if cfg.bit_slicing:
+            coeff = torch.tensor(
+                [2.0 ** (cfg.slice_width * (self.n_slices - 1 - t)) for t in range(self.n_slices)],
+                dtype=torch.float64,
+            )
+            comb = (full.double() * coeff.view(1, 1, -1, 1)).sum(2) * 2.0**-cfg.weight_frac_bits
+            dense = comb.float()
+        else:
+            dense = full[:, :, 0]
+        self.register_buffer("w_dense", self._dense_from_matrix(dense).contiguous(), False)
+        if self.noise_tiles.numel() and not cfg.bit_slicing:
+            nfull = self.noise_tiles.reshape(n_g, -1, o)[:, :k]
+            self.register_buffer("noise_dense", self._dense_from_matrix(nfull).contiguous(), False)
+        else:
+            self.register_buffer("noise_dense", torch.empty(0), False)
+        self._build_tiled()
+
+    def _build_tiled(self) -> None:
+        """Hook for layers that need extra derived tensors on the per-tile path."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._build_derived()
+
+    # ------------------------------------------------------------------ converters
+    @property
+    def tiled_path(self) -> bool:
+        """Whether the forward needs per-tile partial sums (ADC on, or sliced with noise)."""
+        cfg = self.config
+        return cfg.adc_bits is not None or (cfg.bit_slicing and cfg.has_read_noise)
+
+    def _dac(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.dac_bits is None:
+            return x
+        qmax = 2 ** (cfg.dac_bits - 1) - 1
+        if self._calibrating:
+            self.dac_range.fill_(float(XF.percentile_abs(x, cfg.calibration_percentile)))
+        step = torch.clamp(self.dac_range, min=1e-30) / qmax
+        return XF.quantize_ste(x, step, qmax)
+
+    def _adc_params(self) -> tuple[torch.Tensor | float, int]:
+        cfg = self.config
+        assert cfg.adc_bits is not None
+        qmax = 2 ** (cfg.adc_bits - 1) - 1
+        if cfg.bit_slicing:
+            full = (
+                cfg.tile_size * (2**cfg.stream_width - 1) * (2**cfg.slice_width - 1)
+            )
+            return 2.0 ** max(0, math.ceil(math.log2(full / qmax))), qmax
+        return torch.clamp(self.adc_range, min=1e-30) / qmax, qmax
+
+    def _adc_reduce(self, p: torch.Tensor, fast: bool) -> torch.Tensor:
+        """Per-tile ADC on partial sums ``p`` and digital sum over the tile-row axis."""
+        cfg = self.config
+        dim = self._tile_dim
+        if cfg.adc_bits is None:
+            return p.sum(dim)
+        if self._calibrating and not cfg.bit_slicing:
+            self.adc_range.fill_(float(XF.percentile_abs(p, cfg.calibration_percentile)))
+        step, qmax = self._adc_params()
+        if not fast:
+            return XF.quantize_ste(p, step, qmax).sum(dim)
+        p.div_(step).round_().clamp_(-qmax, qmax)
+        return p.sum(dim).mul_(step)
+
+    # ------------------------------------------------------------------ forward
+    def _check_calibrated(self) -> None:
+        if not bool(self.calibrated) and not self._calibrating:
+            raise NotCalibratedError(
+                f"{type(self).__name__}: config {self.config.name!r} has a DAC/ADC but the layer "
+                "was never calibrated; call nvmpriv.crossbar.calibrate(model, batch) or pass "
+                "calibration=batch to convert()/simulate()"
+            )
+
+    def _noise(self, x: torch.Tensor, like: torch.Tensor, w: torch.Tensor, tiled: bool) -> torch.Tensor:
+        var = self._tile_partial_sums(x * x, w) if tiled else self._dense_mvm(x * x, w)
+        return torch.sqrt(torch.clamp(var, min=0)) * torch.randn_like(like)
+
+    def _chip(self, x: torch.Tensor) -> torch.Tensor:
+        """The simulated chip's output without bias."""
+        cfg = self.config
+        fast = not (torch.is_grad_enabled() and x.requires_grad)
+        noisy = cfg.has_read_noise
+        if cfg.bit_slicing:
+            return self._chip_sliced(x, fast)
+        xq = self._dac(x)
+        if not self.tiled_path:
+            y = self._dense_mvm(xq, self.w_dense)
+            if noisy:
+                y = y + self._noise(xq, y, self.noise_dense, tiled=False)
+            return y
+        if fast and not noisy and not self._calibrating:
+            return self._fast_tiled(xq)
+        p = self._tile_partial_sums(xq, self.w_tiles)
+        if noisy:
+            p = p + self._noise(xq, p, self.noise_tiles, tiled=True)
+        return self._adc_reduce(p, fast)
+
+    def _fast_tiled(self, xq: torch.Tensor) -> torch.Tensor:
+        p = self._tile_partial_sums(xq, self.w_tiles)
+        return self._adc_reduce(p, True)
+
+    def _chip_sliced(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        cfg = self.config
+        codes = XF.fixed_point(x, cfg.input_bits, cfg.input_frac_bits)
+        if not self.tiled_path:
+            return self._dense_mvm(codes * 2.0**-cfg.input_frac_bits, self.w_dense)
+        n_s = cfg.n_streams
+        d = XF.signed_digits(codes, cfg.stream_width, n_s)
+        d = d.reshape(n_s * x.shape[0], *x.shape[1:])
+        p = self._tile_partial_sums(d, self.w_tiles)
+        if cfg.has_read_noise:
+            p = p + self._noise(d, p, self.noise_tiles, tiled=True)
+        y = self._adc_reduce(p, fast)  # [S*B, ..., T*O-ish]
+        coeff = torch.tensor(
+            [
+                [
+                    2.0 ** (cfg.stream_width * (n_s - 1 - s) + cfg.slice_width * (self.n_slices - 1 - t))
+                    for t in range(self.n_slices)
+                ]
+                for s in range(n_s)
+            ],
+            dtype=y.dtype,
+        ) * 2.0 ** -(cfg.input_frac_bits + cfg.weight_frac_bits)
+        return self._shift_add(y, coeff, x.shape[0])
+
+    def _shift_add(self, y: torch.Tensor, coeff: torch.Tensor, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _digital(self, x: torch.Tensor) -> torch.Tensor:
+        """The digital layer's output without bias."""
+        raise NotImplementedError
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the input through the simulated chip (see the class docstring).
+
+        Args:
+            x: Layer input (same shape as for the digital layer).
+
+        Returns:
+            Layer output (same shape as the digital layer's).
+
+        Raises:
+            NotCalibratedError: If DAC/ADC ranges are needed but were never calibrated.
+        """
+        self._check_calibrated()
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if grad and self.config.gradient == "digital":
+            with torch.no_grad():
+                y_chip = self._chip(x)
+            y_dig = self._digital(x)
+            return self._add_bias(y_dig + (y_chip - y_dig).detach())
+        y = self._chip(x)
+        if grad and self.weight.requires_grad:
+            surrogate = self._digital(x.detach())
+            y = y + (surrogate - surrogate.detach())
+        return self._add_bias(y)
+
+    # ------------------------------------------------------------------ export
+    def programmed_state(self) -> dict[str, torch.Tensor | float | int | bool | str]:
+        """Everything needed to reproduce the forward without re-running the physics.
+
+        Keys (tensors are float32, weight units unless stated):
+
+        * ``kind`` (``"linear"`` or ``"conv2d"``), ``groups``, ``tile_size`` (N),
+          ``rows_per_group`` (K), ``cols_per_group`` (O), ``n_row_tiles``, ``n_slices`` (T);
+        * ``w_tiles``: ``[groups, n_row_tiles, N, T*O]`` per-tile effective weights (rows past K
+          are padding and multiply zero inputs); with bit slicing in counts, slice-major columns;
+        * ``w_dense``: the assembled effective weight in the digital layer's weight shape (valid
+          for the no-ADC path; bit-sliced: sum of slices with their shifts, in weight units);
+        * ``bias`` (tensor or absent);
+        * ``dac_bits`` (0 = none), ``dac_step`` (input units), ``dac_qmax``;
+        * ``adc_bits`` (0 = none), ``adc_step`` (weight x input units, or counts), ``adc_qmax``;
+        * ``read_noise`` (bool), ``noise_tiles`` (``[groups, n_row_tiles, N, T*O]`` variance per
+          unit squared input, weight units squared; empty when off);
+        * ``bit_slicing`` (bool), ``input_bits``, ``input_frac_bits``, ``weight_frac_bits``,
+          ``stream_width``, ``slice_width``, ``n_streams``;
+        * conv only: ``stride``, ``padding``, ``dilation`` (tuples as lists), ``kernel_size``.
+
+        Returns:
+            The state dict described above.
+        """
+        cfg = self.config
+        out: dict[str, Any] = {
+            "groups": self.groups,
+            "tile_size": cfg.tile_size,
+            "rows_per_group": self.rows_per_group,
+            "cols_per_group": self.cols_per_group,
+            "n_row_tiles": self.n_row_tiles,
+            "n_slices": self.n_slices,
+            "w_tiles": self.w_tiles.detach().clone(),
+            "w_dense": self.w_dense.detach().clone(),
+            "read_noise": cfg.has_read_noise,
+            "noise_tiles": self.noise_tiles.detach().clone(),
+            "bit_slicing": cfg.bit_slicing,
+            "input_bits": cfg.input_bits,
+            "input_frac_bits": cfg.input_frac_bits,
+            "weight_frac_bits": cfg.weight_frac_bits,
+            "stream_width": cfg.stream_width,
+            "slice_width": cfg.slice_width,
+            "n_streams": cfg.n_streams,
+            "dac_bits": 0 if cfg.dac_bits is None or cfg.bit_slicing else cfg.dac_bits,
+            "adc_bits": 0 if cfg.adc_bits is None else cfg.adc_bits,
+        }
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().clone()
+        if out["dac_bits"]:
+            qmax = 2 ** (cfg.dac_bits - 1) - 1  # type: ignore[operator]
+            out["dac_qmax"] = qmax
+            out["dac_step"] = float(self.dac_range) / qmax
+        if out["adc_bits"]:
+            step, qmax = self._adc_params()
+            out["adc_qmax"] = qmax
+            out["adc_step"] = float(step)
+        out.update(self._extra_state())
+        return out
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def extra_repr(self) -> str:
+        """Summarize the mapping."""
+        return (
+            f"config={self.config.name!r}, groups={self.groups}, K={self.rows_per_group}, "
+            f"O={self.cols_per_group}, tiles={self.groups}x{self.n_row_tiles}x{self.n_col_tiles} "
+            f"of {self.config.tile_size}x{self.config.tile_size}, seed={self.seed}"
+        )
+
+
+class CrossbarLinear(CrossbarLayer):
+    """``nn.Linear`` on simulated crossbars (see :class:`CrossbarLayer` for the equations).
+
+    Args:
+        config: Chip configuration.
+        weight: ``[out_features, in_features]`` weights.
+        bias: ``[out_features]`` or ``None``.
+        seed: Chip seed of this layer (variation and faults).
+    """
+
+    def __init__(
+        self,
+        config: CrossbarConfig,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        seed: int,
+    ) -> None:
+        self.in_features = int(weight.shape[1])
+        self.out_features = int(weight.shape[0])
+        super().__init__(config, weight, bias, seed=seed, groups=1)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, config: CrossbarConfig, *, seed: int) -> CrossbarLinear:
+        """Program a copy of ``module`` onto a simulated chip.
+
+        Args:
+            module: The digital layer (left untouched).
+            config: Chip configuration.
+            seed: Chip seed of this layer.
+
+        Returns:
+            The crossbar layer.
+        """
+        layer = cls(config, module.weight, module.bias, seed=seed)
+        return layer.to(module.weight.device)
+
+    def _matrix_shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    def _weight_matrix(self) -> torch.Tensor:
+        return self.weight.t().unsqueeze(0)
+
+    def _dense_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return m[0].t()
+
+    def _dense_mvm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def _tile_partial_sums(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        n, n_r = self.config.tile_size, self.n_row_tiles
+        lead = x.shape[:-1]
+        x2 = F.pad(x.reshape(-1, self.in_features), (0, n_r * n - self.in_features))
+        xt = x2.view(-1, n_r, n).transpose(0, 1)  # [n_r, B, N]
+        p = torch.bmm(xt, w[0])  # [n_r, B, T*O]
+        return p.view(n_r, *lead, p.shape[-1])
+
+    def _fast_tiled(self, xq: torch.Tensor) -> torch.Tensor:
+        # Chunked over tile rows so that the partial sums stay in cache; ADC fused in place.
+        n, n_r = self.config.tile_size, self.n_row_tiles
+        lead = xq.shape[:-1]
+        x2 = F.pad(xq.reshape(-1, self.in_features), (0, n_r * n - self.in_features))
+        xt = x2.view(-1, n_r, n).transpose(0, 1)
+        b, m = xt.shape[1], self.w_tiles.shape[-1]
+        step, qmax = self._adc_params()
+        chunk = max(1, min(n_r, _CHUNK_ELEMENTS // max(1, b * m)))
+        buf = torch.empty(chunk, b, m, dtype=xq.dtype, device=xq.device)
+        y = torch.zeros(b, m, dtype=xq.dtype, device=xq.device)
+        w = self.w_tiles[0]
+        inv = 1.0 / step
+        for r0 in range(0, n_r, chunk):
+            r1 = min(n_r, r0 + chunk)
+            p = torch.bmm(xt[r0:r1], w[r0:r1], out=buf[: r1 - r0])
+            p.mul_(inv).round_().clamp_(-qmax, qmax)
+            y.add_(p.sum(0))
+        return y.mul_(step).view(*lead, m)
+
+    def _shift_add(self, y: torch.Tensor, coeff: torch.Tensor, batch: int) -> torch.Tensor:
+        n_s, n_t = coeff.shape
+        lead = y.shape[:-1]
+        y = y.reshape(n_s, batch, -1, n_t, self.out_features)
+        out = torch.einsum("sbmto,st->bmo", y, coeff)
+        return out.reshape(batch, *lead[1:], self.out_features)
+
+    def _digital(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"kind": "linear"}
+
+
+class CrossbarConv2d(CrossbarLayer):
+    """``nn.Conv2d`` (incl. grouped and depthwise) on simulated crossbars.
+
+    The per-tile partial sums of a convolution are computed without im2col: tile row ``r``
+    covers a contiguous range of the ``(c, kh, kw)`` rows, i.e. a few input channels with some
+    taps masked, so all tile rows of all groups run as one grouped convolution over a gathered
+    copy of the input (``chan_index``) with masked per-tile kernels (``w_split``).
+
+    Args:
+        config: Chip configuration.
+        weight: ``[Cout, Cin/groups, kh, kw]`` weights.
+        bias: ``[Cout]`` or ``None``.
+        seed: Chip seed of this layer.
+        stride: As ``nn.Conv2d``.
+        padding: As ``nn.Conv2d`` (zeros padding only).
+        dilation: As ``nn.Conv2d``.
+        groups: As ``nn.Conv2d``.
+    """
+
+    _tile_dim = 2
+
+    def __init__(
+        self,
+        config: CrossbarConfig,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        seed: int,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] | str = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+    ) -> None:
+        self.out_channels = int(weight.shape[0])
+        self.in_channels = int(weight.shape[1]) * groups
+        self.kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
+        self.stride = tuple(stride)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self.dilation = tuple(dilation)
+        self._groups_init = groups
+        super().__init__(config, weight, bias, seed=seed, groups=groups)
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d, config: CrossbarConfig, *, seed: int) -> CrossbarConv2d:
+        """Program a copy of ``module`` onto a simulated chip.
+
+        Args:
+            module: The digital layer (left untouched; ``padding_mode`` must be ``zeros``).
+            config: Chip configuration.
+            seed: Chip seed of this layer.
+
+        Returns:
+            The crossbar layer.
+
+        Raises:
+            ValueError: If ``padding_mode`` is not ``zeros``.
+        """
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"Conv2d padding_mode={module.padding_mode!r} is not supported: allowed 'zeros'"
+            )
+        layer = cls(
+            config,
+            module.weight,
+            module.bias,
+            seed=seed,
+            stride=module.stride,  # type: ignore[arg-type]
+            padding=module.padding,  # type: ignore[arg-type]
+            dilation=module.dilation,  # type: ignore[arg-type]
+            groups=module.groups,
+        )
+        return layer.to(module.weight.device)
+
+    def _matrix_shape(self) -> tuple[int, int]:
+        kh, kw = self.kernel_size
+        g = self._groups_init
+        return self.in_channels // g * kh * kw, self.out_channels // g
+
+    def _weight_matrix(self) -> torch.Tensor:
+        g = self.groups
+        o = self.out_channels // g
+        return self.weight.reshape(g, o, -1).transpose(1, 2)  # [G, K, O]
+
+    def _dense_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        return m.transpose(1, 2).reshape(self.out_channels, -1, kh, kw)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
+
+    def _dense_mvm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, w, self.groups)
+
+    def _build_tiled(self) -> None:
+        if not self.tiled_path:
+            for name in ("chan_index", "w_split", "noise_split"):
+                self.register_buffer(name, torch.empty(0), False)
+            return
+        n = self.config.tile_size
+        kh, kw = self.kernel_size
+        taps = kh * kw
+        k, n_r, n_g = self.rows_per_group, self.n_row_tiles, self.groups
+        cin_g = self.in_channels // n_g
+        r = torch.arange(n_r)
+        first = r * n
+        last = torch.clamp((r + 1) * n, max=k) - 1
+        c0 = first // taps
+        c_max = int((last // taps - c0).max()) + 1
+        m = torch.arange(c_max)
+        rows = (c0.view(-1, 1, 1) + m.view(1, -1, 1)) * taps + torch.arange(taps).view(1, 1, -1)
+        valid = (rows >= first.view(-1, 1, 1)) & (rows <= last.view(-1, 1, 1))  # [n_r, c_max, taps]
+        rows_c = torch.where(valid, rows, torch.zeros_like(rows))
+        chan = torch.clamp(c0.view(-1, 1) + m.view(1, -1), max=cin_g - 1)  # [n_r, c_max]
+        chan_index = (torch.arange(n_g).view(-1, 1, 1) * cin_g + chan.unsqueeze(0)).reshape(-1)
+        self.register_buffer("chan_index", chan_index.to(self.w_tiles.device), False)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            flat = t.reshape(n_g, n_r * n, -1)  # [G, Kp, T*O]
+            g = flat[:, rows_c.reshape(-1)].view(n_g, n_r, c_max, taps, -1)
+            g = g * valid.view(1, n_r, c_max, taps, 1).to(g.dtype)
+            # -> [G, n_r, T*O, c_max, taps] -> conv weight [G*n_r*T*O, c_max, kh, kw]
+            return g.permute(0, 1, 4, 2, 3).reshape(-1, c_max, kh, kw).contiguous()
+
+        self.register_buffer("w_split", split(self.w_tiles), False)
+        self.register_buffer(
+            "noise_split", split(self.noise_tiles) if self.noise_tiles.numel() else torch.empty(0), False
+        )
+        identity = chan_index.numel() == self.in_channels and bool(
+            (chan_index == torch.arange(self.in_channels)).all()
+        )
+        self._gather_identity = identity
+
+    def _tile_partial_sums(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xg = x if self._gather_identity else x.index_select(1, self.chan_index)
+        split = self.w_split if w is self.w_tiles else self.noise_split
+        n_g, n_r = self.groups, self.n_row_tiles
+        y = self._conv(xg, split, n_g * n_r)  # [B, G*n_r*M, H, W]
+        return y.view(y.shape[0], n_g, n_r, -1, *y.shape[2:])
+
+    def _fast_tiled(self, xq: torch.Tensor) -> torch.Tensor:
+        p = self._tile_partial_sums(xq, self.w_tiles)
+        y = self._adc_reduce(p, True)  # [B, G, M, H, W]
+        return y.reshape(y.shape[0], -1, *y.shape[3:])
+
+    def _chip(self, x: torch.Tensor) -> torch.Tensor:
+        y = super()._chip(x)
+        if y.dim() == 5:  # [B, G, M, H, W] from the tiled path
+            y = y.reshape(y.shape[0], -1, *y.shape[3:])
+        return y
+
+    def _shift_add(self, y: torch.Tensor, coeff: torch.Tensor, batch: int) -> torch.Tensor:
+        n_s, n_t = coeff.shape
+        o = self.out_channels // self.groups
+        y = y.reshape(n_s, batch, self.groups, n_t, o, *y.shape[-2:])
+        out = torch.einsum("sbgtohw,st->bgohw", y, coeff)
+        return out.reshape(batch, self.groups * o, *y.shape[-2:])
+
+    def _digital(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.weight, self.groups)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "kind": "conv2d",
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "kernel_size": list(self.kernel_size),
+            "chan_index": self.chan_index.detach().clone(),
+            "w_split": self.w_split.detach().clone(),
+        }
