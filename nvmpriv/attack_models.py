@@ -241,10 +241,12 @@ def train_classifiers(
         ]
     from torch.func import functional_call, stack_module_state, vmap
 
-    params, buffers = stack_module_state(nets)  # type: ignore[arg-type]
+    params, buffers = stack_module_state(nets)
     base = copy.deepcopy(nets[0]).to("meta")
 
-    def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor):  # type: ignore[no-untyped-def]
+    def forward(
+        p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor
+    ) -> torch.Tensor:
         return functional_call(base, (p, b), (xb,))
 
     vforward = vmap(forward, in_dims=(0, 0, None), randomness="different")
@@ -397,7 +399,9 @@ def shadow_attack_inputs(
     )
 
 
-def _reference_scores(nets: list[nn.Module], x: np.ndarray, y: np.ndarray, masks: np.ndarray):  # type: ignore[no-untyped-def]
+def _reference_scores(
+    nets: list[nn.Module], x: np.ndarray, y: np.ndarray, masks: np.ndarray
+) -> ReferenceScores:
     probs = np.stack([predict_proba_fn(n)(x) for n in nets])
     probs = probs / probs.sum(axis=2, keepdims=True)
     return ReferenceScores.from_outputs(probs, y, masks)
@@ -818,8 +822,16 @@ def nn_shadow_attack(
     )
 
 
-def _sklearn_shadow_attack(  # type: ignore[no-untyped-def]
-    query_fn, target, shadow_x, shadow_y, net_factory, featurize, n_shadow, train, seed
+def _sklearn_shadow_attack(
+    query_fn: QueryFn,
+    target: MembershipSplit,
+    shadow_x: np.ndarray,
+    shadow_y: np.ndarray,
+    net_factory: NetFactory,
+    featurize: Callable[[QueryFn, np.ndarray, np.ndarray], list[np.ndarray]],
+    n_shadow: int,
+    train: TrainConfig | None,
+    seed: int,
 ) -> AttackResult:
     from sklearn.neural_network import MLPClassifier
 

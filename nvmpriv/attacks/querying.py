@@ -51,7 +51,9 @@ def average_queries(query_fn: QueryFn, x: np.ndarray, k: int) -> np.ndarray:
     return acc / int(k)
 
 
-def _cumulative_means(query_fn: QueryFn, x: np.ndarray, ks: Sequence[int], name: str):  # type: ignore[no-untyped-def]
+def _cumulative_means(
+    query_fn: QueryFn, x: np.ndarray, ks: Sequence[int], name: str
+) -> dict[int, np.ndarray]:
     total = None
     out: dict[int, np.ndarray] = {}
     for i in range(1, max(ks) + 1):

@@ -7,6 +7,7 @@ does the scoring maths on their outputs, so it stays numpy-only.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -330,7 +331,7 @@ def rmia_attack(
     pop = inputs.split("population")
     p_z = pop.probs[np.arange(pop.labels.size), pop.labels]
     n_in = inputs.split("member").labels.size
-    kw = {"gamma": gamma, "a": a, "online": online}
+    kw: dict[str, Any] = {"gamma": gamma, "a": a, "online": online}
     scores = rmia_scores(
         inputs.target_p_true(), ref.p_true, ref.in_mask, p_z, pref.p_true, pref.in_mask, **kw
     )
@@ -350,7 +351,7 @@ def rmia_attack(
                 pref.p_true[j][z],
                 pref.p_true[keep][:, z],
                 pref.in_mask[keep][:, z],
-                **kw,  # type: ignore[arg-type]
+                **kw,
             )
 
         thr, info = _loo_threshold(cal, fn, calibration_models)

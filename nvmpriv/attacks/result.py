@@ -109,7 +109,7 @@ class AttackResult:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("fpr", "tpr")}
         out["roc_fpr"] = fpr
         out["roc_tpr"] = tpr
-        return _json_value(out)  # type: ignore[no-any-return]
+        return _json_value(out)
 
     def summary(self) -> str:
         """One-line human-readable summary.

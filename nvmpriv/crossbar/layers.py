@@ -129,7 +129,9 @@ class CrossbarLayer(nn.Module):
         """Inverse of :meth:`_weight_matrix`: ``[groups, K, O]`` to the module's weight shape."""
         raise NotImplementedError
 
-    def _dense_mvm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _dense_mvm(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def _tile_partial_sums(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -289,7 +291,14 @@ class CrossbarLayer(nn.Module):
         return torch.sqrt(torch.clamp(var, min=0)) * torch.randn_like(like)
 
     def _chip(self, x: torch.Tensor) -> torch.Tensor:
-        """The simulated chip's output without bias."""
+        """The simulated chip's output, bias included (added digitally)."""
+        cfg = self.config
+        if not self.tiled_path and not cfg.bit_slicing and not cfg.has_read_noise:
+            # bias fused exactly as the digital layer does, so the ideal chip is bit-exact
+            return self._dense_mvm(self._dac(x), self.w_dense, self.bias)
+        return self._add_bias(self._chip_nobias(x))
+
+    def _chip_nobias(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         fast = not (torch.is_grad_enabled() and x.requires_grad)
         noisy = cfg.has_read_noise
@@ -365,13 +374,14 @@ class CrossbarLayer(nn.Module):
         if grad and self.config.gradient == "digital":
             with torch.no_grad():
                 y_chip = self._chip(x)
-            y_dig = self._digital(x)
-            return self._add_bias(y_dig + (y_chip - y_dig).detach())
+            y_dig = self._add_bias(self._digital(x))
+            return y_dig + (y_chip - y_dig).detach()
         y = self._chip(x)
         if grad and self.weight.requires_grad:
+            # hardware in the loop: the weight receives the gradient of the effective weights
             surrogate = self._digital(x.detach())
             y = y + (surrogate - surrogate.detach())
-        return self._add_bias(y)
+        return y
 
     # ------------------------------------------------------------------ export
     def programmed_state(self) -> dict[str, torch.Tensor | float | int | bool | str]:
@@ -490,8 +500,10 @@ class CrossbarLinear(CrossbarLayer):
     def _dense_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m[0].t()
 
-    def _dense_mvm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def _dense_mvm(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, w, bias)
 
     def _tile_partial_sums(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         n, n_r = self.config.tile_size, self.n_row_tiles
@@ -625,11 +637,15 @@ class CrossbarConv2d(CrossbarLayer):
         kh, kw = self.kernel_size
         return m.transpose(1, 2).reshape(self.out_channels, -1, kh, kw)
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
+    def _conv(
+        self, x: torch.Tensor, w: torch.Tensor, groups: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, groups)
 
-    def _dense_mvm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, w, self.groups)
+    def _dense_mvm(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._conv(x, w, self.groups, bias)
 
     def _build_tiled(self) -> None:
         if not self.tiled_path:
@@ -682,8 +698,8 @@ class CrossbarConv2d(CrossbarLayer):
         y = self._adc_reduce(p, True)  # [B, G, M, H, W]
         return y.reshape(y.shape[0], -1, *y.shape[3:])
 
-    def _chip(self, x: torch.Tensor) -> torch.Tensor:
-        y = super()._chip(x)
+    def _chip_nobias(self, x: torch.Tensor) -> torch.Tensor:
+        y = super()._chip_nobias(x)
         if y.dim() == 5:  # [B, G, M, H, W] from the tiled path
             y = y.reshape(y.shape[0], -1, *y.shape[3:])
         return y

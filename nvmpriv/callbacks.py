@@ -1,0 +1,600 @@
+"""Callbacks: the crossbar privacy audit at validation, and guards for long runs.
+
+:class:`CrossbarAudit` is what a user watches while training. At the end of validation (every
+``every_n_epochs`` epochs and always at the last one) it runs the digital model and the same model
+inside each configured crossbar (:func:`nvmpriv.crossbar.simulate`) on the saved member,
+non-member and shadow sets, scores the outputs with :mod:`nvmpriv.attacks` and logs
+
+* ``xbar/<config>/acc`` (non-member accuracy), ``xbar/<config>/train_acc`` and
+  ``xbar/<config>/acc_drop`` (digital minus crossbar, in accuracy points of [0, 1]);
+* ``mia/<config>/<attack>/{acc,auc,tpr@0.1%fpr,tpr@1%fpr,acc_upper}`` (``digital`` is a config);
+* ``xbar/<config>/snr_db/<layer>``, ``xbar/<config>/ns/<layer>`` and ``xbar/<config>/nf``;
+* optional non-adaptive PGD accuracy ``adv/<config>/eps_<e>/acc``;
+* histograms of member vs non-member confidence and figures (log-log ROC, SNR/NS bars,
+  confidence histograms) to TensorBoard.
+
+The model is left exactly as it was (weights, buffers, train/eval flags, RNG state), also when an
+attack raises. At the end of ``fit``/``validate``/``test`` it writes ``results.json`` (atomically)
+in the run folder and prints a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from nvmpriv import attacks as mia
+from nvmpriv.crossbar import CrossbarConfig, get_preset, simulate
+from nvmpriv.crossbar.metrics import layer_snr_ns, non_ideality_factor
+
+__all__ = ["DIGITAL", "CrossbarAudit", "FiniteLossGuard", "atomic_write_text"]
+
+DIGITAL = "digital"
+DEFAULT_ATTACKS = ("confidence", "loss", "entropy", "modified_entropy", "gap")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically: a temporary file in the same folder, then a rename.
+
+    Args:
+        path: Destination.
+        text: Contents.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def preserved_state(module: nn.Module) -> Iterator[None]:
+    """Restore train/eval flags, gradient mode and every RNG the audit may touch.
+
+    The crossbar's per-query read noise and the shadow model's training draw from the global
+    RNGs; restoring them keeps training reproducible whether or not the audit runs.
+    """
+    modes = {m: m.training for m in module.modules()}
+    cpu_rng = torch.get_rng_state()
+    np_rng = np.random.get_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        torch.set_rng_state(cpu_rng)
+        np.random.set_state(np_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _reset_parameters(net: nn.Module) -> nn.Module:
+    for m in net.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return net
+
+
+def _crossbar_config(name: str) -> CrossbarConfig:
+    return get_preset(name)
+
+
+def _shard(n: int, rank: int, world: int) -> np.ndarray:
+    """Indices of the samples rank ``rank`` evaluates: every ``world``-th, padded to equal length."""
+    per = math.ceil(n / world)
+    idx = np.arange(rank, per * world, world)
+    return np.minimum(idx, n - 1)
+
+
+class CrossbarAudit(Callback):
+    """Swap crossbars in at validation and log accuracy, membership inference and layer metrics.
+
+    Args:
+        crossbars: Crossbar presets to audit (names from ``nvmpriv.crossbar.PRESETS``); the
+            digital model is always audited as config ``digital``.
+        attacks: Attack names from ``nvmpriv.attacks.SCORE_ATTACKS`` (threshold attacks).
+        every_n_epochs: Audit every n-th validation epoch (the last epoch is always audited).
+        max_samples: Cap on members, non-members and each shadow set.
+        chip_seed: Seed of the simulated chip (one config + seed = one chip).
+        calibration_samples: Training samples used to calibrate DAC/ADC ranges.
+        layer_samples: Samples for per-layer SNR / noise sensitivity (0 disables them).
+        shadow_epochs: Train one shadow model (same net, Adam, on ``shadow_train``) for this many
+            epochs at the first audit and choose thresholds on its outputs; ``None`` chooses the
+            threshold by 2-fold cross-validation on the target's own scores instead (recorded as
+            ``threshold_source`` in results.json).
+        shadow_lr: Adam learning rate of the shadow model.
+        adversarial_eps: If non-empty, non-adaptive L-inf PGD (gradients of the digital model)
+            at these eps values, evaluated digitally and on each crossbar.
+        adversarial_steps: PGD steps.
+        adversarial_samples: Non-members attacked by PGD.
+        figures: Log matplotlib figures (ROC, SNR/NS bars, confidence histograms).
+        print_table: Print the results table at the end of a run.
+    """
+
+    def __init__(
+        self,
+        crossbars: Sequence[str] = ("ideal", "32x32_100k", "64x64_100k", "128x128_100k"),
+        attacks: Sequence[str] = DEFAULT_ATTACKS,
+        every_n_epochs: int = 1,
+        max_samples: int = 1000,
+        chip_seed: int = 0,
+        calibration_samples: int = 256,
+        layer_samples: int = 256,
+        shadow_epochs: int | None = None,
+        shadow_lr: float = 1e-3,
+        adversarial_eps: Sequence[float] = (),
+        adversarial_steps: int = 10,
+        adversarial_samples: int = 256,
+        figures: bool = True,
+        print_table: bool = True,
+    ) -> None:
+        super().__init__()
+        unknown = [a for a in attacks if a not in mia.SCORE_ATTACKS]
+        if unknown:
+            raise ValueError(
+                f"unknown attacks {unknown}; choose from {', '.join(sorted(mia.SCORE_ATTACKS))}"
+            )
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs} must be >= 1")
+        if max_samples < 2 or calibration_samples < 1 or layer_samples < 0:
+            raise ValueError("max_samples >= 2, calibration_samples >= 1, layer_samples >= 0")
+        if shadow_epochs is not None and shadow_epochs < 1:
+            raise ValueError(f"shadow_epochs={shadow_epochs} must be >= 1 or null")
+        if any(e < 0 for e in adversarial_eps):
+            raise ValueError(f"adversarial_eps={list(adversarial_eps)} must all be >= 0")
+        self.configs = {name: _crossbar_config(name) for name in crossbars}
+        self.attacks = tuple(attacks)
+        self.every_n_epochs = every_n_epochs
+        self.max_samples = max_samples
+        self.chip_seed = chip_seed
+        self.calibration_samples = calibration_samples
+        self.layer_samples = layer_samples
+        self.shadow_epochs = shadow_epochs
+        self.shadow_lr = shadow_lr
+        self.adversarial_eps = tuple(float(e) for e in adversarial_eps)
+        self.adversarial_steps = adversarial_steps
+        self.adversarial_samples = adversarial_samples
+        self.figures = figures
+        self.print_table = print_table
+        self.results: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._shadow_state: dict[str, torch.Tensor] | None = None
+        self._nf_cache: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ lightning hooks
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Audit after validation when this epoch is due."""
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        epoch = trainer.current_epoch
+        last = epoch + 1 >= (trainer.max_epochs or 0) or trainer.fast_dev_run
+        if (epoch + 1) % self.every_n_epochs and not last:
+            return
+        self.audit(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stand-alone ``validate``: audit once and write results."""
+        if trainer.state.fn == "validate":
+            self.audit(trainer, pl_module)
+            self._finish(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stand-alone ``test``: audit once and write results."""
+        self.audit(trainer, pl_module)
+        self._finish(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write ``results.json`` and print the table."""
+        if not self.results:
+            self.audit(trainer, pl_module)
+        self._finish(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Last results, history and the shadow model, so a resumed run continues the record."""
+        return {
+            "results": self.results,
+            "history": self.history,
+            "shadow_state": self._shadow_state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.results = state_dict.get("results", {})
+        self.history = state_dict.get("history", [])
+        self._shadow_state = state_dict.get("shadow_state")
+
+    # ------------------------------------------------------------------ the audit
+    def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Run the audit now and log it; returns the results of this audit."""
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "arrays"):
+            raise ValueError(
+                "CrossbarAudit needs an nvmpriv MembershipDataModule (data.class_path nvmpriv.data.*)"
+            )
+        net: nn.Module = pl_module.net  # type: ignore[assignment]
+        start = time.perf_counter()
+        # Lightning validates under inference_mode; the audit leaves it so that PGD and the
+        # shadow model can use autograd on ordinary tensors (it runs under no_grad otherwise).
+        with preserved_state(pl_module), torch.inference_mode(False), torch.no_grad():
+            pl_module.eval()
+            sets = self._sample_sets(dm)
+            shadow_net = self._shadow(pl_module, dm, sets) if self.shadow_epochs else None
+            results = self._audit_configs(trainer, pl_module, net, shadow_net, sets)
+        results["seconds"] = time.perf_counter() - start
+        results["epoch"] = trainer.current_epoch
+        results["global_step"] = trainer.global_step
+        self.results = results
+        self.history.append({k: v for k, v in results.items() if k != "configs"} | {
+            "summary": self._flat_metrics(results)
+        })
+        self._log(trainer, pl_module, results)
+        return results
+
+    def _sample_sets(self, dm: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        sets = {}
+        for key, role in (
+            ("members", "target_train"),
+            ("nonmembers", "target_test"),
+            ("shadow_members", "shadow_train"),
+            ("shadow_nonmembers", "shadow_test"),
+        ):
+            x, y = dm.arrays(role)
+            sets[key] = (x[: self.max_samples], y[: self.max_samples])
+        x, y = dm.arrays("target_train")
+        sets["calibration"] = (x[: self.calibration_samples], y[: self.calibration_samples])
+        return sets
+
+    def _shadow(self, pl_module: pl.LightningModule, dm: Any, sets: dict[str, Any]) -> nn.Module:
+        """The attacker's shadow model: same architecture, trained on ``shadow_train``."""
+        from nvmpriv.attack_models import train_classifier
+
+        template = copy.deepcopy(pl_module.net).cpu()
+        if self._shadow_state is None:
+            x, y = dm.arrays("shadow_train")
+            with torch.enable_grad():
+                shadow = train_classifier(
+                    lambda: _reset_parameters(copy.deepcopy(template)),
+                    x,
+                    y,
+                    epochs=int(self.shadow_epochs or 1),
+                    lr=self.shadow_lr,
+                    batch_size=int(getattr(dm, "batch_size", 64)),
+                    seed=self.chip_seed + 1,
+                )
+            self._shadow_state = {k: v.detach().cpu().clone() for k, v in shadow.state_dict().items()}
+        template.load_state_dict(self._shadow_state)
+        return template.to(pl_module.device).eval()
+
+    def _outputs(
+        self, pl_module: pl.LightningModule, net: nn.Module, x: np.ndarray
+    ) -> np.ndarray:
+        """Logits of ``net`` on ``x``, sharded over DDP ranks and gathered in sample order."""
+        trainer = pl_module.trainer
+        world, rank = trainer.world_size, trainer.global_rank
+        idx = _shard(len(x), rank, world) if world > 1 else np.arange(len(x))
+        device = pl_module.device
+        chunks = []
+        for start in range(0, len(idx), 512):
+            batch = torch.as_tensor(x[idx[start : start + 512]], device=device)
+            chunks.append(net(batch).float())
+        logits = torch.cat(chunks)
+        if world > 1:
+            gathered = pl_module.all_gather(logits)  # [world, per, C]
+            logits = gathered.permute(1, 0, 2).reshape(-1, logits.shape[-1])[: len(x)]
+        return logits.detach().cpu().double().numpy()
+
+    def _audit_configs(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        net: nn.Module,
+        shadow_net: nn.Module | None,
+        sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    ) -> dict[str, Any]:
+        device = pl_module.device
+        calib = torch.as_tensor(sets["calibration"][0], device=device)
+        configs: dict[str, Any] = {}
+        names = [DIGITAL, *self.configs]
+        adv = self._adversarial_inputs(pl_module, net, sets) if self.adversarial_eps else {}
+        for name in names:
+            cfg = self.configs.get(name)
+            if cfg is None:
+                entry = self._audit_one(pl_module, net, shadow_net, sets, adv)
+            else:
+                with simulate(net, cfg, seed=self.chip_seed, calibration=calib) as chip:
+                    if shadow_net is not None:
+                        # The attacker runs its shadow on its own chip of the same design.
+                        with simulate(
+                            shadow_net, cfg, seed=self.chip_seed + 7919, calibration=calib
+                        ) as shadow_chip:
+                            entry = self._audit_one(pl_module, chip, shadow_chip, sets, adv)
+                    else:
+                        entry = self._audit_one(pl_module, chip, None, sets, adv)
+                if self.layer_samples:
+                    x = torch.as_tensor(sets["nonmembers"][0][: self.layer_samples], device=device)
+                    layers = layer_snr_ns(net, cfg, x, seed=self.chip_seed, calibration=calib)
+                    entry["layers"] = {k: dict(v) for k, v in layers.items()}
+                entry["nf"] = self._nf(name, cfg)
+            configs[name] = entry
+        digital_acc = configs[DIGITAL]["acc"]
+        for entry in configs.values():
+            entry["acc_drop"] = digital_acc - entry["acc"]
+        return {
+            "configs": configs,
+            "attacks": list(self.attacks),
+            "chip_seed": self.chip_seed,
+            "threshold_source": "shadow" if shadow_net is not None else "cv",
+            "n_members": len(sets["members"][1]),
+            "n_nonmembers": len(sets["nonmembers"][1]),
+        }
+
+    def _nf(self, name: str, cfg: CrossbarConfig) -> float:
+        if name not in self._nf_cache:
+            self._nf_cache[name] = float(non_ideality_factor(cfg, seed=self.chip_seed))
+        return self._nf_cache[name]
+
+    def _adversarial_inputs(
+        self, pl_module: pl.LightningModule, net: nn.Module, sets: dict[str, Any]
+    ) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+        """Non-adaptive PGD examples: gradients from the digital model, reused on every chip."""
+        from nvmpriv.adversarial import pgd_attack
+
+        x_np, y_np = sets["nonmembers"]
+        x = torch.as_tensor(x_np[: self.adversarial_samples], device=pl_module.device)
+        y = torch.as_tensor(y_np[: self.adversarial_samples], device=pl_module.device)
+        lo, hi = float(x.min()), float(x.max())
+        clamp = (min(lo, 0.0), max(hi, 1.0))
+        gen = torch.Generator(device=x.device).manual_seed(self.chip_seed)
+        out = {}
+        for eps in self.adversarial_eps:
+            if eps == 0:
+                out[eps] = (x, y)
+                continue
+            with torch.enable_grad():
+                x_adv = pgd_attack(
+                    net,
+                    x.clone(),
+                    y.clone(),
+                    eps=eps,
+                    alpha=2.5 * eps / self.adversarial_steps,
+                    steps=self.adversarial_steps,
+                    clamp=clamp,
+                    generator=gen,
+                )
+            out[eps] = (x_adv.detach(), y)
+        return out
+
+    def _audit_one(
+        self,
+        pl_module: pl.LightningModule,
+        net: nn.Module,
+        shadow_net: nn.Module | None,
+        sets: dict[str, tuple[np.ndarray, np.ndarray]],
+        adv: dict[float, tuple[torch.Tensor, torch.Tensor]],
+    ) -> dict[str, Any]:
+        (xm, ym), (xn, yn) = sets["members"], sets["nonmembers"]
+        logits_m = self._outputs(pl_module, net, xm)
+        logits_n = self._outputs(pl_module, net, xn)
+        entry: dict[str, Any] = {
+            "acc": float((logits_n.argmax(1) == yn).mean()),
+            "train_acc": float((logits_m.argmax(1) == ym).mean()),
+        }
+        shadow_kwargs: dict[str, Any] = {}
+        if shadow_net is not None:
+            (xsm, ysm), (xsn, ysn) = sets["shadow_members"], sets["shadow_nonmembers"]
+            shadow_kwargs = {
+                "shadow_member_outputs": self._outputs(pl_module, shadow_net, xsm),
+                "shadow_member_labels": ysm,
+                "shadow_nonmember_outputs": self._outputs(pl_module, shadow_net, xsn),
+                "shadow_nonmember_labels": ysn,
+            }
+        inputs = mia.AttackInputs(logits_m, ym, logits_n, yn, kind="logits", **shadow_kwargs)
+        attacks: dict[str, Any] = {}
+        for name in self.attacks:
+            result = mia.run_attack(name, inputs)
+            accuracy = result.accuracy
+            if accuracy is None:
+                accuracy = _cv_accuracy(result, inputs, name)
+            attacks[name] = {
+                "acc": float(accuracy),
+                "acc_upper": float(result.accuracy_upper_bound),
+                "auc": float(result.auc),
+                "tpr@0.1%fpr": float(result.tpr_at_01pct_fpr),
+                "tpr@1%fpr": float(result.tpr_at_1pct_fpr),
+                "threshold_source": result.threshold_source if result.accuracy is not None else "cv",
+                "roc": (result.fpr, result.tpr),
+            }
+        entry["attacks"] = attacks
+        entry["confidence"] = {
+            "members": mia.softmax(logits_m)[np.arange(len(ym)), ym],
+            "nonmembers": mia.softmax(logits_n)[np.arange(len(yn)), yn],
+        }
+        if adv:
+            entry["adversarial"] = {}
+            for eps, (x_adv, y_adv) in adv.items():
+                logits = net(x_adv).argmax(1)
+                entry["adversarial"][f"{eps:g}"] = float((logits == y_adv).float().mean())
+        return entry
+
+    # ------------------------------------------------------------------ logging and output
+    @staticmethod
+    def _flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+        flat: dict[str, float] = {}
+        for cfg, entry in results["configs"].items():
+            flat[f"xbar/{cfg}/acc"] = entry["acc"]
+            flat[f"xbar/{cfg}/train_acc"] = entry["train_acc"]
+            flat[f"xbar/{cfg}/acc_drop"] = entry["acc_drop"]
+            if "nf" in entry:
+                flat[f"xbar/{cfg}/nf"] = entry["nf"]
+            for layer, values in entry.get("layers", {}).items():
+                flat[f"xbar/{cfg}/snr_db/{layer}"] = values["snr_db"]
+                flat[f"xbar/{cfg}/ns/{layer}"] = values["ns"]
+            for attack, values in entry["attacks"].items():
+                for key in ("acc", "auc", "tpr@0.1%fpr", "tpr@1%fpr", "acc_upper"):
+                    flat[f"mia/{cfg}/{attack}/{key}"] = values[key]
+            for eps, acc in entry.get("adversarial", {}).items():
+                flat[f"adv/{cfg}/eps_{eps}/acc"] = acc
+        return flat
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = self._flat_metrics(results)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        experiment = self._tensorboard(trainer)
+        if experiment is None:
+            return
+        step = trainer.global_step
+        for cfg, entry in results["configs"].items():
+            conf = entry["confidence"]
+            experiment.add_histogram(f"mia/{cfg}/confidence/members", conf["members"], step)
+            experiment.add_histogram(f"mia/{cfg}/confidence/nonmembers", conf["nonmembers"], step)
+        if self.figures:
+            from nvmpriv.plots import confidence_figure, layer_metrics_figure, roc_figure
+
+            for cfg, entry in results["configs"].items():
+                experiment.add_figure(f"figures/{cfg}/roc", roc_figure(entry["attacks"], cfg), step)
+                experiment.add_figure(
+                    f"figures/{cfg}/confidence", confidence_figure(entry["confidence"], cfg), step
+                )
+                if entry.get("layers"):
+                    experiment.add_figure(
+                        f"figures/{cfg}/layers", layer_metrics_figure(entry["layers"], cfg), step
+                    )
+
+    @staticmethod
+    def _tensorboard(trainer: pl.Trainer) -> Any:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def results_json(self) -> dict[str, Any]:
+        """The last audit in JSON-safe form (no ROC arrays or per-sample confidences)."""
+        if not self.results:
+            return {}
+        configs = {}
+        for cfg, entry in self.results["configs"].items():
+            configs[cfg] = {
+                key: value for key, value in entry.items() if key not in ("attacks", "confidence")
+            }
+            configs[cfg]["attacks"] = {
+                name: {k: v for k, v in values.items() if k != "roc"}
+                for name, values in entry["attacks"].items()
+            }
+        out = {k: v for k, v in self.results.items() if k != "configs"}
+        out["configs"] = configs
+        return out
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or not self.results:
+            return
+        payload = self.results_json()
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        splits = getattr(trainer.datamodule, "splits", None)
+        payload["split_hash"] = splits.split_hash if splits is not None else None
+        payload["crossbars"] = {n: c.to_dict() for n, c in self.configs.items()}
+        atomic_write_text(folder / "results.json", json.dumps(payload, indent=2, sort_keys=True))
+        if self.print_table:
+            print(format_table(payload))
+
+
+def _cv_accuracy(result: mia.AttackResult, inputs: mia.AttackInputs, name: str) -> float:
+    """Balanced accuracy with the threshold chosen by 2-fold cross-validation on the target.
+
+    Half of the members and non-members choose the threshold, the other half is scored, and the
+    roles swap; unlike the best threshold on all samples this is not an optimistic estimate.
+    """
+    from nvmpriv.attacks.threshold import SCORE_FUNCTIONS
+
+    score = name if name in SCORE_FUNCTIONS else "correctness" if name == "gap" else None
+    if score is None:
+        return float(result.accuracy_upper_bound)
+    fn = SCORE_FUNCTIONS[score]
+    s_in, s_out = fn(inputs.split("member")), fn(inputs.split("nonmember"))
+    accs = []
+    for fold in (0, 1):
+        fit_in, fit_out = s_in[fold::2], s_out[fold::2]
+        ev_in, ev_out = s_in[1 - fold :: 2], s_out[1 - fold :: 2]
+        if len(ev_in) == 0 or len(ev_out) == 0:
+            continue
+        threshold, _ = mia.best_threshold(fit_in, fit_out)
+        accs.append(mia.balanced_accuracy_at(threshold, ev_in, ev_out))
+    return float(np.mean(accs)) if accs else float(result.accuracy_upper_bound)
+
+
+def format_table(payload: dict[str, Any]) -> str:
+    """A plain-text table of accuracy and MIA figures per crossbar config.
+
+    Args:
+        payload: The ``results.json`` contents.
+
+    Returns:
+        The table.
+    """
+    attacks = payload.get("attacks", [])
+    head = f"{'config':16s} {'acc':>6s} {'drop':>6s} {'nf':>6s} " + " ".join(
+        f"{a[:14] + ' acc/auc':>22s}" for a in attacks
+    )
+    lines = [head, "-" * len(head)]
+    for cfg, entry in payload["configs"].items():
+        nf = entry.get("nf")
+        row = f"{cfg:16s} {entry['acc']:6.3f} {entry['acc_drop']:6.3f} "
+        row += f"{nf:6.3f} " if nf is not None else f"{'-':>6s} "
+        row += " ".join(
+            f"{entry['attacks'][a]['acc']:10.3f}/{entry['attacks'][a]['auc']:<11.3f}" for a in attacks
+        )
+        lines.append(row)
+    source = payload.get("threshold_source", "")
+    lines.append(f"(MIA acc: threshold from {source}; acc = non-member accuracy; drop vs digital)")
+    return "\n".join(lines)
+
+
+class FiniteLossGuard(Callback):
+    """Stop training at the first non-finite training loss, naming the step and last checkpoint."""
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Check the step's loss."""
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
+            ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}; lower the learning rate and resume from the last good "
+                f"checkpoint ({ckpt})"
+            )

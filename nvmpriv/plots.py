@@ -1,0 +1,83 @@
+"""Matplotlib figures for TensorBoard and reports (headless Agg backend)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 -- the backend must be chosen first
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+__all__ = ["confidence_figure", "layer_metrics_figure", "roc_figure"]
+
+
+def roc_figure(attacks: dict[str, Any], title: str) -> Figure:
+    """Log-log ROC curves of several attacks (the chance line is the diagonal).
+
+    Args:
+        attacks: Attack name -> mapping with ``roc`` = ``(fpr, tpr)`` arrays and ``auc``.
+        title: Figure title (the crossbar config).
+
+    Returns:
+        The figure.
+    """
+    fig, ax = plt.subplots(figsize=(4.5, 4.0))
+    floor = 1e-4
+    for name, values in attacks.items():
+        fpr, tpr = values["roc"]
+        ax.plot(
+            np.maximum(fpr, floor), np.maximum(tpr, floor), label=f"{name} (AUC {values['auc']:.3f})"
+        )
+    ax.plot([floor, 1], [floor, 1], "k--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(f"MIA ROC: {title}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def confidence_figure(confidence: dict[str, np.ndarray], title: str) -> Figure:
+    """Histograms of the true-label confidence of members and non-members.
+
+    Args:
+        confidence: ``members`` and ``nonmembers`` arrays of p_y.
+        title: Figure title.
+
+    Returns:
+        The figure.
+    """
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(confidence["members"], bins=bins, alpha=0.6, label="members", density=True)
+    ax.hist(confidence["nonmembers"], bins=bins, alpha=0.6, label="non-members", density=True)
+    ax.set(xlabel="confidence p_y", ylabel="density")
+    ax.set_title(f"confidence: {title}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def layer_metrics_figure(layers: dict[str, dict[str, float]], title: str) -> Figure:
+    """Bars of per-layer SNR (dB) and noise sensitivity.
+
+    Args:
+        layers: Layer name -> ``{"snr_db": ..., "ns": ...}``.
+        title: Figure title.
+
+    Returns:
+        The figure.
+    """
+    names = list(layers)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    a1.bar(range(len(names)), [layers[n]["snr_db"] for n in names])
+    a1.set(ylabel="SNR (dB)")
+    a2.bar(range(len(names)), [layers[n]["ns"] for n in names])
+    a2.set(ylabel="noise sensitivity", yscale="log")
+    for ax in (a1, a2):
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=6, ha="right")
+    fig.suptitle(f"layers: {title}")
+    fig.tight_layout()
+    return fig

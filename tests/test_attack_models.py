@@ -1,0 +1,229 @@
+"""Tests of the attacker's learned models (torch, sklearn) on tiny data, against oracles."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from nvmpriv import attack_models as M
+from nvmpriv import attacks as A
+from nvmpriv.attacks import AttackInputError, AttackResult
+
+CFG = M.TrainConfig(epochs=40, lr=3e-3, batch_size=50)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(1)
+
+
+def _fc() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict:
+    """Overfit FC target on 200 digits (members) vs 600 non-members; ~1000 attacker samples."""
+    torch.set_num_threads(1)
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(x))
+    tm, tn, pool = perm[:200], perm[200:800], perm[800:]
+    target = M.train_classifier(_fc, x[tm], y[tm], epochs=40, lr=3e-3, batch_size=50, seed=1)
+    return {
+        "query": M.predict_proba_fn(target),
+        "split": M.MembershipSplit(x[tm], y[tm], x[tn], y[tn]),
+        "pool_x": x[pool],
+        "pool_y": y[pool],
+        "x": x,
+        "y": y,
+        "candidates": perm[:800],
+    }
+
+
+def _shuffled_split(digits: dict, seed: int = 5) -> M.MembershipSplit:
+    """Members/non-members assigned at random among the target's candidates: no signal."""
+    idx = np.random.default_rng(seed).permutation(digits["candidates"])
+    x, y = digits["x"], digits["y"]
+    return M.MembershipSplit(x[idx[:200]], y[idx[:200]], x[idx[200:]], y[idx[200:]])
+
+
+# --------------------------------------------------------------------------- training utilities
+def test_import_has_no_lightning() -> None:
+    code = "import sys, nvmpriv.attack_models; assert 'lightning' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_batched_training_equals_separate_training_full_batch() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 60)
+
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    masks = np.ones((3, 60), bool)
+    cfg = M.TrainConfig(epochs=15, lr=1e-2, batch_size=60)  # full batch: order-free
+    batched = M.train_classifiers(factory, x, y, masks, train=cfg, seed=7, batched=True)
+    single = M.train_classifier(factory, x, y, epochs=15, lr=1e-2, batch_size=60, seed=7)
+    xt = torch.as_tensor(x)
+    with torch.no_grad():
+        torch.testing.assert_close(batched[0](xt), single(xt), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(batched[0](xt), batched[1](xt))  # different inits
+
+
+def test_batched_training_respects_masks() -> None:
+    d = load_digits()
+    x, y = (d.data[:600] / 16.0).astype(np.float32), d.target[:600]
+    masks = np.zeros((2, 600), bool)
+    masks[0, :300], masks[1, 300:] = True, True
+    nets = M.train_classifiers(_fc, x, y, masks, train=M.TrainConfig(epochs=40, lr=3e-3), seed=0)
+    for net, m in zip(nets, masks, strict=True):
+        q = M.predict_proba_fn(net)
+        loss_in = -np.mean(A.loss_scores(q(x[m]), y[m]))
+        loss_out = -np.mean(A.loss_scores(q(x[~m]), y[~m]))
+        assert loss_in < 0.5 * loss_out  # fitted its own half far better than the other
+
+
+def test_predict_proba_fn_is_softmax() -> None:
+    net = _fc()
+    x = np.random.default_rng(1).random((7, 64)).astype(np.float32)
+    p = M.predict_proba_fn(net, batch_size=3)(x)
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.as_tensor(x)).double(), 1).numpy()
+    np.testing.assert_allclose(p, expected, rtol=1e-5)  # float32 kernels differ by batch
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-12)
+
+
+def test_sensitivity_matches_jacobian_closed_form() -> None:
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(4, 6))
+    x = rng.normal(size=(1, 6))
+
+    def query(v: np.ndarray) -> np.ndarray:
+        return A.softmax(v @ w.T)
+
+    p, s = M.sensitivity_scores(query, x.astype(np.float32), m=4000, eps=1e-3, seed=0)
+    p0 = query(x)[0]
+    jac = (np.diag(p0) - np.outer(p0, p0)) @ w  # d softmax / d x
+    # E|J_i . u| for u ~ N(0, I) is ||J_i|| sqrt(2 / pi).
+    expected = np.linalg.norm(jac, axis=1) * np.sqrt(2 / np.pi)
+    np.testing.assert_allclose(s[0], expected, rtol=0.06)
+    np.testing.assert_allclose(p[0], p0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- digits evidence
+def test_score_attacks_detect_overfit_members(digits: dict) -> None:
+    inputs = M.shadow_attack_inputs(
+        digits["query"], digits["split"], digits["pool_x"], digits["pool_y"], _fc, train=CFG
+    )
+    assert inputs.queries == 800
+    res = A.run_attack("loss", inputs)
+    assert res.auc > 0.55 and res.accuracy is not None and res.accuracy > 0.55
+    # Membership labels shuffled: the same scores carry no signal.
+    s = np.r_[
+        A.loss_scores(inputs.member_outputs, inputs.member_labels),
+        A.loss_scores(inputs.nonmember_outputs, inputs.nonmember_labels),
+    ]
+    fake = np.random.default_rng(3).permutation(s.size) < 200
+    assert abs(A.roc_auc(s[fake], s[~fake]) - 0.5) < 0.06
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        pytest.param("nn_shadow", {"n_shadow": 2, "attack_epochs": 20}, id="nn_shadow"),
+        pytest.param("ml_leaks", {"attack_epochs": 20}, id="ml_leaks"),
+        pytest.param("samia", {"n_shadow": 2, "attack_epochs": 8, "m": 5}, id="samia"),
+    ],
+)
+def test_learned_attacks_detect_members(digits: dict, name: str, kwargs: dict) -> None:
+    args = (digits["query"], digits["split"], digits["pool_x"], digits["pool_y"], _fc)
+    res = M.run_learned_attack(name, *args, train=CFG, **kwargs)
+    assert isinstance(res, AttackResult) and res.name == name
+    assert res.auc > 0.55
+    per_sample = kwargs.get("m", 0) + 1 if name == "samia" else 1
+    assert res.queries == per_sample * 800
+
+
+def test_learned_attack_on_shuffled_membership_is_chance(digits: dict) -> None:
+    res = M.nn_shadow_attack(
+        digits["query"],
+        _shuffled_split(digits),
+        digits["pool_x"],
+        digits["pool_y"],
+        _fc,
+        n_shadow=2,
+        attack_epochs=20,
+        train=CFG,
+    )
+    assert abs(res.auc - 0.5) < 0.06
+
+
+def test_nasr_and_sklearn_variants_run(digits: dict) -> None:
+    args = (digits["query"], digits["split"], digits["pool_x"], digits["pool_y"], _fc)
+    nasr = M.nasr_attack(*args, train=CFG, attack_epochs=5)
+    sk = M.nn_shadow_attack(*args, n_shadow=1, classifier="sklearn", train=CFG)
+    for r in (nasr, sk):
+        assert 0.0 <= r.auc <= 1.0 and r.threshold_source.startswith("attack model")
+        assert r.queries == 800
+    assert sk.auc > 0.55
+
+
+@pytest.mark.parametrize(
+    "online", [pytest.param(False, id="offline"), pytest.param(True, id="online")]
+)
+def test_reference_attacks_on_digits(digits: dict, online: bool) -> None:
+    inputs = M.reference_attack_inputs(
+        digits["query"],
+        digits["split"],
+        digits["pool_x"],
+        digits["pool_y"],
+        _fc,
+        n_ref=4,
+        online=online,
+        train=CFG,
+    )
+    assert inputs.reference is not None and inputs.reference.n_ref == 4
+    cand_in = inputs.reference.in_mask.mean()
+    assert (0.3 < cand_in < 0.7) if online else cand_in == 0.0
+    suffix = "online" if online else "offline"
+    lira, rmia = A.run_attack(f"lira_{suffix}", inputs), A.run_attack(f"rmia_{suffix}", inputs)
+    assert lira.threshold_source == "reference calibration"
+    assert rmia.auc > 0.55
+    if online:
+        assert lira.auc > 0.55
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs() -> None:
+    x = np.zeros((3, 64), np.float32)
+    with pytest.raises(AttackInputError, match="member_y has 2"):
+        M.MembershipSplit(x, np.zeros(2), x, np.zeros(3))
+    with pytest.raises(AttackInputError, match="nonmember_x is empty"):
+        M.MembershipSplit(x, np.zeros(3), x[:0], np.zeros(0))
+    with pytest.raises(ValueError, match="TrainConfig"):
+        M.TrainConfig(epochs=0)
+    with pytest.raises(AttackInputError, match="unknown learned attack"):
+        M.run_learned_attack("nope", lambda v: v, None, x, None, _fc)  # type: ignore[arg-type]
+    with pytest.raises(AttackInputError, match="m >= 1"):
+        M.sensitivity_scores(lambda v: v, x, m=0)
+    split = M.MembershipSplit(x, np.zeros(3, int), x, np.zeros(3, int))
+    rng = np.random.default_rng(0)
+    pool_x, pool_y = rng.random((40, 64)).astype(np.float32), rng.integers(0, 10, 40)
+    with pytest.raises(AttackInputError, match="sums to"):
+        M.shadow_attack_inputs(
+            lambda v: np.full((len(v), 10), 0.5),
+            split,
+            pool_x,
+            pool_y,
+            _fc,
+            train=M.TrainConfig(epochs=1),
+        )

@@ -1,0 +1,348 @@
+"""Crossbar layers against independent oracles (digital layers, fixed point, nodal solver)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvmpriv.crossbar import (
+    PRESETS,
+    CrossbarConfig,
+    CrossbarConv2d,
+    CrossbarLinear,
+    NotCalibratedError,
+    calibrate,
+    convert,
+    crossbar_layers,
+    simulate,
+    unsupported_layers,
+)
+from nvmpriv.crossbar.circuit import column_currents
+
+IDEAL = PRESETS["ideal"]
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, stride=2, dilation=1, groups=2, bias=False),  # grouped
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 1),
+    )
+
+
+@pytest.mark.parametrize("tile", [4, 8, 64])
+def test_ideal_equals_digital(tile):
+    torch.manual_seed(1)
+    fc = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 7))
+    cn = _conv_net()
+    cfg = IDEAL.replace(tile_size=tile)
+    x = torch.randn(5, 30)
+    xc = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        for model, inp in ((fc, x), (cn, xc)):
+            ref = model(inp)
+            out = convert(model, cfg, seed=0)(inp)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            assert torch.equal(out, ref)  # bit-exact: the ideal chip runs the digital kernels
+
+
+def _tile_oracle_linear(x, w, b, tile, step, qmax):
+    """Per-tile partial sums in float64 with a per-tile ADC, then the digital sum."""
+    x = x.double().numpy()
+    w = w.double().numpy()
+    y = np.zeros((x.shape[0], w.shape[0]))
+    for r0 in range(0, w.shape[1], tile):
+        p = x[:, r0 : r0 + tile] @ w[:, r0 : r0 + tile].T
+        y += np.clip(np.round(p / step), -qmax, qmax) * step
+    return torch.from_numpy(y + b.double().numpy())
+
+
+def test_adc_path_matches_tile_oracle_linear():
+    torch.manual_seed(2)
+    lin = nn.Linear(21, 6)
+    cfg = IDEAL.replace(tile_size=8, adc_bits=6)
+    x = torch.randn(9, 21)
+    layer = convert(lin, cfg, seed=0, calibration=x)
+    qmax = 2**5 - 1
+    step = float(layer.adc_range) / qmax
+    ref = _tile_oracle_linear(x, lin.weight.detach(), lin.bias.detach(), 8, step, qmax)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the autograd (STE) path computes the same function
+    out_grad = layer(x.clone().requires_grad_(True))
+    torch.testing.assert_close(out_grad.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    # calibration used max |partial sum|
+    p = torch.stack([x[:, r : r + 8] @ lin.weight.detach()[:, r : r + 8].T for r in (0, 8, 16)])
+    assert float(layer.adc_range) == pytest.approx(float(p.abs().max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_adc_path_matches_unfold_oracle_conv(groups):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=1, groups=groups)
+    cfg = IDEAL.replace(tile_size=8, adc_bits=7, dac_bits=6)
+    x = torch.randn(2, 4, 5, 5)
+    layer = convert(conv, cfg, seed=0, calibration=x)
+    qd = 2**5 - 1
+    sd = float(layer.dac_range) / qd
+    assert float(layer.dac_range) == pytest.approx(float(x.abs().max()))
+    xq = torch.clamp(torch.round(x / sd), -qd, qd) * sd
+    qa = 2**6 - 1
+    sa = float(layer.adc_range) / qa
+    cols = F.unfold(xq.double(), 3, padding=1)  # [B, Cin*9, L]
+    cin_g, cout_g = 4 // groups, 6 // groups
+    k = cin_g * 9
+    w = conv.weight.detach().double().reshape(groups, cout_g, k)
+    outs = []
+    for g in range(groups):
+        xg = cols[:, g * k : (g + 1) * k]
+        acc = 0
+        for r0 in range(0, k, 8):
+            p = torch.einsum("bkl,ok->bol", xg[:, r0 : r0 + 8], w[g][:, r0 : r0 + 8])
+            acc = acc + torch.clamp(torch.round(p / sa), -qa, qa) * sa
+        outs.append(acc)
+    ref = torch.cat(outs, 1).reshape(2, 6, 5, 5) + conv.bias.detach().double().view(1, -1, 1, 1)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ir_drop_layer_matches_nodal_solver():
+    torch.manual_seed(4)
+    lin = nn.Linear(12, 10)
+    cfg = CrossbarConfig(tile_size=8, r_wire=5.0, r_source=300.0, r_sink=200.0)
+    layer = convert(lin, cfg, seed=0)
+    x = torch.randn(3, 12)
+    w = lin.weight.detach().double().numpy().T  # [K, O]
+    w_max = np.abs(w).max()
+    dg = cfg.g_max - cfg.g_min
+    wp = np.zeros((16, 16))
+    wn = np.zeros((16, 16))
+    wp[:12, :10] = np.maximum(w, 0) / w_max
+    wn[:12, :10] = np.maximum(-w, 0) / w_max
+    xv = np.zeros((16, 3))
+    xv[:12] = x.double().numpy().T * 0.1  # any voltage scale: the circuit is linear
+    y = np.zeros((16, 3))
+    kw = dict(r_wire=5.0, r_source=300.0, r_sink=200.0)
+    for r in range(2):
+        for c in range(2):
+            rs, cs = slice(8 * r, 8 * r + 8), slice(8 * c, 8 * c + 8)
+            ip = column_currents(cfg.g_min + wp[rs, cs] * dg, xv[rs], **kw)
+            im = column_currents(cfg.g_min + wn[rs, cs] * dg, xv[rs], **kw)
+            y[cs] += (ip - im) * w_max / dg / 0.1
+    ref = torch.from_numpy(y[:10].T) + lin.bias.detach().double()
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    assert (out.double() - (x @ lin.weight.detach().T + lin.bias.detach())).abs().max() > 1e-3
+
+
+def _fix(t, bits, frac):
+    q = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(t.double() * 2.0**frac), -q, q) * 2.0**-frac
+
+
+def test_bit_sliced_ideal_equals_fixed_point_linear():
+    torch.manual_seed(5)
+    lin = nn.Linear(19, 7)
+    cfg = IDEAL.replace(
+        tile_size=8, bit_slicing=True, adc_bits=15, input_bits=16, input_int_bits=4,
+        weight_bits=16, weight_int_bits=2, stream_width=4, slice_width=4,
+    )
+    layer = convert(lin, cfg, seed=0)
+    assert layer.tiled_path
+    x = torch.randn(6, 19) * 2
+    ref = _fix(x, 16, 12) @ _fix(lin.weight.detach(), 16, 14).T + lin.bias.detach().double()
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # a coarse ADC (drops LSBs) must change the result, and so must 2-bit streams of 8 bits
+    coarse = convert(lin, cfg.replace(adc_bits=6), seed=0)
+    assert not torch.allclose(coarse(x).double(), ref, atol=1e-3)
+
+
+def test_bit_sliced_ideal_equals_fixed_point_conv():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, 3, padding=1, groups=1)
+    cfg = IDEAL.replace(
+        tile_size=8, bit_slicing=True, adc_bits=15, input_bits=8, input_int_bits=3,
+        weight_bits=8, weight_int_bits=1, stream_width=2, slice_width=4,
+    )
+    x = torch.randn(2, 3, 5, 5)
+    layer = convert(conv, cfg, seed=0)
+    ref = F.conv2d(_fix(x, 8, 5), _fix(conv.weight.detach(), 8, 7), conv.bias.detach().double(), padding=1)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # without ADC the sliced chip collapses to one conv with the same result
+    dense = convert(conv, cfg.replace(adc_bits=None), seed=0)
+    assert not dense.tiled_path
+    torch.testing.assert_close(dense(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_same_chip_different_seed_different_chip():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 4))
+    cfg = PRESETS["32x32_100k"].replace(tile_size=8, p_stuck_min=0.05)
+    x = torch.randn(8, 20)
+    a = convert(model, cfg, seed=11, calibration=x)
+    b = convert(model, cfg, seed=11, calibration=x)
+    c = convert(model, cfg, seed=12, calibration=x)
+    for name, layer in crossbar_layers(a).items():
+        assert torch.equal(layer.w_tiles, crossbar_layers(b)[name].w_tiles)
+        assert not torch.equal(layer.w_tiles, crossbar_layers(c)[name].w_tiles)
+    # two layers of the same chip do not share their random draws
+    la, lb = crossbar_layers(a).values()
+    assert la.seed != lb.seed
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+        with simulate(model, cfg, seed=11, calibration=x) as m:
+            assert torch.equal(m(x), a(x))  # simulate builds the same chip as convert
+
+
+def test_simulate_restores_exactly_also_on_error():
+    torch.manual_seed(8)
+    model = _conv_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = dict(model.named_modules())
+    cfg = PRESETS["32x32_100k"].replace(tile_size=16)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="boom"), simulate(model, cfg, seed=0, calibration=x) as m:
+        assert isinstance(m[0], CrossbarConv2d)
+        m(x).sum().backward()
+        raise RuntimeError("boom")
+    assert all(modules_before[n] is m for n, m in model.named_modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not any(isinstance(m, CrossbarConv2d) for m in model.modules())
+
+
+def test_convert_leaves_original_untouched():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(5, 3))
+    w = model[0].weight.detach().clone()
+    chip = convert(model, PRESETS["32x32_100k"].replace(tile_size=4), seed=0, calibration=torch.randn(4, 5))
+    assert isinstance(chip[0], CrossbarLinear) and isinstance(model[0], nn.Linear)
+    with torch.no_grad():
+        chip[0].weight.mul_(2)
+    assert torch.equal(model[0].weight, w)
+
+
+def test_uncalibrated_converters_raise():
+    layer = convert(nn.Linear(4, 2), IDEAL.replace(adc_bits=8), seed=0)
+    with pytest.raises(NotCalibratedError, match="calibrate"):
+        layer(torch.randn(1, 4))
+    calibrate(layer, torch.randn(3, 4))
+    layer(torch.randn(1, 4))
+
+
+def test_gradients_ste_and_digital():
+    torch.manual_seed(10)
+    lin = nn.Linear(10, 5)
+    cfg = CrossbarConfig(tile_size=4, r_wire=20.0, r_source=500.0, r_sink=500.0)
+    layer = convert(lin, cfg, seed=0)
+    x = torch.randn(3, 10, requires_grad=True)
+    g = torch.randn(3, 5)
+    layer(x).backward(g)
+    w_eff = layer.w_dense.detach()
+    torch.testing.assert_close(x.grad, g @ w_eff, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, g.T @ x.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(w_eff, lin.weight)
+    dig = convert(lin, cfg.replace(gradient="digital"), seed=0)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = dig(x2)
+    y.backward(g)
+    torch.testing.assert_close(x2.grad, g @ lin.weight.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(y, layer(x), rtol=1e-6, atol=1e-6)  # forward is the chip's
+    # quantizers pass gradients inside their range (clipped STE)
+    q = convert(lin, IDEAL.replace(dac_bits=4, adc_bits=6), seed=0, calibration=x.detach() * 10)
+    x3 = x.detach().clone().requires_grad_(True)
+    q(x3).backward(g)
+    torch.testing.assert_close(x3.grad, g @ lin.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_stuck_at_and_drift_closed_forms():
+    torch.manual_seed(11)
+    lin = nn.Linear(6, 4)
+    x = torch.randn(3, 6)
+    for p in ({"p_stuck_max": 1.0}, {"p_stuck_min": 1.0}):
+        layer = convert(lin, CrossbarConfig(tile_size=4, **p), seed=0)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), lin.bias.detach().expand(3, 4))
+    cfg = CrossbarConfig(tile_size=4, drift_nu=0.05, drift_time=100.0, drift_t0=1.0)
+    layer = convert(lin, cfg, seed=0)
+    with torch.no_grad():
+        ref = 100.0**-0.05 * (x @ lin.weight.T) + lin.bias
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+    # stuck-at fractions are what the config says
+    big = convert(nn.Linear(64, 64), CrossbarConfig(tile_size=64, p_stuck_min=0.1), seed=0)
+    assert big.n_row_tiles == 1
+
+
+def test_levels_quantize_weights():
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.4, -0.2], [-0.9, 0.6, 0.0]]))
+    layer = convert(lin, IDEAL.replace(levels=3, tile_size=4), seed=0)
+    expect = torch.tensor([[1.0, 0.5, 0.0], [-1.0, 0.5, 0.0]])  # 3 levels: {0, 0.5, 1} * w_max
+    torch.testing.assert_close(layer.w_dense, expect)
+
+
+def test_read_noise_is_per_query_with_exact_variance():
+    torch.manual_seed(12)
+    lin = nn.Linear(8, 3, bias=False)
+    sigma = 0.1
+    cfg = CrossbarConfig(tile_size=4, read_noise=True, read_noise_sigma=sigma)
+    layer = convert(lin, cfg, seed=0)
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        draws = torch.stack([layer(x)[0] for _ in range(4000)])
+    w = lin.weight.detach().double()
+    w_max = w.abs().max()
+    dg = cfg.g_max - cfg.g_min
+    gp = cfg.g_min + torch.relu(w) / w_max * dg
+    gn = cfg.g_min + torch.relu(-w) / w_max * dg
+    var = (x.double() ** 2 @ ((gp**2 + gn**2) * (sigma * w_max / dg) ** 2).T)[0]
+    torch.testing.assert_close(draws.double().var(0), var, rtol=0.1, atol=0)
+    torch.testing.assert_close(draws.double().mean(0), (x.double() @ w.T)[0], rtol=0, atol=4 * float(var.max().sqrt()) / 60)
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_programmed_state_reproduces_forward():
+    torch.manual_seed(13)
+    lin = nn.Linear(21, 5)
+    cfg = PRESETS["32x32_100k"].replace(tile_size=8)
+    x = torch.randn(4, 21)
+    layer = convert(lin, cfg, seed=3, calibration=x)
+    s = layer.programmed_state()
+    xq = torch.clamp(torch.round(x / s["dac_step"]), -s["dac_qmax"], s["dac_qmax"]) * s["dac_step"]
+    xp = F.pad(xq, (0, s["n_row_tiles"] * s["tile_size"] - 21)).view(4, -1, 8).transpose(0, 1)
+    p = torch.bmm(xp, s["w_tiles"][0])
+    y = (torch.clamp(torch.round(p / s["adc_step"]), -s["adc_qmax"], s["adc_qmax"]) * s["adc_step"]).sum(0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y + s["bias"], rtol=1e-5, atol=1e-5)
+    # state dict round trip rebuilds the same chip
+    fresh = convert(lin, cfg, seed=99)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), layer(x))
+
+
+def test_unsupported_layers_lists_digital_modules():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(2, 2, 1),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(4, 2),
+    )
+    reasons = unsupported_layers(model)
+    assert set(reasons) == {"1", "2", "3"}
+    assert "BatchNorm2d" in reasons["1"] and "reflect" in reasons["3"]
+    chip = convert(model, IDEAL, seed=0)
+    assert isinstance(chip[3], nn.Conv2d) and not isinstance(chip[3], CrossbarConv2d)
