@@ -38,8 +38,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from nvmpriv import attacks as mia
-from nvmpriv.crossbar import CrossbarConfig, get_preset, simulate
-from nvmpriv.crossbar.metrics import layer_snr_ns, non_ideality_factor
+from nvmpriv.crossbar import CrossbarConfig, convert, get_preset
+from nvmpriv.crossbar.metrics import layer_noise, nonideality_factor
 
 __all__ = ["DIGITAL", "CrossbarAudit", "FiniteLossGuard", "atomic_write_text"]
 
@@ -216,8 +216,9 @@ class CrossbarAudit(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Last results, history and the shadow model, so a resumed run continues the record."""
+        # JSON-safe contents only: Lightning resumes with torch.load(weights_only=True).
         return {
-            "results": self.results,
+            "results": self.results_json(),
             "history": self.history,
             "shadow_state": self._shadow_state,
         }
@@ -326,19 +327,21 @@ class CrossbarAudit(Callback):
             if cfg is None:
                 entry = self._audit_one(pl_module, net, shadow_net, sets, adv)
             else:
-                with simulate(net, cfg, seed=self.chip_seed, calibration=calib) as chip:
-                    if shadow_net is not None:
-                        # The attacker runs its shadow on its own chip of the same design.
-                        with simulate(
-                            shadow_net, cfg, seed=self.chip_seed + 7919, calibration=calib
-                        ) as shadow_chip:
-                            entry = self._audit_one(pl_module, chip, shadow_chip, sets, adv)
-                    else:
-                        entry = self._audit_one(pl_module, chip, None, sets, adv)
+                # convert() programs a copy, so the trained net itself is never touched.
+                chip = convert(net, cfg, seed=self.chip_seed, calibration=calib)
+                shadow_chip = None
+                if shadow_net is not None:
+                    # The attacker runs its shadow on its own chip of the same design.
+                    shadow_chip = convert(
+                        shadow_net, cfg, seed=self.chip_seed + 7919, calibration=calib
+                    )
+                entry = self._audit_one(pl_module, chip, shadow_chip, sets, adv)
                 if self.layer_samples:
                     x = torch.as_tensor(sets["nonmembers"][0][: self.layer_samples], device=device)
-                    layers = layer_snr_ns(net, cfg, x, seed=self.chip_seed, calibration=calib)
-                    entry["layers"] = {k: dict(v) for k, v in layers.items()}
+                    entry["layers"] = {
+                        layer: {"snr_db": v.snr_db, "ns": v.noise_sensitivity}
+                        for layer, v in layer_noise(net, chip, x).items()
+                    }
                 entry["nf"] = self._nf(name, cfg)
             configs[name] = entry
         digital_acc = configs[DIGITAL]["acc"]
@@ -355,7 +358,7 @@ class CrossbarAudit(Callback):
 
     def _nf(self, name: str, cfg: CrossbarConfig) -> float:
         if name not in self._nf_cache:
-            self._nf_cache[name] = float(non_ideality_factor(cfg, seed=self.chip_seed))
+            self._nf_cache[name] = float(nonideality_factor(cfg, seed=self.chip_seed))
         return self._nf_cache[name]
 
     def _adversarial_inputs(
@@ -579,19 +582,16 @@ def format_table(payload: dict[str, Any]) -> str:
 
 
 class FiniteLossGuard(Callback):
-    """Stop training at the first non-finite training loss, naming the step and last checkpoint."""
+    """Stop training at the first non-finite training loss, naming the step and last checkpoint.
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    The check runs before the backward pass, so the weights of the last good step are kept.
+    """
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        """Check the step's loss."""
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
+        """Check the step's loss before it can reach the weights."""
+        if not torch.isfinite(loss.detach()).all():
             ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
             raise FloatingPointError(
                 f"non-finite training loss at epoch {trainer.current_epoch}, step "

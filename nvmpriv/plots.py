@@ -75,7 +75,7 @@ def layer_metrics_figure(layers: dict[str, dict[str, float]], title: str) -> Fig
     a1.bar(range(len(names)), [layers[n]["snr_db"] for n in names])
     a1.set(ylabel="SNR (dB)")
     a2.bar(range(len(names)), [layers[n]["ns"] for n in names])
-    a2.set(ylabel="noise sensitivity", yscale="log")
+    a2.set(ylabel="noise sensitivity")
     for ax in (a1, a2):
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=6, ha="right")
     fig.suptitle(f"layers: {title}")

@@ -40,7 +40,9 @@ def test_lumped_lines_closed_form():
     np.testing.assert_allclose(i, g.T @ u, rtol=1e-12)
 
 
-@pytest.mark.parametrize("params", [(3.4, 400, 400), (28.0, 4.0, 4.0), (1.0, 0, 300), (1.0, 300, 0)])
+@pytest.mark.parametrize(
+    "params", [(3.4, 400, 400), (28.0, 4.0, 4.0), (1.0, 0, 300), (1.0, 300, 0)]
+)
 def test_kirchhoff_current_law(params):
     rng = np.random.default_rng(2)
     g, v = _rand(rng, 9, 11)
@@ -56,8 +58,15 @@ def test_kirchhoff_current_law(params):
 @pytest.mark.parametrize("n", [8, 16, 32])
 @pytest.mark.parametrize(
     "params",
-    [(3.4, 400.0, 400.0), (28.0, 4.0, 4.0), (2.0, 0.0, 0.0), (2.0, 0.0, 500.0),
-     (2.0, 500.0, 0.0), (0.0, 400.0, 300.0), (0.0, 0.0, 0.0)],
+    [
+        (3.4, 400.0, 400.0),
+        (28.0, 4.0, 4.0),
+        (2.0, 0.0, 0.0),
+        (2.0, 0.0, 500.0),
+        (2.0, 500.0, 0.0),
+        (0.0, 400.0, 300.0),
+        (0.0, 0.0, 0.0),
+    ],
 )
 def test_fast_path_equals_nodal_solution(n, params):
     rng = np.random.default_rng(n)
@@ -77,8 +86,9 @@ def test_fast_path_rectangular_and_degenerate():
     for rows, cols in [(1, 1), (1, 6), (6, 1), (5, 9)]:
         g, v = _rand(rng, rows, cols)
         for params in [(3.0, 200.0, 100.0), (3.0, 0.0, 0.0)]:
-            a = effective_conductance(torch.from_numpy(g), r_wire=params[0], r_source=params[1],
-                                      r_sink=params[2]).numpy()
+            a = effective_conductance(
+                torch.from_numpy(g), r_wire=params[0], r_source=params[1], r_sink=params[2]
+            ).numpy()
             ref = column_currents(g, v, r_wire=params[0], r_source=params[1], r_sink=params[2])
             np.testing.assert_allclose(a.T @ v, ref, rtol=1e-8, atol=1e-20)
 

@@ -36,7 +36,7 @@ def test_invalid_config_names_field_and_range(changes, field):
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(CrossbarConfigError, match="known presets: .*64x64_100k"):
+    with pytest.raises(CrossbarConfigError, match=r"known presets: .*64x64_100k"):
         get_preset("65x65_100k")
     with pytest.raises(ValueError):
         CrossbarConfig.from_dict({"preset": "nope"})

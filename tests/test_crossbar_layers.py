@@ -153,8 +153,15 @@ def test_bit_sliced_ideal_equals_fixed_point_linear():
     torch.manual_seed(5)
     lin = nn.Linear(19, 7)
     cfg = IDEAL.replace(
-        tile_size=8, bit_slicing=True, adc_bits=15, input_bits=16, input_int_bits=4,
-        weight_bits=16, weight_int_bits=2, stream_width=4, slice_width=4,
+        tile_size=8,
+        bit_slicing=True,
+        adc_bits=15,
+        input_bits=16,
+        input_int_bits=4,
+        weight_bits=16,
+        weight_int_bits=2,
+        stream_width=4,
+        slice_width=4,
     )
     layer = convert(lin, cfg, seed=0)
     assert layer.tiled_path
@@ -172,12 +179,21 @@ def test_bit_sliced_ideal_equals_fixed_point_conv():
     torch.manual_seed(6)
     conv = nn.Conv2d(3, 4, 3, padding=1, groups=1)
     cfg = IDEAL.replace(
-        tile_size=8, bit_slicing=True, adc_bits=15, input_bits=8, input_int_bits=3,
-        weight_bits=8, weight_int_bits=1, stream_width=2, slice_width=4,
+        tile_size=8,
+        bit_slicing=True,
+        adc_bits=15,
+        input_bits=8,
+        input_int_bits=3,
+        weight_bits=8,
+        weight_int_bits=1,
+        stream_width=2,
+        slice_width=4,
     )
     x = torch.randn(2, 3, 5, 5)
     layer = convert(conv, cfg, seed=0)
-    ref = F.conv2d(_fix(x, 8, 5), _fix(conv.weight.detach(), 8, 7), conv.bias.detach().double(), padding=1)
+    ref = F.conv2d(
+        _fix(x, 8, 5), _fix(conv.weight.detach(), 8, 7), conv.bias.detach().double(), padding=1
+    )
     with torch.no_grad():
         out = layer(x)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -214,7 +230,10 @@ def test_simulate_restores_exactly_also_on_error():
     modules_before = dict(model.named_modules())
     cfg = PRESETS["32x32_100k"].replace(tile_size=16)
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(RuntimeError, match="boom"), simulate(model, cfg, seed=0, calibration=x) as m:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        simulate(model, cfg, seed=0, calibration=x) as m,
+    ):
         assert isinstance(m[0], CrossbarConv2d)
         m(x).sum().backward()
         raise RuntimeError("boom")
@@ -228,7 +247,9 @@ def test_convert_leaves_original_untouched():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(5, 3))
     w = model[0].weight.detach().clone()
-    chip = convert(model, PRESETS["32x32_100k"].replace(tile_size=4), seed=0, calibration=torch.randn(4, 5))
+    chip = convert(
+        model, PRESETS["32x32_100k"].replace(tile_size=4), seed=0, calibration=torch.randn(4, 5)
+    )
     assert isinstance(chip[0], CrossbarLinear) and isinstance(model[0], nn.Linear)
     with torch.no_grad():
         chip[0].weight.mul_(2)
@@ -312,7 +333,9 @@ def test_read_noise_is_per_query_with_exact_variance():
     gn = cfg.g_min + torch.relu(-w) / w_max * dg
     var = (x.double() ** 2 @ ((gp**2 + gn**2) * (sigma * w_max / dg) ** 2).T)[0]
     torch.testing.assert_close(draws.double().var(0), var, rtol=0.1, atol=0)
-    torch.testing.assert_close(draws.double().mean(0), (x.double() @ w.T)[0], rtol=0, atol=4 * float(var.max().sqrt()) / 60)
+    torch.testing.assert_close(
+        draws.double().mean(0), (x.double() @ w.T)[0], rtol=0, atol=4 * float(var.max().sqrt()) / 60
+    )
     assert not torch.equal(draws[0], draws[1])
 
 
@@ -326,7 +349,9 @@ def test_programmed_state_reproduces_forward():
     xq = torch.clamp(torch.round(x / s["dac_step"]), -s["dac_qmax"], s["dac_qmax"]) * s["dac_step"]
     xp = F.pad(xq, (0, s["n_row_tiles"] * s["tile_size"] - 21)).view(4, -1, 8).transpose(0, 1)
     p = torch.bmm(xp, s["w_tiles"][0])
-    y = (torch.clamp(torch.round(p / s["adc_step"]), -s["adc_qmax"], s["adc_qmax"]) * s["adc_step"]).sum(0)
+    y = (
+        torch.clamp(torch.round(p / s["adc_step"]), -s["adc_qmax"], s["adc_qmax"]) * s["adc_step"]
+    ).sum(0)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y + s["bias"], rtol=1e-5, atol=1e-5)
     # state dict round trip rebuilds the same chip
@@ -338,8 +363,12 @@ def test_programmed_state_reproduces_forward():
 
 def test_unsupported_layers_lists_digital_modules():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(2, 2, 1),
-        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(4, 2),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv1d(2, 2, 1),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(4, 2),
     )
     reasons = unsupported_layers(model)
     assert set(reasons) == {"1", "2", "3"}

@@ -275,7 +275,7 @@ def _check_nonneg(cfg: CrossbarConfig, name: str, unit: str) -> None:
         raise _fail(name, value, f">= 0 {unit} (finite)", f"use a non-negative {name}")
 
 
-def _validate(cfg: CrossbarConfig) -> None:  # noqa: C901 - one check per field, flat on purpose
+def _validate(cfg: CrossbarConfig) -> None:
     if isinstance(cfg.tile_size, bool) or not isinstance(cfg.tile_size, int) or cfg.tile_size < 1:
         raise _fail("tile_size", cfg.tile_size, "an integer >= 1", "use e.g. 32, 64 or 128")
     for name in ("g_max", "g_min"):

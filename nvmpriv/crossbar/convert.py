@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -50,7 +50,9 @@ def _build(module: nn.Module, config: CrossbarConfig, seed: int, index: int) -> 
     return layer
 
 
-def _replace_all(root: nn.Module, mapping: dict[int, nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
+def _replace_all(
+    root: nn.Module, mapping: Mapping[int, nn.Module]
+) -> list[tuple[nn.Module, str, nn.Module]]:
     """Swap every child reference found in ``mapping`` (by id); return what was replaced."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in list(root.modules()):
@@ -222,9 +224,13 @@ def unsupported_layers(model: nn.Module) -> dict[str, str]:
         if isinstance(m, nn.Conv2d) and type(m) in LAYER_MAP:
             reasons[label] = f"Conv2d padding_mode={m.padding_mode!r}: only 'zeros' is mapped"
         elif isinstance(m, nn.modules.conv._ConvNd):
-            reasons[label] = f"{type(m).__name__}: no crossbar mapping (only Conv2d); runs digitally"
+            reasons[label] = (
+                f"{type(m).__name__}: no crossbar mapping (only Conv2d); runs digitally"
+            )
         elif isinstance(m, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
-            reasons[label] = f"{type(m).__name__}: normalization (per-channel affine) runs digitally"
+            reasons[label] = (
+                f"{type(m).__name__}: normalization (per-channel affine) runs digitally"
+            )
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             reasons[label] = f"{type(m).__name__}: subclass of a mapped type; not converted"
         elif any(True for _ in m.parameters(recurse=False)):

@@ -82,6 +82,8 @@ class CrossbarLayer(nn.Module):
     dac_range: torch.Tensor
     adc_range: torch.Tensor
     calibrated: torch.Tensor
+    w_dense: torch.Tensor
+    noise_dense: torch.Tensor
 
     def __init__(
         self,
@@ -257,9 +259,7 @@ class CrossbarLayer(nn.Module):
         assert cfg.adc_bits is not None
         qmax = 2 ** (cfg.adc_bits - 1) - 1
         if cfg.bit_slicing:
-            full = (
-                cfg.tile_size * (2**cfg.stream_width - 1) * (2**cfg.slice_width - 1)
-            )
+            full = cfg.tile_size * (2**cfg.stream_width - 1) * (2**cfg.slice_width - 1)
             return 2.0 ** max(0, math.ceil(math.log2(full / qmax))), qmax
         return torch.clamp(self.adc_range, min=1e-30) / qmax, qmax
 
@@ -286,7 +286,9 @@ class CrossbarLayer(nn.Module):
                 "calibration=batch to convert()/simulate()"
             )
 
-    def _noise(self, x: torch.Tensor, like: torch.Tensor, w: torch.Tensor, tiled: bool) -> torch.Tensor:
+    def _noise(
+        self, x: torch.Tensor, like: torch.Tensor, w: torch.Tensor, tiled: bool
+    ) -> torch.Tensor:
         var = self._tile_partial_sums(x * x, w) if tiled else self._dense_mvm(x * x, w)
         return torch.sqrt(torch.clamp(var, min=0)) * torch.randn_like(like)
 
@@ -336,7 +338,10 @@ class CrossbarLayer(nn.Module):
         coeff = torch.tensor(
             [
                 [
-                    2.0 ** (cfg.stream_width * (n_s - 1 - s) + cfg.slice_width * (self.n_slices - 1 - t))
+                    2.0
+                    ** (
+                        cfg.stream_width * (n_s - 1 - s) + cfg.slice_width * (self.n_slices - 1 - t)
+                    )
                     for t in range(self.n_slices)
                 ]
                 for s in range(n_s)
@@ -570,6 +575,9 @@ class CrossbarConv2d(CrossbarLayer):
     """
 
     _tile_dim = 2
+    chan_index: torch.Tensor
+    w_split: torch.Tensor
+    noise_split: torch.Tensor
 
     def __init__(
         self,
@@ -679,7 +687,9 @@ class CrossbarConv2d(CrossbarLayer):
 
         self.register_buffer("w_split", split(self.w_tiles), False)
         self.register_buffer(
-            "noise_split", split(self.noise_tiles) if self.noise_tiles.numel() else torch.empty(0), False
+            "noise_split",
+            split(self.noise_tiles) if self.noise_tiles.numel() else torch.empty(0),
+            False,
         )
         identity = chan_index.numel() == self.in_channels and bool(
             (chan_index == torch.arange(self.in_channels)).all()

@@ -87,8 +87,10 @@ def load_net_weights(net: nn.Module, path: str | Path, field: str = "source_chec
         raise ValueError(f"{field} is empty: give the path of a trained checkpoint (.ckpt)")
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"{field}={str(path)!r} does not exist: train a model first (fit) and "
-                         "pass its checkpoint, e.g. logs/<run>/version_0/checkpoints/last.ckpt")
+        raise ValueError(
+            f"{field}={str(path)!r} does not exist: train a model first (fit) and "
+            "pass its checkpoint, e.g. logs/<run>/version_0/checkpoints/last.ckpt"
+        )
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:

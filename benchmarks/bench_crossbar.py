@@ -1,0 +1,175 @@
+"""Crossbar simulator speed and memory vs the digital forward, measured side by side.
+
+Run: .venv/bin/python benchmarks/bench_crossbar.py [--threads 2] [--skip-resnet]
+
+Prints one table: for each case the digital and crossbar forward times (median of repeats,
+same thread count, same inputs, torch.no_grad), their ratio, the one-off programming time
+(effective matrices etc.), and the peak of live tensor memory allocated by one forward
+(torch profiler memory events, chronological running sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from nvmpriv.crossbar import PRESETS, CrossbarLinear, convert
+from nvmpriv.crossbar.circuit import column_currents
+
+
+def texas_fc() -> nn.Module:
+    try:
+        from nvmpriv.nets import NasrFC
+
+        return NasrFC(6169, 100)
+    except Exception:  # pragma: no cover - nets.py not available
+        dims = [6169, 1024, 512, 256, 128, 100]
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(dims):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        return nn.Sequential(*layers[:-1])
+
+
+def resnet18() -> nn.Module:
+    from nvmpriv.nets import ResNet18
+
+    return ResNet18(num_classes=100)
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_mb(fn: Callable[[], object]) -> float:
+    """Peak of live tensor memory allocated during ``fn`` (MB), from the profiler's events."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start
+    )
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: int) -> dict:
+    model.eval()
+    t0 = time.perf_counter()
+    chip = convert(model, PRESETS[cfg_name], seed=0, calibration=x).eval()
+    t_prog = time.perf_counter() - t0
+    with torch.no_grad():
+        t_dig = timeit(lambda: model(x), repeats)
+        t_xb = timeit(lambda: chip(x), repeats)
+        m_dig = peak_mb(lambda: model(x))
+        m_xb = peak_mb(lambda: chip(x))
+    return {
+        "case": name,
+        "config": cfg_name,
+        "digital_ms": 1e3 * t_dig,
+        "crossbar_ms": 1e3 * t_xb,
+        "ratio": t_xb / t_dig,
+        "program_s": t_prog,
+        "mem_digital_mb": m_dig,
+        "mem_crossbar_mb": m_xb,
+    }
+
+
+def nodal_vs_fast(repeats: int) -> dict:
+    """PytorX approach (nodal solve of every tile at every forward) vs the effective matrices."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128)
+    cfg = PRESETS["64x64_100k"].replace(dac_bits=None, adc_bits=None, variation_sigma=0.0)
+    layer = CrossbarLinear.from_module(lin, cfg, seed=0)
+    x = torch.randn(16, 128)
+    w = lin.weight.detach().double().numpy().T
+    w_max = np.abs(w).max()
+    dg = cfg.g_max - cfg.g_min
+    n = cfg.tile_size
+    kw = dict(r_wire=cfg.r_wire, r_source=cfg.r_source, r_sink=cfg.r_sink)
+
+    def per_forward_solve() -> np.ndarray:
+        xv = x.double().numpy().T
+        y = np.zeros((128, xv.shape[1]))
+        for r in range(0, 128, n):
+            for c in range(0, 128, n):
+                blk = w[r : r + n, c : c + n] / w_max
+                ip = column_currents(cfg.g_min + np.maximum(blk, 0) * dg, xv[r : r + n], **kw)
+                im = column_currents(cfg.g_min + np.maximum(-blk, 0) * dg, xv[r : r + n], **kw)
+                y[c : c + n] += (ip - im) * w_max / dg
+        return y.T + lin.bias.detach().double().numpy()
+
+    with torch.no_grad():
+        t_fast = timeit(lambda: layer(x), max(repeats, 20))
+        ref = per_forward_solve()
+        err = float(np.abs(layer(x).double().numpy() - ref).max() / np.abs(ref).max())
+    t_slow = timeit(per_forward_solve, 1)
+    return {
+        "case": "Linear 128x128, B=16, per-forward nodal solve vs fast path",
+        "config": "64x64_100k (IR drop only)",
+        "nodal_ms": 1e3 * t_slow,
+        "fast_ms": 1e3 * t_fast,
+        "speedup": t_slow / t_fast,
+        "max_rel_diff": err,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fc-batch", type=int, default=256)
+    parser.add_argument("--resnet-batch", type=int, default=32)
+    parser.add_argument("--skip-resnet", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    fc = texas_fc()
+    x = torch.rand(args.fc_batch, 6169).round()  # binary features like Texas-100
+    rows.append(case("Texas FC", fc, "64x64_100k", x, args.repeats))
+    no_adc = PRESETS["64x64_100k"].replace(name="64x64_100k_noadc", adc_bits=None)
+    PRESETS[no_adc.name] = no_adc
+    rows.append(case("Texas FC", fc, no_adc.name, x, args.repeats))
+    rows.append(case("Texas FC", fc, "64x64_100k_bitsliced", x, args.repeats))
+    if not args.skip_resnet:
+        net = resnet18()
+        xr = torch.randn(args.resnet_batch, 3, 32, 32)
+        rows.append(case("CIFAR ResNet-18", net, "64x64_100k", xr, max(2, args.repeats // 2)))
+    print(f"torch {torch.__version__}, threads={args.threads}, no_grad, median of repeats")
+    hdr = (
+        f"{'case':<16} {'config':<22} {'digital ms':>10} {'xbar ms':>9} {'ratio':>6} "
+        f"{'program s':>9} {'mem dig MB':>10} {'mem xbar MB':>11}"
+    )
+    print(hdr)
+    for r in rows:
+        print(
+            f"{r['case']:<16} {r['config']:<22} {r['digital_ms']:>10.1f} {r['crossbar_ms']:>9.1f} "
+            f"{r['ratio']:>6.2f} {r['program_s']:>9.1f} {r['mem_digital_mb']:>10.1f} "
+            f"{r['mem_crossbar_mb']:>11.1f}"
+        )
+    nv = nodal_vs_fast(args.repeats)
+    print(
+        f"{nv['case']}: nodal {nv['nodal_ms']:.1f} ms, fast {nv['fast_ms']:.3f} ms, "
+        f"speedup {nv['speedup']:.0f}x, max rel diff {nv['max_rel_diff']:.1e}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The crossbar audit callback: tags, results.json, untouched model, resume, DDP parity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from nvmpriv import attacks as mia
+from nvmpriv.callbacks import CrossbarAudit, FiniteLossGuard, format_table
+from nvmpriv.data import Digits
+from nvmpriv.methods import StandardTraining
+from nvmpriv.nets import ColumnFC
+
+AUDIT = {"crossbars": ["ideal", "32x32_100k"], "attacks": ["loss", "confidence", "gap"],
+         "max_samples": 200, "layer_samples": 64, "calibration_samples": 64, "figures": True}
+
+
+def make_trainer(tmp_path: Path, audit: CrossbarAudit, epochs: int = 2, **kw: object) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="run"),
+        callbacks=[audit, pl.callbacks.ModelCheckpoint(save_last=True)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[pl.Trainer, StandardTraining, CrossbarAudit, Path]:
+    tmp = tmp_path_factory.mktemp("audit")
+    pl.seed_everything(0)
+    audit = CrossbarAudit(**AUDIT, print_table=False)
+    module = StandardTraining(ColumnFC(64, 10), num_classes=10)
+    trainer = make_trainer(tmp, audit)
+    trainer.fit(module, datamodule=Digits(batch_size=32))
+    return trainer, module, audit, Path(trainer.log_dir or "")
+
+
+def test_tags_in_event_files(fitted: tuple) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, _, run = fitted
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for cfg in ("digital", "ideal", "32x32_100k"):
+        assert f"xbar/{cfg}/acc" in scalars and f"xbar/{cfg}/acc_drop" in scalars
+        for attack in ("loss", "confidence", "gap"):
+            for key in ("acc", "auc", "tpr@0.1%fpr", "tpr@1%fpr"):
+                assert f"mia/{cfg}/{attack}/{key}" in scalars, (cfg, attack, key)
+    assert "xbar/32x32_100k/nf" in scalars
+    assert any(t.startswith("xbar/32x32_100k/snr_db/") for t in scalars)
+    assert any(t.startswith("xbar/32x32_100k/ns/") for t in scalars)
+    assert any(t.startswith("mia/digital/confidence/members") for t in acc.Tags()["histograms"])
+    assert any(t.startswith("figures/32x32_100k/roc") for t in acc.Tags()["images"])
+    # audited every epoch
+    assert len(acc.Scalars("mia/digital/loss/auc")) == 2
+
+
+def test_results_json_schema_and_values(fitted: tuple) -> None:
+    trainer, module, _, run = fitted
+    payload = json.loads((run / "results.json").read_text())
+    assert set(payload["configs"]) == {"digital", "ideal", "32x32_100k"}
+    assert payload["split_hash"] == trainer.datamodule.splits.split_hash
+    digital = payload["configs"]["digital"]
+    assert digital["acc_drop"] == 0.0
+    for cfg in payload["configs"].values():
+        for values in cfg["attacks"].values():
+            assert 0.0 <= values["auc"] <= 1.0 and 0.0 <= values["acc"] <= 1.0
+    # the ideal crossbar is the digital model: identical MIA numbers
+    assert payload["configs"]["ideal"]["attacks"] == digital["attacks"]
+    # the logged AUC is the oracle AUC of the loss scores of the digital model
+    dm = trainer.datamodule
+    (xm, ym), (xn, yn) = dm.arrays("target_train"), dm.arrays("target_test")
+    with torch.no_grad():
+        pm = torch.softmax(module.net.eval()(torch.as_tensor(xm[:200])), 1).double().numpy()
+        pn = torch.softmax(module.net(torch.as_tensor(xn[:200])), 1).double().numpy()
+    from sklearn.metrics import roc_auc_score
+
+    s = np.concatenate([mia.loss_scores(pm, ym[:200]), mia.loss_scores(pn, yn[:200])])
+    truth = np.r_[np.ones(len(pm)), np.zeros(len(pn))]
+    assert digital["attacks"]["loss"]["auc"] == pytest.approx(roc_auc_score(truth, s), abs=1e-6)
+    assert "digital" in format_table(payload)
+
+
+def snapshot(module: torch.nn.Module, trainer: pl.Trainer) -> tuple:
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    modes = [m.training for m in module.modules()]
+    opt = trainer.optimizers[0].state_dict()
+    opt_state = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in opt["state"].items()}
+    return state, modes, opt_state, torch.get_rng_state()
+
+
+def assert_same(a: tuple, b: tuple) -> None:
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+    assert a[1] == b[1]
+    for k in a[2]:
+        for n in a[2][k]:
+            assert torch.equal(a[2][k][n], b[2][k][n])
+    assert torch.equal(a[3], b[3])
+
+
+def test_model_untouched_by_audit(fitted: tuple) -> None:
+    trainer, module, audit, _ = fitted
+    module.train()
+    before = snapshot(module, trainer)
+    audit.audit(trainer, module)
+    assert_same(before, snapshot(module, trainer))
+
+
+def test_model_untouched_when_attack_raises(fitted: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, module, audit, _ = fitted
+    module.train()
+    before = snapshot(module, trainer)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("attack failed")
+
+    monkeypatch.setattr(mia, "run_attack", boom)
+    with pytest.raises(RuntimeError, match="attack failed"):
+        audit.audit(trainer, module)
+    assert_same(before, snapshot(module, trainer))
+
+
+def test_state_survives_checkpoint_resume(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    first = CrossbarAudit(**{**AUDIT, "crossbars": ["ideal"], "layer_samples": 0}, print_table=False)
+    trainer = make_trainer(tmp_path, first, epochs=2)
+    trainer.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32))
+    ckpt = Path(trainer.checkpoint_callback.last_model_path)  # type: ignore[union-attr]
+    resumed = CrossbarAudit(**{**AUDIT, "crossbars": ["ideal"], "layer_samples": 0}, print_table=False)
+    trainer2 = make_trainer(tmp_path, resumed, epochs=3)
+    trainer2.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32),
+                 ckpt_path=str(ckpt))
+    assert len(resumed.history) == 3
+    assert resumed.history[:2] == first.history[:2]
+
+
+def test_bad_attack_name() -> None:
+    with pytest.raises(ValueError, match="unknown attacks"):
+        CrossbarAudit(attacks=["nope"])
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        CrossbarAudit(crossbars=["nope"])
+
+
+def test_finite_loss_guard_stops(tmp_path: Path) -> None:
+    class Exploding(StandardTraining):
+        def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, logits = super().training_loss(x, y)
+            return loss * float("nan") if self.global_step >= 3 else loss, logits
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         callbacks=[FiniteLossGuard()], default_root_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match="epoch 0, step 3"):
+        trainer.fit(Exploding(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32))
+
+
+def _audit_config(tmp_path: Path) -> Path:
+    config = yaml.safe_load((ROOT / "lightning_configs" / "quickstart.yaml").read_text())
+    callbacks = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    for c in callbacks:
+        if c["class_path"].endswith("CrossbarAudit"):
+            c["init_args"] = {**AUDIT, "crossbars": ["ideal", "32x32_100k"], "figures": False,
+                              "layer_samples": 0}
+    config["trainer"]["callbacks"] = callbacks
+    config["trainer"]["max_epochs"] = 3
+    config["trainer"]["enable_progress_bar"] = False
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
+    config = _audit_config(tmp_path)
+    cmd = [sys.executable, "-m", "nvmpriv"]
+    fit = subprocess.run([*cmd, "fit", "--config", str(config)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = tmp_path / "logs/quickstart/version_0/checkpoints/last.ckpt"
+    outs = []
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        run = subprocess.run(
+            [*cmd, "validate", "--config", str(config), f"--ckpt_path={ckpt}",
+             f"--trainer.devices={devices}", f"--trainer.strategy={strategy}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        latest = max((tmp_path / "logs/quickstart").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        outs.append(json.loads((latest / "results.json").read_text()))
+    one, two = outs
+    for cfg in one["configs"]:
+        for attack, values in one["configs"][cfg]["attacks"].items():
+            for key in ("acc", "auc", "tpr@1%fpr"):
+                assert two["configs"][cfg]["attacks"][attack][key] == pytest.approx(values[key], abs=1e-6)
+        assert two["configs"][cfg]["acc"] == pytest.approx(one["configs"][cfg]["acc"], abs=1e-9)

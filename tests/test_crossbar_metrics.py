@@ -1,0 +1,34 @@
+"""SNR / noise sensitivity against hand computations."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nvmpriv.crossbar import CrossbarConfig, convert, layer_noise, noise_sensitivity, snr
+
+
+def test_snr_and_ns_hand_computed():
+    zd = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    za = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    # sample 0: |za|^2 = 2, |zd-za|^2 = 1; sample 1: |za|^2 = 1, |zd-za|^2 = 1, |zd|^2 = 4
+    assert snr(zd, za) == pytest.approx((math.log10(2) + 0.0) / 2)
+    assert noise_sensitivity(zd, za) == pytest.approx((1.0 + 0.25) / 2)
+
+
+def test_layer_noise_uniform_attenuation():
+    # drift scales every conductance by f, so each pre-activation is scaled by f (layer 1)
+    # and f^2 (layer 2, whose input is relu(f z) = f relu(z)); no bias keeps it exact.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.abs_()  # positive inputs and weights: no sample is all-zero after ReLU
+    cfg = CrossbarConfig(tile_size=4, drift_nu=0.1, drift_time=10.0)
+    f = 10.0**-0.1
+    res = layer_noise(model, convert(model, cfg, seed=0), torch.rand(32, 6) + 0.1)
+    assert set(res) == {"0", "2"}
+    assert res["0"].noise_sensitivity == pytest.approx((1 - f) ** 2, rel=1e-4)
+    assert res["0"].snr == pytest.approx(math.log10(f**2 / (1 - f) ** 2), rel=1e-4)
+    assert res["2"].noise_sensitivity == pytest.approx((1 - f * f) ** 2, rel=1e-4)
+    assert res["0"].snr_db == pytest.approx(10 * res["0"].snr)

@@ -1,0 +1,317 @@
+"""Each method against its own claim, compared with standard training on the same data and seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_curve
+
+from nvmpriv.data import Digits
+from nvmpriv.methods import (
+    ADMMPruning,
+    DoReFaTraining,
+    MinMaxTraining,
+    PGDTraining,
+    PPBFineTuning,
+    StandardTraining,
+)
+from nvmpriv.methods._common import collect_logits, loss_threshold_attack_accuracy
+from nvmpriv.methods.dorefa import quantized_layers
+from nvmpriv.methods.pgd import adversarial_accuracy
+from nvmpriv.nets import ColumnFC
+from nvmpriv.pruning import num_pruned, prunable_weights
+from nvmpriv.quantization import dorefa_activation
+
+
+def trainer(root: Path, epochs: int, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": epochs,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def small_digits(**kwargs: Any) -> Digits:
+    """Few members (about 180) and a 30% defender reference/validation set: the baseline overfits."""
+    return Digits(batch_size=32, seed=0, train_fraction=0.2, val_fraction=0.3, **kwargs)
+
+
+def fit(model: pl.LightningModule, dm: Digits, root: Path, epochs: int) -> pl.Trainer:
+    t = trainer(root, epochs)
+    t.fit(model, datamodule=dm)
+    return t
+
+
+def mia_and_acc(net: torch.nn.Module, dm: Digits) -> tuple[float, float]:
+    """Best-threshold loss attack (members target_train vs non-members target_test), test acc."""
+    li, yi = collect_logits(net, dm.dataloader("target_train"))
+    lo, yo = collect_logits(net, dm.dataloader("target_test"))
+    acc = float((lo.argmax(1) == yo).float().mean())
+    return loss_threshold_attack_accuracy(li, yi, lo, yo), acc
+
+
+# --------------------------------------------------------------------------- PGD
+
+
+def test_pgd_training_is_more_robust_than_standard(tmp_path: Path) -> None:
+    eps, alpha, steps = 0.1, 0.025, 5
+    results = {}
+    for name in ("standard", "pgd"):
+        pl.seed_everything(0)
+        dm = Digits(batch_size=64, seed=0)
+        if name == "standard":
+            model: pl.LightningModule = StandardTraining(ColumnFC(64, 10), 10)
+        else:
+            model = PGDTraining(ColumnFC(64, 10), 10, eps=eps, alpha=alpha, steps=steps)
+        t = fit(model, dm, tmp_path / name, 15)
+        gen = torch.Generator().manual_seed(0)
+        robust = adversarial_accuracy(
+            model.net, dm.dataloader("target_test"), eps=eps, alpha=alpha, steps=10, generator=gen
+        )
+        results[name] = (robust, mia_and_acc(model.net, dm)[1], t.callback_metrics)
+    std_robust, std_acc, _ = results["standard"]
+    pgd_robust, pgd_acc, metrics = results["pgd"]
+    # Measured (torch 2.13 CPU): PGD accuracy at eps 0.1 is 0.547 standard vs 0.708 PGD-trained.
+    assert pgd_robust > std_robust + 0.1, results
+    assert "val/pgd_acc" in metrics and 0.0 <= float(metrics["val/pgd_acc"]) <= 1.0
+    assert pgd_acc >= std_acc - 0.1, results  # clean accuracy within 10 points
+
+
+def test_pgd_examples_stay_in_the_ball_and_the_valid_range() -> None:
+    torch.manual_seed(0)
+    model = PGDTraining(ColumnFC(64, 10), 10, eps=0.2, alpha=0.1, steps=5)
+    x = torch.rand(32, 64)
+    x[:, :8] = 0.0
+    x[:, 8:16] = 1.0
+    y = torch.randint(0, 10, (32,))
+    x_adv = model.adversarial_examples(x, y)
+    assert ((x_adv - x).abs() <= 0.2 + 1e-6).all()
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert (x_adv - x).abs().max() > 0.1  # it did move
+    loss, logits = model.training_loss(x, y)
+    assert logits.shape == (32, 10) and loss.requires_grad
+
+
+def test_pgd_accuracy_works_under_inference_mode() -> None:
+    torch.manual_seed(0)
+    net = ColumnFC(64, 10)
+    batches = [(torch.rand(16, 64), torch.randint(0, 10, (16,)))]
+    with torch.inference_mode():
+        robust = adversarial_accuracy(net, batches, eps=0.1, alpha=0.05, steps=3)
+        clean = adversarial_accuracy(net, batches, eps=0.0, alpha=0.0, steps=0)
+    expected = float((net.eval()(batches[0][0]).argmax(1) == batches[0][1]).float().mean())
+    assert clean == pytest.approx(expected)
+    assert 0.0 <= robust <= clean
+
+
+# --------------------------------------------------------------------------- DoReFa
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(2, 2), (4, 4), (16, 4)])
+def test_dorefa_layers_use_at_most_2k_levels(tmp_path: Path, w_bits: int, a_bits: int) -> None:
+    pl.seed_everything(0)
+    dm = Digits(batch_size=64, seed=0, max_samples=600)
+    model = DoReFaTraining(ColumnFC(64, 10), 10, weight_bits=w_bits, act_bits=a_bits)
+    t = fit(model, dm, tmp_path, 3)
+    layers = quantized_layers(model.net)
+    assert list(layers) == ["net.3", "net.6"]  # first layer untouched, last full-precision w
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
+        for name, layer in layers.items()
+    ]
+    x, _ = dm.arrays("target_test")
+    model.net.eval()
+    with torch.no_grad():
+        model.net(torch.as_tensor(x))
+    for h in hooks:
+        h.remove()
+    for name, layer in layers.items():
+        if layer.weight_bits is not None:
+            assert layer.weight_bits == w_bits
+            levels = torch.unique(layer.effective_weight.detach()).numel()
+            assert 2 <= levels <= 2**w_bits, (name, levels)
+        assert layer.act_bits == a_bits
+        quantized_input = dorefa_activation(inputs[name], a_bits)
+        assert torch.unique(quantized_input).numel() <= 2**a_bits
+        # The layer really computes with these quantized values.
+        with torch.no_grad():
+            expected = F.linear(quantized_input, layer.effective_weight, layer.bias)
+            torch.testing.assert_close(layer(inputs[name]), expected)
+    # Checkpoints hold the quantized structure: a reload reproduces the outputs exactly.
+    path = tmp_path / "q.ckpt"
+    t.save_checkpoint(path)
+    again = DoReFaTraining.load_from_checkpoint(path, net=ColumnFC(64, 10))
+    again.eval()
+    xt = torch.as_tensor(x[:50])
+    with torch.no_grad():
+        torch.testing.assert_close(again(xt), model.net(xt))
+    assert again.hparams["weight_bits"] == w_bits and again.hparams["act_bits"] == a_bits
+
+
+# --------------------------------------------------------------------------- ADMM
+
+TARGETS = {"net.0.weight": 0.5, "net.3.weight": 0.8, "net.6.weight": 0.3}
+
+
+def test_admm_is_exactly_sparse_and_close_to_dense(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dense = StandardTraining(ColumnFC(64, 10), 10)
+    dm = Digits(batch_size=64, seed=0)
+    fit(dense, dm, tmp_path / "dense", 30)
+    _, dense_acc = mia_and_acc(dense.net, dm)
+    pl.seed_everything(0)
+    model = ADMMPruning(
+        ColumnFC(64, 10), 10, sparsity=TARGETS, rho=0.01, admm_epochs=10, retrain_epochs=20
+    )
+    t = trainer(tmp_path / "admm", 100)  # the method stops itself after 10 + 20 epochs
+    t.fit(model, datamodule=dm)
+    assert t.current_epoch == 30 and model.phase == "retrain"
+    weights = prunable_weights(model.net)
+    for name, s in TARGETS.items():
+        zeros = int((weights[name] == 0).sum())
+        assert zeros == num_pruned(weights[name].numel(), s), name
+        assert float(t.callback_metrics[f"prune/sparsity/{name}"]) == pytest.approx(
+            zeros / weights[name].numel()
+        )
+    _, acc = mia_and_acc(model.net, dm)
+    print("ADMM test acc vs dense:", acc, dense_acc)
+    # Stated margin: within 3 points of the dense model trained as long.
+    assert acc >= dense_acc - 0.03, (acc, dense_acc)
+
+
+def test_admm_resumes_in_the_retraining_phase(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = Digits(batch_size=64, seed=0, max_samples=600)
+    model = ADMMPruning(
+        ColumnFC(64, 10), 10, sparsity=0.6, rho=0.01, admm_epochs=2, retrain_epochs=2
+    )
+    t = trainer(tmp_path / "a", 3, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="max_epochs=3 < admm_epochs"):
+        t.fit(model, datamodule=dm)
+    t = trainer(tmp_path / "a", 4)
+    t.fit(model, datamodule=dm)
+    path = tmp_path / "mid.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["nvmpriv_admm"]
+    assert saved["phase"] == "retrain" and set(saved["masks"]) == set(prunable_weights(model.net))
+    resumed = ADMMPruning(
+        ColumnFC(64, 10), 10, sparsity=0.6, rho=0.01, admm_epochs=2, retrain_epochs=4
+    )
+    t2 = trainer(tmp_path / "b", 6)
+    t2.fit(resumed, datamodule=Digits(batch_size=64, seed=0, max_samples=600), ckpt_path=path)
+    assert resumed.phase == "retrain" and t2.current_epoch == 6
+    for name, w in prunable_weights(resumed.net).items():
+        assert torch.equal(w != 0, saved["masks"][name]), name
+
+
+def test_mia_pruning_choice_matches_a_brute_force_oracle() -> None:
+    from nvmpriv.methods.admm import select_sparsities
+
+    torch.manual_seed(0)
+    net = ColumnFC(64, 10, dropout=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.rand(120, 64), torch.randint(0, 10, (120,))
+    for _ in range(100):  # overfit 60 members
+        opt.zero_grad()
+        F.cross_entropy(net(x[:60]), y[:60]).backward()
+        opt.step()
+    members, held_out = (x[:60], y[:60]), (x[60:], y[60:])
+    cands = [0.0, 0.5, 0.9]
+    chosen, table = select_sparsities(net, cands, members, held_out, max_acc_drop=1.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def oracle_gain(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            model.eval()
+            loss_in = F.cross_entropy(model(x[:60]), y[:60], reduction="none")
+            loss_out = F.cross_entropy(model(x[60:]), y[60:], reduction="none")
+        labels = np.r_[np.ones(60), np.zeros(60)]
+        fpr, tpr, _ = roc_curve(labels, -np.r_[loss_in.numpy(), loss_out.numpy()])
+        return float(np.max((tpr + 1 - fpr) / 2)) - 0.5
+
+    for name in prunable_weights(net):
+        gains = []
+        for s in cands:
+            pruned = ColumnFC(64, 10, dropout=0.0)
+            pruned.load_state_dict(before)
+            w = dict(pruned.named_parameters())[name]
+            k = num_pruned(w.numel(), s)
+            with torch.no_grad():
+                flat = w.view(-1)
+                flat[torch.sort(flat.abs(), stable=True).indices[:k]] = 0.0
+            gains.append(oracle_gain(pruned))
+        assert [round(g, 6) for _, g, _ in table[name]] == [round(g, 6) for g in gains]
+        best = min(range(len(cands)), key=lambda i: (round(gains[i], 9), -cands[i]))
+        assert chosen[name] == cands[best], (name, gains)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # restored bit-exactly
+
+
+# --------------------------------------------------------------------------- Min-Max
+
+
+def test_minmax_lowers_membership_attack_accuracy(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = small_digits()
+    std = StandardTraining(ColumnFC(64, 10, dropout=0.0), 10)
+    fit(std, dm, tmp_path / "std", 60)
+    std_mia, std_acc = mia_and_acc(std.net, dm)
+    pl.seed_everything(0)
+    dm = small_digits()
+    mm = MinMaxTraining(ColumnFC(64, 10, dropout=0.0), 10, lam=2.0, attack_steps=3, attack_lr=1e-3)
+    t = fit(mm, dm, tmp_path / "mm", 60)
+    mm_mia, mm_acc = mia_and_acc(mm.net, dm)
+    # Measured (torch 2.13 CPU): standard 0.621 MIA / 0.929 acc; Min-Max 0.598 / 0.886.
+    assert mm_mia < std_mia - 0.01, (mm_mia, std_mia)
+    assert mm_acc >= std_acc - 0.08, (mm_acc, std_acc)  # stated margin: 8 points
+    assert "train/attack_acc" in t.callback_metrics
+
+
+# --------------------------------------------------------------------------- PPB
+
+
+def sorted_posterior_divergence(net: torch.nn.Module, dm: Digits) -> float:
+    """KL(mean sorted member posterior || mean sorted non-member posterior), in nats."""
+    li, _ = collect_logits(net, dm.dataloader("target_train"))
+    lo, _ = collect_logits(net, dm.dataloader("target_test"))
+    p = li.softmax(1).sort(1, descending=True).values.mean(0)
+    q = lo.softmax(1).sort(1, descending=True).values.mean(0)
+    return float((p * (p / q).log()).sum())
+
+
+def test_ppb_balances_member_and_nonmember_posteriors(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = small_digits()
+    source = StandardTraining(ColumnFC(64, 10, dropout=0.0), 10)
+    t = fit(source, dm, tmp_path / "src", 60)
+    path = tmp_path / "source.ckpt"
+    t.save_checkpoint(path)
+    out = {}
+    for lam in (0.0, 16.0):
+        pl.seed_everything(0)
+        model = PPBFineTuning(
+            ColumnFC(64, 10, dropout=0.0), 10, source_checkpoint=str(path), sparsity=0.7, lam=lam
+        )
+        fit(model, dm, tmp_path / f"ft{lam}", 30)
+        for name, w in prunable_weights(model.net).items():
+            assert int((w == 0).sum()) == num_pruned(w.numel(), 0.7), name  # masks kept
+        out[lam] = (sorted_posterior_divergence(model.net, dm), *mia_and_acc(model.net, dm))
+    # Measured: divergence 0.0444 (plain) vs 0.0359 (PPB, lam 16). The loss-threshold attack is NOT
+    # lowered here (0.632 plain vs 0.657 PPB); see the report.
+    assert out[16.0][0] < 0.9 * out[0.0][0], out
+    assert out[16.0][2] >= out[0.0][2] - 0.03, out
+    print("PPB evidence (divergence, loss-attack acc, test acc):", out)

@@ -1,0 +1,159 @@
+"""Bad configuration of the training methods: one-line ValueErrors at construction; helper oracles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_curve
+
+from nvmpriv.methods import (
+    ADMMMinMax,
+    ADMMPruning,
+    DoReFaTraining,
+    MinMaxTraining,
+    PGDTraining,
+    PPBFineTuning,
+)
+from nvmpriv.methods._common import best_threshold_accuracy
+from nvmpriv.methods.ppb import ppb_penalty
+from nvmpriv.nets import ColumnFC, NasrFC
+
+
+def net() -> ColumnFC:
+    return ColumnFC(64, 10)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A checkpoint in Lightning's layout (``state_dict`` with ``net.`` keys)."""
+    torch.manual_seed(0)
+    path = tmp_path / "src.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net().state_dict().items()}}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        pytest.param(lambda: PGDTraining(net(), 10, eps=-0.1), "eps=-0.1", id="eps<0"),
+        pytest.param(lambda: PGDTraining(net(), 10, alpha=-1.0), "alpha=-1.0", id="alpha<0"),
+        pytest.param(lambda: PGDTraining(net(), 10, steps=0), "steps=0", id="steps0"),
+        pytest.param(lambda: PGDTraining(net(), 10, clean_weight=2.0), "clean_weight", id="cw"),
+        pytest.param(lambda: PGDTraining(net(), 10, clamp_min=1.0), "clamp_min", id="clamp"),
+        pytest.param(lambda: DoReFaTraining(net(), 10, weight_bits=0), "weight_bits=0", id="w0"),
+        pytest.param(lambda: DoReFaTraining(net(), 10, act_bits=33), "act_bits=33", id="a33"),
+        pytest.param(lambda: ADMMPruning(net(), 10, sparsity=1.0), "sparsity=1.0", id="s1"),
+        pytest.param(lambda: ADMMPruning(net(), 10, sparsity=-0.1), r"sparsity=-0\.1", id="s<0"),
+        pytest.param(
+            lambda: ADMMPruning(net(), 10, sparsity={"net.0.weight": 1.5}), "1.5", id="s-dict"
+        ),
+        pytest.param(
+            lambda: ADMMPruning(net(), 10, sparsity={"nope.weight": 0.5}), "nope", id="s-name"
+        ),
+        pytest.param(lambda: ADMMPruning(net(), 10, rho=-1.0), "rho=-1.0", id="rho<0"),
+        pytest.param(
+            lambda: ADMMPruning(net(), 10, candidates=[0.5, 0.9]), "source_checkpoint", id="cand"
+        ),
+        pytest.param(
+            lambda: ADMMPruning(net(), 10, candidates=[1.2]), r"candidates\[\]=1.2", id="cand>1"
+        ),
+        pytest.param(lambda: MinMaxTraining(net(), 10, lam=-1.0), "lam=-1.0", id="mm-lam<0"),
+        pytest.param(lambda: MinMaxTraining(net(), 10, attack_steps=0), "attack_steps", id="k0"),
+        pytest.param(
+            lambda: MinMaxTraining(net(), 10, reference_role="target_test"),
+            "reference_role='target_test'",
+            id="ref-test",
+        ),
+        pytest.param(
+            lambda: MinMaxTraining(net(), 10, attack_features="x"), "attack_features", id="feat"
+        ),
+        pytest.param(lambda: ADMMMinMax(net(), 10, lam=-2.0), "lam=-2.0", id="admm-mm-lam"),
+        pytest.param(lambda: PPBFineTuning(net(), 10), "source_checkpoint is not set", id="no-src"),
+        pytest.param(
+            lambda: PPBFineTuning(net(), 10, source_checkpoint="missing.ckpt"),
+            "does not exist",
+            id="src-missing",
+        ),
+    ],
+)
+def test_bad_knobs_raise_one_line_errors(build, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match) as info:
+        build()
+    assert "\n" not in str(info.value)
+
+
+def test_ppb_bad_knobs_with_a_real_source(source: Path) -> None:
+    with pytest.raises(ValueError, match=r"sparsity=1\.0"):
+        PPBFineTuning(net(), 10, source_checkpoint=str(source), sparsity=1.0)
+    with pytest.raises(ValueError, match="lam=-4"):
+        PPBFineTuning(net(), 10, source_checkpoint=str(source), lam=-4.0)
+    with pytest.raises(ValueError, match="prune_method='random'"):
+        PPBFineTuning(net(), 10, source_checkpoint=str(source), prune_method="random")
+    with pytest.raises(ValueError, match="BatchNorm"):
+        PPBFineTuning(net(), 10, source_checkpoint=str(source), prune_method="slimming")
+
+
+def test_checkpoint_of_another_architecture_names_the_first_mismatch(source: Path) -> None:
+    with pytest.raises(ValueError, match=r"'net\.0\.weight' has shape \(256, 64\) there but"):
+        PPBFineTuning(NasrFC(64, 10), 10, source_checkpoint=str(source))
+    with pytest.raises(ValueError, match="does not match the net"):
+        ADMMPruning(ColumnFC(32, 10), 10, source_checkpoint=str(source))
+
+
+def test_source_weights_are_loaded_then_pruned(source: Path) -> None:
+    model = PPBFineTuning(net(), 10, source_checkpoint=str(source), sparsity=0.5)
+    state = torch.load(source, weights_only=True)["state_dict"]
+    w = model.net.net[0].weight
+    kept = w != 0
+    assert int((~kept).sum()) == w.numel() // 2
+    torch.testing.assert_close(w[kept], state["net.net.0.weight"][kept])
+    torch.testing.assert_close(model.net.net[0].bias, state["net.net.0.bias"])
+
+
+def test_knobs_are_hyperparameters(source: Path) -> None:
+    assert PGDTraining(net(), 10, eps=0.2).hparams["eps"] == 0.2
+    assert DoReFaTraining(net(), 10, weight_bits=16).hparams["weight_bits"] == 16
+    assert ADMMPruning(net(), 10, rho=0.5).hparams["rho"] == 0.5
+    assert MinMaxTraining(net(), 10, lam=3.0).hparams["lam"] == 3.0
+    h = PPBFineTuning(net(), 10, source_checkpoint=str(source), lam=2.0).hparams
+    assert h["lam"] == 2.0 and h["source_checkpoint"] == str(source)
+    assert "net" not in h and "optimizer" not in h
+
+
+def test_ppb_penalty_matches_a_hand_computed_kl() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 5.0]])
+    got = float(ppb_penalty(logits))
+    srt = np.sort(logits.numpy(), axis=1)[:, ::-1]
+    p = np.exp(srt) / np.exp(srt).sum(1, keepdims=True)
+    first, second = p[:2], p[2:]
+    expected = float((second * np.log(second / first)).sum() / 2)
+    assert got == pytest.approx(expected, rel=1e-5)
+    # Sorting removes the class identity: permuted classes give no penalty.
+    same = torch.tensor([[3.0, 1.0, 0.0], [1.0, 0.0, 3.0], [0.0, 3.0, 1.0], [3.0, 0.0, 1.0]])
+    assert float(ppb_penalty(same)) == pytest.approx(0.0, abs=1e-7)
+    assert float(ppb_penalty(logits[:1])) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_threshold_accuracy_matches_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    s_in = rng.normal(0.5, 1.0, 50).round(1)  # ties on purpose
+    s_out = rng.normal(0.0, 1.0, 70).round(1)
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(50), np.zeros(70)], np.r_[s_in, s_out])
+    expected = float(np.max((tpr + 1 - fpr) / 2))
+    assert best_threshold_accuracy(torch.tensor(s_in), torch.tensor(s_out)) == pytest.approx(
+        expected
+    )
+
+
+def test_pgd_loss_mixes_clean_and_adversarial() -> None:
+    torch.manual_seed(0)
+    model = PGDTraining(net(), 10, eps=0.0, alpha=0.0, steps=1, clean_weight=0.5)
+    model.eval()  # no dropout: clean and eps=0 adversarial losses coincide
+    x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
+    loss, _ = model.training_loss(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(model.net(x), y))
