@@ -518,10 +518,11 @@ class CrossbarAudit(Callback):
         return out
 
     def _finish(self, trainer: pl.Trainer) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must take part
         if not trainer.is_global_zero or not self.results:
             return
         payload = self.results_json()
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(log_dir or trainer.default_root_dir)
         splits = getattr(trainer.datamodule, "splits", None)
         payload["split_hash"] = splits.split_hash if splits is not None else None
         payload["crossbars"] = {n: c.to_dict() for n, c in self.configs.items()}

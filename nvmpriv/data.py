@@ -259,6 +259,18 @@ class Splits:
             )
 
 
+def _run_folder(trainer: pl.Trainer | None) -> Path | None:
+    """The run's log folder on rank 0, ``None`` elsewhere or without a trainer.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so every rank must read it (a rank-0-only read
+    would deadlock DDP).
+    """
+    if trainer is None:
+        return None
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir and trainer.is_global_zero else None
+
+
 class _ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """uint8 NHWC images served as float CHW tensors in [0, 1], optionally augmented."""
 
@@ -366,9 +378,9 @@ class MembershipDataModule(pl.LightningDataModule):
                 idx = make_splits(len(self.raw.labels), **self.split_settings)
                 splits = Splits(idx, self.raw.content_hash, self.raw.name, self.split_settings)
             self.splits = splits
-        trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir:
-            self._save_splits(Path(trainer.log_dir))
+        folder = _run_folder(self.trainer)
+        if folder is not None:
+            self._save_splits(folder)
 
     def _save_splits(self, folder: Path, *, replace: bool = False) -> None:
         assert self.splits is not None
@@ -477,11 +489,11 @@ class MembershipDataModule(pl.LightningDataModule):
         )
         splits.check_matches(self.raw)
         self.splits = splits
-        trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir:
+        folder = _run_folder(self.trainer)
+        if folder is not None:
             # setup() ran before the checkpoint was restored and saved the config's split; the
             # checkpoint's split is the ground truth of this run, so it replaces that file.
-            self._save_splits(Path(trainer.log_dir), replace=True)
+            self._save_splits(folder, replace=True)
 
 
 class _TabularFiles(MembershipDataModule):
