@@ -3,11 +3,19 @@
 YAML picks the method with ``model.class_path`` and the data set with ``data.class_path``; the
 number of classes is linked from the data module into the method, so a config cannot train a
 100-class net against a 10-class data set without a clear error.
+
+``--ckpt_path last`` means "the newest ``last.ckpt`` of this experiment": Lightning alone would
+look only in the new run's (empty) version folder and silently start from scratch, so the CLI
+resolves the keyword against ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` first. ``fit``
+then continues in that version folder; ``validate``/``test``/``predict`` read the checkpoint but
+log to a new folder (they must not overwrite the fit's ``results.json``).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -15,7 +23,38 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from nvmpriv.data import MembershipDataModule
 from nvmpriv.methods.base import MembershipModule
 
-__all__ = ["NvmprivCLI", "run_lightning_cli"]
+__all__ = ["NvmprivCLI", "find_last_checkpoint", "run_lightning_cli"]
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
+    """The most recently written ``last.ckpt`` of an experiment's version folders.
+
+    Args:
+        save_dir: The logger's ``save_dir``.
+        name: The logger's ``name`` (experiment folder under ``save_dir``).
+
+    Returns:
+        ``<save_dir>/<name>/<version>/checkpoints/last.ckpt`` with the newest modification time,
+        or ``None`` when no version folder holds one.
+    """
+    candidates = list(Path(save_dir, name).glob("*/checkpoints/last.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _logger_folder(config: Any) -> tuple[Any, str, str] | None:
+    """The logger's init_args namespace, ``save_dir`` and ``name`` (``None`` without a logger)."""
+    logger = config.get("trainer.logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if logger is None or logger is False:
+        return None
+    if logger is True:  # Lightning's default TensorBoardLogger under default_root_dir
+        return None, str(config.get("trainer.default_root_dir") or "."), "lightning_logs"
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if init_args is None:
+        return None
+    save_dir = init_args.get("save_dir") or init_args.get("root_dir") or "."
+    return init_args, str(save_dir), str(init_args.get("name") or "lightning_logs")
 
 
 class NvmprivCLI(LightningCLI):
@@ -26,6 +65,35 @@ class NvmprivCLI(LightningCLI):
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``--ckpt_path last`` against the experiment's earlier version folders.
+
+        Raises:
+            FileNotFoundError: ``validate``/``test``/``predict`` with ``last`` and no checkpoint.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        folder = _logger_folder(config)
+        found = find_last_checkpoint(folder[1], folder[2]) if folder is not None else None
+        if found is None:
+            if subcommand != "fit":
+                where = f"{folder[1]}/{folder[2]}" if folder is not None else "the logger folder"
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no version folder under {where} holds "
+                    "checkpoints/last.ckpt; pass the checkpoint file itself"
+                )
+            return  # fit: nothing to resume, start from scratch (Lightning warns)
+        config["ckpt_path"] = str(found)
+        init_args = folder[0] if folder is not None else None
+        if subcommand == "fit" and init_args is not None and "version" in init_args:
+            version = found.parent.parent.name
+            match = re.fullmatch(r"version_(\d+)", version)
+            init_args["version"] = int(match.group(1)) if match else version
 
 
 def run_lightning_cli(args: list[str]) -> Any:

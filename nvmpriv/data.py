@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -271,6 +272,41 @@ def _run_folder(trainer: pl.Trainer | None) -> Path | None:
     return Path(log_dir) if log_dir and trainer.is_global_zero else None
 
 
+def _global_rng_state() -> dict[str, Any]:
+    """Every global RNG a training step draws from, in a form ``torch.load(weights_only=True)`` reads.
+
+    Dropout, the shuffling sampler (it seeds itself from torch's global generator at every epoch)
+    and image augmentations all draw from these, so a resumed run repeats the uninterrupted one
+    only if they continue from where the checkpoint left them.
+    """
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [
+            str(np_state[0]),
+            np_state[1].tolist(),  # type: ignore[union-attr]
+            int(np_state[2]),  # type: ignore[misc]
+            int(np_state[3]),  # type: ignore[misc]
+            float(np_state[4]),  # type: ignore[misc]
+        ],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`_global_rng_state` captured (CUDA only where it was captured and exists)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 class _ImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """uint8 NHWC images served as float CHW tensors in [0, 1], optionally augmented."""
 
@@ -350,6 +386,7 @@ class MembershipDataModule(pl.LightningDataModule):
         self.splits_path = splits_path
         self._raw: RawDataset | None = None
         self.splits: Splits | None = None
+        self._resumed_rng: dict[str, Any] | None = None
 
     @abstractmethod
     def load_raw(self) -> RawDataset:
@@ -454,7 +491,16 @@ class MembershipDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Members: the target's training set, shuffled and augmented."""
+        """Members: the target's training set, shuffled and augmented.
+
+        After a resume this is the first call that precedes the next training batch (the fit loop
+        builds the loader after the sanity check, which Lightning runs under ``isolate_rng``), so
+        the checkpoint's RNG state is restored here: the resumed epochs then shuffle, drop out and
+        augment exactly as the uninterrupted run did.
+        """
+        if self._resumed_rng is not None:
+            _set_global_rng_state(self._resumed_rng)
+            self._resumed_rng = None
         return self.dataloader("target_train", shuffle=True, augment=True)
 
     def val_dataloader(self) -> DataLoader[Any]:
@@ -470,13 +516,14 @@ class MembershipDataModule(pl.LightningDataModule):
         return self.dataloader("target_test")
 
     def state_dict(self) -> dict[str, Any]:
-        """Split indices and hashes, stored in every checkpoint."""
+        """Split indices and hashes, plus the global RNG state, stored in every checkpoint."""
         splits = self._require_splits()
         return {
             "indices": {role: splits.indices[role].tolist() for role in ROLES},
             "data_hash": splits.data_hash,
             "dataset": splits.dataset,
             "meta": splits.meta,
+            "rng": _global_rng_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -489,6 +536,9 @@ class MembershipDataModule(pl.LightningDataModule):
         )
         splits.check_matches(self.raw)
         self.splits = splits
+        # Applied when the training loader is next built (see train_dataloader), not now: the
+        # trainer still has set-up work to do that must not shift the restored streams.
+        self._resumed_rng = state_dict.get("rng")
         folder = _run_folder(self.trainer)
         if folder is not None:
             # setup() ran before the checkpoint was restored and saved the config's split; the

@@ -18,11 +18,6 @@ from nvmpriv.attacks import AttackInputError, AttackResult
 CFG = M.TrainConfig(epochs=40, lr=3e-3, batch_size=50)
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(1)
-
-
 def _fc() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -30,7 +25,6 @@ def _fc() -> nn.Module:
 @pytest.fixture(scope="module")
 def digits() -> dict:
     """Overfit FC target on 200 digits (members) vs 600 non-members; ~1000 attacker samples."""
-    torch.set_num_threads(1)
     d = load_digits()
     x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(x))

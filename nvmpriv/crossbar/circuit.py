@@ -20,6 +20,7 @@ elimination row by row (dense, float64, torch), and agrees with the reference to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,27 +225,56 @@ def _lumped(G: torch.Tensor, r_source: float, r_sink: float) -> torch.Tensor:
     return at.transpose(-1, -2)
 
 
+_INV_LEAF = 16  # matrices up to this size are inverted by batched Cholesky directly
+_MIN_RATIO_PRODUCT = 1e-150  # below this the product form of the line inverse could underflow
+
+
 def _spd_inverse(M: torch.Tensor) -> torch.Tensor:
-    """Inverse of a batch of well-conditioned SPD matrices ``[..., n, n]``."""
-    # numpy's batched LAPACK inverse is ~10x faster than torch's batched inverse on CPU for
-    # many small matrices, and avoids torch's batched LU pivot bug at 2 threads.
-    return torch.from_numpy(np.linalg.inv(M.numpy()))
+    """Inverse of a batch of well-conditioned SPD matrices ``[T, n, n]`` (torch only).
+
+    Recursive 2x2 block inversion through the Schur complement, so that almost all the work is
+    batched GEMMs on torch's own thread pool: per-matrix LAPACK inverses are slow for many small
+    matrices, and numpy's OpenBLAS threads oversubscribe the CPU next to torch's. The leaves use
+    batched Cholesky. SPD matrices need no pivoting (every Schur complement of an SPD matrix is
+    SPD), so torch's batched-LU pivot bug does not apply.
+
+    Args:
+        M: SPD matrices ``[T, n, n]`` (siemens).
+
+    Returns:
+        Their inverses ``[T, n, n]`` (ohms).
+    """
+    n = M.shape[-1]
+    if n <= _INV_LEAF:
+        return torch.cholesky_inverse(torch.linalg.cholesky(M))
+    h = n // 2
+    a, b, d = M[:, :h, :h], M[:, :h, h:], M[:, h:, h:]
+    a_inv = _spd_inverse(a)
+    x = torch.bmm(a_inv, b)  # [T, h, n-h]
+    s_inv = _spd_inverse(torch.baddbmm(d, b.mT, x, alpha=-1.0))
+    xs = torch.bmm(x, s_inv)
+    out = torch.empty_like(M)
+    torch.baddbmm(a_inv, xs, x.mT, out=out[:, :h, :h])
+    torch.neg(xs, out=out[:, :h, h:])
+    torch.neg(xs.mT, out=out[:, h:, :h])
+    out[:, h:, h:] = s_inv
+    return out
 
 
-def _tridiag_inverse(diag: torch.Tensor, off: float) -> torch.Tensor:
-    """Dense inverse of symmetric tridiagonal matrices with constant off-diagonal ``-off``.
+def _line_factors(diag: torch.Tensor, off: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generators of the inverse of symmetric tridiagonal matrices with off-diagonal ``-off``.
 
-    For a diagonally dominant tridiagonal matrix the inverse is semi-separable:
-    ``inv[j, k] = inv[k, k] * prod_{m=j}^{k-1} off / p_m`` for ``j <= k``, with ``p`` the
-    forward pivots and ``inv[k, k] = 1 / (p_k + q_k - diag_k)`` (``q`` the backward pivots).
-    All ratios ``off / p_m`` are <= 1, so the products cannot overflow.
+    For a diagonally dominant tridiagonal ``K`` the inverse is semi-separable:
+    ``inv[j, k] = d_k * prod_{m=j}^{k-1} off / p_m = d_k P_k / P_j`` for ``j <= k``, with ``p``
+    the forward pivots, ``P_k = prod_{m<k} off / p_m`` (each ratio <= 1) and the diagonal
+    ``d_k = 1 / (p_k + q_k - diag_k)`` (``q`` the backward pivots).
 
     Args:
         diag: Diagonals ``[..., n]`` (siemens).
         off: Magnitude of the off-diagonal (siemens).
 
     Returns:
-        The inverses ``[..., n, n]`` (ohms).
+        ``(log P, d)``, both ``[..., n]`` (``log P`` unitless, ``d`` in ohms).
     """
     n = diag.shape[-1]
     d = diag.movedim(-1, 0).contiguous()  # pivots run along the line: make that axis leading
@@ -257,18 +287,56 @@ def _tridiag_inverse(diag: torch.Tensor, off: float) -> torch.Tensor:
     for m in range(n - 2, -1, -1):
         q[m] = d[m] - off * off / q[m + 1]
     inv_diag = (1.0 / (p + q - d)).movedim(0, -1)
-    # log of prod_{m<k} off/p_m, so prod_{m=j}^{k-1} = exp(cum[k] - cum[j]) <= 1 for j <= k.
     logs = torch.log(off / p).movedim(0, -1)
-    cum = torch.cumsum(logs, -1) - logs
-    out = (cum.unsqueeze(-2) - cum.unsqueeze(-1)).abs_().neg_().exp_()
-    j = torch.arange(n)
+    log_p = torch.cumsum(logs, -1) - logs
+    return log_p, inv_diag
+
+
+def _tridiag_inverse(diag: torch.Tensor, off: float) -> torch.Tensor:
+    """Dense inverse of symmetric tridiagonal matrices with constant off-diagonal ``-off``.
+
+    See :func:`_line_factors`; the products are formed as ``exp(log P_k - log P_j) <= 1`` so
+    they cannot overflow (kept as the reference of the product form used by the fast path).
+
+    Args:
+        diag: Diagonals ``[..., n]`` (siemens).
+        off: Magnitude of the off-diagonal (siemens).
+
+    Returns:
+        The inverses ``[..., n, n]`` (ohms).
+    """
+    log_p, inv_diag = _line_factors(diag, off)
+    return _semiseparable(log_p, inv_diag, torch.ones_like(inv_diag), stable=True)
+
+
+def _semiseparable(
+    log_p: torch.Tensor, inv_diag: torch.Tensor, g: torch.Tensor, *, stable: bool
+) -> torch.Tensor:
+    """``g_j g_k inv[j, k]`` for the line inverse of :func:`_line_factors` (``[..., n, n]``).
+
+    ``stable=False`` uses the outer product ``(g_j / P_j) (g_k d_k P_k)`` (one pass; valid while
+    ``P`` stays far from underflow), ``stable=True`` the exponent of differences.
+    """
+    n = log_p.shape[-1]
+    j = torch.arange(n, device=log_p.device)
     upper = j.unsqueeze(-1) <= j.unsqueeze(0)  # [j, k]: j <= k
-    scale = torch.where(upper, inv_diag.unsqueeze(-2), inv_diag.unsqueeze(-1))
-    return out.mul_(scale)
+    if stable:
+        out = (log_p.unsqueeze(-2) - log_p.unsqueeze(-1)).abs_().neg_().exp_()
+        scale = torch.where(upper, inv_diag.unsqueeze(-2), inv_diag.unsqueeze(-1))
+        return out.mul_(scale).mul_(g.unsqueeze(-1)).mul_(g.unsqueeze(-2))
+    big_p = torch.exp(log_p)
+    m = (g / big_p).unsqueeze(-1) * (g * inv_diag * big_p).unsqueeze(-2)  # valid for j <= k
+    return torch.where(upper, m, m.mT)
 
 
 def _distributed(G: torch.Tensor, r_wire: float, r_source: float, r_sink: float) -> torch.Tensor:
-    """Effective matrix with wire resistance, by block elimination along the bit lines."""
+    """Effective matrix with wire resistance, by block elimination along the bit lines.
+
+    Row by row (top to bottom), the word line of row ``i`` is eliminated in closed form (its
+    tridiagonal inverse is semi-separable), leaving the dense ``C x C`` bit-line Schur
+    complement ``S_i``; ``Z_i = S_i^-1`` feeds the next row. The responses to the inputs of
+    the rows above are carried along as ``rhs`` (one row per input).
+    """
     n_t, rows, cols = G.shape
     gw = 1.0 / r_wire
     dt = G.dtype
@@ -279,48 +347,54 @@ def _distributed(G: torch.Tensor, r_wire: float, r_source: float, r_sink: float)
     if cols == 1:
         deg[0] = 0.0
     k_diag = G + deg  # [T, R, C]
+    # With a source resistance the whole line is free; without, node 0 is the source itself and
+    # the free part is columns 1.. (driven through the first wire segment).
+    o = 0
     if r_source > 0:
         gs = 1.0 / r_source
         k_diag[..., 0] += gs
-        k_inv = _tridiag_inverse(k_diag, gw)  # [T, R, C, C]
-        h = k_inv[..., :, 0] * gs  # U response to V_i with W = 0
+        drive = gs
     else:
-        k_inv = torch.zeros(n_t, rows, cols, cols, dtype=dt)
-        h = torch.zeros(n_t, rows, cols, dtype=dt)
+        o = 1
+        drive = gw
+    h = torch.zeros(n_t, rows, cols, dtype=dt)  # U response to V_i with W = 0
+    if o == 0 or cols > 1:
+        log_p, inv_diag = _line_factors(k_diag[..., o:], gw)
+        h[..., o:] = inv_diag * torch.exp(log_p) * drive
+        stable = bool(log_p.min() < math.log(_MIN_RATIO_PRODUCT)) if log_p.numel() else True
+    if o == 1:
         h[..., 0] = 1.0
-        if cols > 1:
-            sub_inv = _tridiag_inverse(k_diag[..., 1:].contiguous(), gw)
-            k_inv[..., 1:, 1:] = sub_inv
-            h[..., 1:] = sub_inv[..., :, 0] * gw
-    # Bit-line equations of row i: S_i W_i - gw W_{i-1} - gw W_{i+1} = f_i V_i.
-    s_cell = k_inv.mul_(G.unsqueeze(-1)).mul_(G.unsqueeze(-2)).neg_()  # [T, R, C, C]
-    s_cell.diagonal(dim1=-2, dim2=-1).add_(G)
     f = G * h  # [T, R, C]
     free_rows = rows if r_sink > 0 else rows - 1
     if free_rows == 0:  # a single row sensed directly into ground
         a = torch.zeros(n_t, rows, cols, dtype=dt)
         a[:, 0] = f[:, 0]
         return a
-    rhs = torch.zeros(n_t, cols, rows, dtype=dt)
+    rhs = torch.zeros(n_t, rows, cols, dtype=dt)  # rhs[:, m]: bit-line drive of input m
     z_prev: torch.Tensor | None = None
     for i in range(free_rows):
+        # Bit-line equations of row i: S_i W_i - gw W_{i-1} - gw W_{i+1} = f_i V_i, with
+        # S_cell = diag(G_i) - diag(G_i) K_i^-1 diag(G_i) after eliminating the word line.
         n_neigh = (i > 0) + (i < rows - 1)
         c_i = gw * n_neigh + (1.0 / r_sink if (r_sink > 0 and i == rows - 1) else 0.0)
-        s_i = s_cell[:, i]
-        s_i.diagonal(dim1=-2, dim2=-1).add_(c_i)
+        g_i = G[:, i]
+        s_i = torch.zeros(n_t, cols, cols, dtype=dt)
+        if o == 0 or cols > 1:
+            s_i[:, o:, o:] = _semiseparable(log_p[:, i], inv_diag[:, i], g_i[:, o:], stable=stable)
+        s_i.neg_()
+        s_i.diagonal(dim1=-2, dim2=-1).add_(g_i + c_i)
         if z_prev is not None:
             s_i.sub_(z_prev, alpha=gw * gw)
-            rhs[:, :, :i] = torch.matmul(z_prev, rhs[:, :, :i]).mul_(gw)
-        rhs[:, :, i] = f[:, i]
+            rhs[:, :i] = torch.matmul(rhs[:, :i], z_prev).mul_(gw)
+        rhs[:, i] = f[:, i]
         z_prev = _spd_inverse(s_i)
     assert z_prev is not None
-    w_last = z_prev @ rhs  # [T, C, R]: bit-line voltages of the last free row per input
+    w_last = torch.matmul(rhs, z_prev)  # [T, R, C]: last free row's bit voltages per input
     if r_sink > 0:
-        at = w_last / r_sink
-    else:
-        at = gw * w_last
-        at[:, :, rows - 1] += f[:, rows - 1]
-    return at.transpose(-1, -2)
+        return w_last.mul_(1.0 / r_sink)
+    w_last.mul_(gw)
+    w_last[:, rows - 1] += f[:, rows - 1]
+    return w_last
 
 
 def effective_conductance(
@@ -329,7 +403,7 @@ def effective_conductance(
     r_wire: float,
     r_source: float,
     r_sink: float,
-    chunk: int = 64,
+    chunk: int = 256,
 ) -> torch.Tensor:
     """Exact effective conductance matrices of many tiles (the IR-drop fast path).
 

@@ -1,0 +1,481 @@
+"""Membership inference against an exported ONNX file, through ``predict_proba`` queries only.
+
+The target is reached exclusively through :func:`nvmpriv.runtime.load` (numpy + onnxruntime):
+this module never opens a checkpoint or the target's training code. The attacker's own models
+(shadow and reference models) are trained here with torch via :mod:`nvmpriv.attack_models`, on
+the attacker's own data, with an architecture the attacker chooses (the black-box attacker does
+not know the target's): by default :func:`default_shadow_net` (an MLP 256-128 for flat inputs,
+a small CNN for images), or any class given by ``--shadow-net``.
+
+CLI::
+
+    python -m nvmpriv attack --model exports/NAME.onnx --data RUN_DIR|DATA.yaml|ARRAYS.npz \\
+        [--attacks all|a,b,c] [--queries k] [--output report.json]
+
+``--data`` is (a) a run folder (its ``config.yaml`` rebuilds the DataModule, its ``splits.npz``
+gives the roles; checkpoints are ignored), (b) a data config YAML (a ``data:`` section or a
+``class_path``), or (c) an ``.npz`` with ``member_x, member_y, nonmember_x, nonmember_y`` and
+optionally ``shadow_x, shadow_y`` and ``population_x, population_y``. Roles: members =
+``target_train``, non-members = ``target_test``, the attacker's data = ``shadow_train`` +
+``shadow_test``, the reference pool = ``population``.
+
+Attacks: every name of :data:`nvmpriv.attacks.SCORE_ATTACKS` (threshold attacks take their
+threshold from one shadow model; ``lira_offline``/``rmia_offline`` use reference models) and of
+:data:`nvmpriv.attack_models.LEARNED_ATTACKS`; ``all`` = :data:`ALL_ATTACKS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvmpriv import attacks as mia
+from nvmpriv.runtime import Predictor, load
+
+__all__ = [
+    "ALL_ATTACKS",
+    "AttackData",
+    "attack_model",
+    "cli_main",
+    "default_shadow_net",
+    "format_report",
+    "load_attack_data",
+]
+
+#: Threshold attacks (shadow thresholds), offline reference attacks and one learned attack.
+ALL_ATTACKS: tuple[str, ...] = (
+    "confidence",
+    "loss",
+    "entropy",
+    "modified_entropy",
+    "logit_scaled_confidence",
+    "correctness",
+    "gap",
+    "confidence_class_threshold",
+    "loss_class_threshold",
+    "lira_offline",
+    "rmia_offline",
+    "nn_shadow",
+)
+_REFERENCE = {"lira_offline", "rmia_offline", "lira_online", "rmia_online"}
+
+
+@dataclass(frozen=True)
+class AttackData:
+    """The attacker's view: target candidates with ground truth, and its own data.
+
+    Attributes:
+        member_x: Target members (inputs).
+        member_y: Their labels.
+        nonmember_x: Target non-members.
+        nonmember_y: Their labels.
+        shadow_x: Attacker's data for shadow models (``None`` if not given).
+        shadow_y: Its labels.
+        population_x: Attacker's reference pool (``None``: the shadow data is used).
+        population_y: Its labels.
+        source: Where the arrays came from.
+    """
+
+    member_x: np.ndarray
+    member_y: np.ndarray
+    nonmember_x: np.ndarray
+    nonmember_y: np.ndarray
+    shadow_x: np.ndarray | None = None
+    shadow_y: np.ndarray | None = None
+    population_x: np.ndarray | None = None
+    population_y: np.ndarray | None = None
+    source: str = ""
+
+
+def _cap(x: np.ndarray, y: np.ndarray, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+def _datamodule_from_yaml(spec: dict[str, Any], splits_path: str | None) -> Any:
+    if "data" in spec and isinstance(spec["data"], dict):
+        spec = spec["data"]
+    if "class_path" not in spec:
+        raise ValueError("--data YAML needs a 'data:' section or a 'class_path' of a DataModule")
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = dict(spec.get("init_args") or {})
+    if splits_path is not None:
+        kwargs["splits_path"] = splits_path
+    dm = cls(**kwargs)
+    dm.setup()
+    return dm
+
+
+def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> AttackData:
+    """Read the candidates and the attacker's data from a run folder, a data YAML or an npz.
+
+    Args:
+        spec: Run folder (``config.yaml`` + ``splits.npz``), data config YAML, or ``.npz``.
+        max_samples: Cap on members, non-members, shadow and population arrays (first rows,
+            like :class:`nvmpriv.callbacks.CrossbarAudit`); ``None`` keeps all.
+
+    Returns:
+        The arrays.
+
+    Raises:
+        ValueError: On a missing path, a missing array or an unreadable file.
+    """
+    import yaml
+
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"--data {path} not found; give a run folder, a data YAML or an .npz")
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            need = ["member_x", "member_y", "nonmember_x", "nonmember_y"]
+            missing = [k for k in need if k not in f.files]
+            if missing:
+                raise ValueError(f"--data {path} lacks arrays {missing}; it holds {f.files}")
+            arrays = {k: f[k] for k in f.files}
+        for a, b in (("shadow_x", "shadow_y"), ("population_x", "population_y")):
+            if (a in arrays) != (b in arrays):
+                raise ValueError(f"--data {path}: give {a} and {b} together")
+        mx, my = _cap(arrays["member_x"], arrays["member_y"], max_samples)
+        nx, ny = _cap(arrays["nonmember_x"], arrays["nonmember_y"], max_samples)
+        return AttackData(
+            mx, my.astype(np.int64), nx, ny.astype(np.int64),
+            arrays.get("shadow_x"), _opt_int(arrays.get("shadow_y")),
+            arrays.get("population_x"), _opt_int(arrays.get("population_y")),
+            source=str(path),
+        )
+    if path.is_dir():
+        cfg_file = path / "config.yaml"
+        if not cfg_file.is_file() or not (path / "splits.npz").is_file():
+            raise ValueError(
+                f"--data {path} is a folder without config.yaml and splits.npz; give a run folder"
+            )
+        dm = _datamodule_from_yaml(yaml.safe_load(cfg_file.read_text()), str(path))
+    else:
+        dm = _datamodule_from_yaml(yaml.safe_load(path.read_text()) or {}, None)
+    mx, my = _cap(*dm.arrays("target_train"), max_samples)
+    nx, ny = _cap(*dm.arrays("target_test"), max_samples)
+    sx = np.concatenate([dm.arrays("shadow_train")[0], dm.arrays("shadow_test")[0]])
+    sy = np.concatenate([dm.arrays("shadow_train")[1], dm.arrays("shadow_test")[1]])
+    px, py = dm.arrays("population")
+    return AttackData(
+        mx, my.astype(np.int64), nx, ny.astype(np.int64),
+        *_cap(sx, sy.astype(np.int64), None if max_samples is None else 2 * max_samples),
+        *_cap(px, py.astype(np.int64), None if max_samples is None else 2 * max_samples),
+        source=str(path),
+    )
+
+
+def _opt_int(y: np.ndarray | None) -> np.ndarray | None:
+    return None if y is None else np.asarray(y).astype(np.int64)
+
+
+def default_shadow_net(input_shape: Sequence[int], num_classes: int) -> Callable[[], Any]:
+    """The attacker's default architecture (it does not know the target's).
+
+    Flat inputs: MLP ``in -> 256 -> 128 -> C`` (ReLU). Images ``[C, H, W]``: conv 32 -> pool ->
+    conv 64 -> pool -> adaptive average pool 4x4 -> 128 -> C.
+
+    Args:
+        input_shape: One input's shape without the batch axis.
+        num_classes: Number of classes.
+
+    Returns:
+        A factory building an untrained ``nn.Module``.
+    """
+    from torch import nn
+
+    shape = [int(d) for d in input_shape]
+
+    def factory() -> nn.Module:
+        if len(shape) == 1:
+            return nn.Sequential(
+                nn.Linear(shape[0], 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                nn.Linear(128, num_classes),
+            )
+        return nn.Sequential(
+            nn.Conv2d(shape[0], 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    return factory
+
+
+def _class_factory(class_path: str, input_shape: Sequence[int], num_classes: int) -> Callable[[], Any]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"--shadow-net {class_path!r} cannot be imported ({exc})") from None
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    if "in_features" in params:
+        kwargs["in_features"] = int(np.prod(input_shape))
+    if "in_channels" in params and len(input_shape) == 3:
+        kwargs["in_channels"] = int(input_shape[0])
+    return lambda: cls(**kwargs)
+
+
+def _parse_attacks(spec: str | Sequence[str]) -> list[str]:
+    from nvmpriv.attack_models import LEARNED_ATTACKS
+
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(ALL_ATTACKS)
+    known = set(mia.SCORE_ATTACKS) | set(LEARNED_ATTACKS)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"--attacks {unknown or names} unknown; choose 'all' or from {', '.join(sorted(known))}"
+        )
+    return names
+
+
+class _Counting:
+    """Query function counting the samples sent to the target (times ``k`` when averaging)."""
+
+    def __init__(self, model: Predictor, k: int) -> None:
+        self.model, self.k, self.count = model, k, 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.count += self.k * len(x)
+        acc = self.model.predict_proba(x)
+        for _ in range(self.k - 1):
+            acc = acc + self.model.predict_proba(x)
+        return acc / self.k
+
+
+def attack_model(
+    model: Predictor | str | Path,
+    data: AttackData,
+    attacks: Sequence[str] | str = "all",
+    *,
+    queries: int = 1,
+    shadow_net: str | None = None,
+    shadow_epochs: int = 30,
+    n_ref: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the MIA suite on an exported model.
+
+    Args:
+        model: A loaded predictor or the path of an export.
+        data: Candidates and the attacker's data (:func:`load_attack_data`).
+        attacks: Names or ``"all"``.
+        queries: Queries averaged per sample (``k``); with ``k > 1`` the report adds
+            ``query_averaging`` (confidence attack accuracy vs ``1, 2, 4, ..., k``).
+        shadow_net: Class path of the attacker's architecture (default
+            :func:`default_shadow_net`).
+        shadow_epochs: Training epochs of shadow/reference models.
+        n_ref: Reference models for LiRA/RMIA.
+        seed: Seed of the attacker's training.
+
+    Returns:
+        The report: ``attacks`` (per attack: ``accuracy``, ``accuracy_upper_bound``, ``auc``,
+        ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``queries``, ``seconds``, ...), metadata and
+        the ROC arrays under ``_roc`` (not JSON; dropped by the CLI).
+
+    Raises:
+        ValueError: On unknown attacks, ``queries < 1`` or missing attacker data.
+    """
+    from nvmpriv.attack_models import LEARNED_ATTACKS, MembershipSplit, TrainConfig
+    from nvmpriv.attack_models import reference_attack_inputs, run_learned_attack
+    from nvmpriv.attack_models import shadow_attack_inputs
+
+    if int(queries) < 1:
+        raise ValueError(f"--queries={queries} must be >= 1 (queries averaged per sample)")
+    predictor = model if isinstance(model, Predictor) else load(model)
+    names = _parse_attacks(attacks)
+    shape, n_classes = predictor.input_shape, predictor.num_classes
+    factory = (
+        default_shadow_net(shape, n_classes)
+        if shadow_net is None
+        else _class_factory(shadow_net, shape, n_classes)
+    )
+    needs_shadow = [n for n in names if n not in _REFERENCE]
+    if data.shadow_x is None and (needs_shadow or data.population_x is None):
+        raise ValueError(
+            "these attacks need the attacker's own data: give shadow_x/shadow_y in the .npz "
+            "(or a run folder / data YAML)"
+        )
+    target = MembershipSplit(data.member_x, data.member_y, data.nonmember_x, data.nonmember_y)
+    train = TrainConfig(epochs=shadow_epochs)
+    results: dict[str, mia.AttackResult] = {}
+    timing: dict[str, float] = {}
+    score_names = [n for n in names if n in mia.SCORE_ATTACKS and n not in _REFERENCE]
+    if score_names:
+        q = _Counting(predictor, int(queries))
+        t0 = time.perf_counter()
+        assert data.shadow_x is not None and data.shadow_y is not None
+        inputs = shadow_attack_inputs(
+            q, target, data.shadow_x, data.shadow_y, factory, train=train, seed=seed
+        )
+        prep = time.perf_counter() - t0
+        for name in score_names:
+            t1 = time.perf_counter()
+            results[name] = mia.run_attack(name, inputs)
+            timing[name] = prep + time.perf_counter() - t1
+            results[name] = _with(results[name], queries=q.count)
+    ref_names = [n for n in names if n in _REFERENCE]
+    if ref_names:
+        pool_x = data.population_x if data.population_x is not None else data.shadow_x
+        pool_y = data.population_y if data.population_y is not None else data.shadow_y
+        assert pool_x is not None and pool_y is not None
+        q = _Counting(predictor, int(queries))
+        t0 = time.perf_counter()
+        online = any(n.endswith("_online") for n in ref_names)
+        inputs = reference_attack_inputs(
+            q, target, pool_x, pool_y, factory, n_ref=n_ref, online=online, train=train, seed=seed
+        )
+        prep = time.perf_counter() - t0
+        for name in ref_names:
+            t1 = time.perf_counter()
+            results[name] = _with(mia.run_attack(name, inputs), queries=q.count)
+            timing[name] = prep + time.perf_counter() - t1
+    for name in [n for n in names if n in LEARNED_ATTACKS]:
+        q = _Counting(predictor, int(queries))
+        t0 = time.perf_counter()
+        assert data.shadow_x is not None and data.shadow_y is not None
+        r = run_learned_attack(
+            name, q, target, data.shadow_x, data.shadow_y, factory, train=train, seed=seed
+        )
+        results[name] = _with(r, queries=q.count)
+        timing[name] = time.perf_counter() - t0
+    report: dict[str, Any] = {
+        "model": str(predictor.path),
+        "crossbar": predictor.metadata.get("nvmpriv.crossbar_name", ""),
+        "chip_seed": predictor.metadata.get("nvmpriv.chip_seed", ""),
+        "split_hash": predictor.metadata.get("nvmpriv.split_hash", ""),
+        "data": data.source,
+        "queries_per_sample": int(queries),
+        "n_members": len(data.member_y),
+        "n_nonmembers": len(data.nonmember_y),
+        "shadow_net": shadow_net or "default (nvmpriv.blackbox.default_shadow_net)",
+        "attacks": {},
+    }
+    for name in names:
+        r = results[name]
+        entry = r.to_dict(max_roc_points=500)
+        entry.pop("roc_fpr", None)
+        entry.pop("roc_tpr", None)
+        entry["seconds"] = timing[name]
+        report["attacks"][name] = entry
+    if int(queries) > 1 and data.shadow_x is not None:
+        ks = sorted({2**i for i in range(int(np.log2(queries)) + 1)} | {int(queries)})
+        curve = mia.query_averaging_curve(
+            predictor.predict_proba, data.member_x, data.member_y, data.nonmember_x,
+            data.nonmember_y, ks,
+        )
+        report["query_averaging"] = mia.averaging_report(curve)
+    report["_roc"] = {n: {"roc": (r.fpr, r.tpr), "auc": r.auc} for n, r in results.items()}
+    return report
+
+
+def _with(result: mia.AttackResult, **changes: Any) -> mia.AttackResult:
+    return mia.AttackResult(**{**result.__dict__, **changes})
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table of the report.
+
+    Args:
+        report: As returned by :func:`attack_model`.
+
+    Returns:
+        The table.
+    """
+    head = (
+        f"{'attack':28s} {'acc':>6s} {'acc_ub':>6s} {'auc':>6s} {'tpr@1%':>7s} "
+        f"{'tpr@.1%':>7s} {'queries':>8s} {'sec':>6s}"
+    )
+    lines = [f"model {report['model']} (crossbar {report['crossbar']})", head, "-" * len(head)]
+    for name, e in report["attacks"].items():
+        acc = "   n/a" if e.get("accuracy") is None else f"{e['accuracy']:6.3f}"
+        lines.append(
+            f"{name:28s} {acc} {e['accuracy_upper_bound']:6.3f} {e['auc']:6.3f} "
+            f"{e['tpr_at_1pct_fpr']:7.3f} {e['tpr_at_01pct_fpr']:7.3f} "
+            f"{e.get('queries') or 0:8d} {e['seconds']:6.1f}"
+        )
+    for row in report.get("query_averaging", []):
+        lines.append(f"  k={row['k']:<4d} confidence acc_ub={row['accuracy_upper_bound']:.3f}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nvmpriv attack",
+        description="Membership inference against an exported ONNX model (queries only).",
+    )
+    p.add_argument("--model", required=True, help="exported .onnx file")
+    p.add_argument("--data", required=True, help="run folder, data config YAML, or .npz")
+    p.add_argument("--attacks", default="all", help="'all' or comma-separated names")
+    p.add_argument("--queries", type=int, default=1, help="queries averaged per sample (k)")
+    p.add_argument("--output", default="report.json", help="report path (ROC PNG next to it)")
+    p.add_argument("--shadow-net", default=None, help="class path of the attacker's net")
+    p.add_argument("--shadow-epochs", type=int, default=30, help="attacker's training epochs")
+    p.add_argument("--n-ref", type=int, default=4, help="reference models for LiRA/RMIA")
+    p.add_argument("--max-samples", type=int, default=1000, help="cap per candidate set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacker's training")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    """``python -m nvmpriv attack``.
+
+    Args:
+        argv: Arguments after ``attack``.
+
+    Returns:
+        Exit code.
+    """
+    args = _parser().parse_args(argv)
+    names = _parse_attacks(args.attacks)
+    if args.shadow_epochs < 1 or args.n_ref < 1 or args.max_samples < 1:
+        raise ValueError("--shadow-epochs, --n-ref and --max-samples must be >= 1")
+    model = load(args.model)
+    data = load_attack_data(args.data, max_samples=args.max_samples)
+    report = attack_model(
+        model, data, names, queries=args.queries, shadow_net=args.shadow_net,
+        shadow_epochs=args.shadow_epochs, n_ref=args.n_ref, seed=args.seed,
+    )
+    write_report(report, args.output)
+    print(format_report(report))
+    return 0
+
+
+def write_report(report: dict[str, Any], output: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` (atomically) and a log-log ROC PNG next to it.
+
+    Args:
+        report: As returned by :func:`attack_model`.
+        output: JSON path.
+
+    Returns:
+        ``(json_path, png_path)``.
+    """
+    from nvmpriv.callbacks import atomic_write_text
+    from nvmpriv.plots import roc_figure
+
+    out = Path(output)
+    payload = {k: v for k, v in report.items() if not k.startswith("_")}
+    atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True))
+    png = out.with_suffix(".png")
+    fig = roc_figure(report["_roc"], f"{report['crossbar']} ({Path(report['model']).name})")
+    fig.savefig(png, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out, png

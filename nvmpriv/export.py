@@ -1,0 +1,971 @@
+"""Export a trained model, digital or programmed onto a simulated crossbar chip, to ONNX.
+
+Every crossbar layer (:class:`nvmpriv.crossbar.CrossbarLinear` / ``CrossbarConv2d``) becomes one
+node of the custom domain ``nvmpriv`` (version 1): ``CrossbarGemm`` or ``CrossbarConv``. Its
+inputs are the input activations and the programmed chip as initializers (``w_tiles``: per-tile
+effective weights, or weight slices in counts with bit slicing; ``bias``; ``noise_tiles``: read
+noise variance per unit squared input), its attributes the scalars (DAC/ADC bits and steps,
+tiling, bit-slicing widths, read-noise seed). The forward equation is the one stated in the
+docstring of :class:`nvmpriv.crossbar.CrossbarLayer`.
+
+Each node also carries its computation as an ONNX *function* in standard ops (opset
+:data:`OPSET`), so stock onnxruntime runs the file with no custom library: the node's
+``overload`` field names its layer and selects a function body specialised to that layer's
+shapes (ONNX IR version 10 function overloads). Lowering used by the bodies:
+
+* no ADC: one ``MatMul`` / ``Conv`` with the assembled effective weight (the per-tile sum is
+  linear, so this is exactly the same function);
+* with ADC (per-tile partial sums): Linear pads the input to ``n_row_tiles * N``, reshapes it to
+  ``[n_r, B, N]`` and runs one batched ``MatMul`` against ``w_tiles`` ``[n_r, N, T*O]``; Conv
+  gathers, for every tile row, the input channels it touches and convolves them with the
+  tile's kernel rows (taps outside the tile masked to 0) as one grouped ``Conv`` with
+  ``group = groups * n_row_tiles``, the same construction as the torch simulator;
+* read noise: ``sqrt(x^2 @ noise) * RandomNormalLike(seed=...)`` on the partial sums.
+
+The file's ``metadata_props`` hold ``nvmpriv.version``, ``nvmpriv.crossbar`` (JSON of
+:meth:`CrossbarConfig.to_dict` or ``"digital"``), ``nvmpriv.crossbar_name``, ``nvmpriv.chip_seed``,
+``nvmpriv.split_hash``, ``nvmpriv.input_name``, ``nvmpriv.output_name``, ``nvmpriv.output``
+(``"probabilities"``), ``nvmpriv.input_shape`` (JSON, without the batch dimension),
+``nvmpriv.num_classes``, ``nvmpriv.opset`` and ``nvmpriv.calibration``. The graph's input is
+``input`` with a dynamic batch dimension, its output ``probabilities`` (softmax appended).
+
+CLI::
+
+    python -m nvmpriv export --config CONFIG.yaml --ckpt_path RUN/checkpoints/last.ckpt \\
+        --crossbar 64x64_100k --seed 0 [--output exports/NAME.onnx] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+from onnx import helper as oh
+from torch import nn
+
+from nvmpriv import __version__
+from nvmpriv.crossbar import (
+    CrossbarConfig,
+    CrossbarConv2d,
+    CrossbarLayer,
+    CrossbarLinear,
+    convert,
+    crossbar_layers,
+    get_preset,
+)
+
+__all__ = [
+    "DIGITAL",
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAME",
+    "ExportError",
+    "cli_main",
+    "crossbar_functions",
+    "export_model",
+    "load_crossbar",
+    "resolve_output",
+]
+
+#: Standard ONNX opset of the exported graphs and of the ``nvmpriv`` function bodies.
+OPSET = 18
+#: Custom domain of the crossbar nodes and its version.
+DOMAIN = "nvmpriv"
+DOMAIN_VERSION = 1
+#: IR version 10 is the first with function overloads (one specialised body per layer).
+IR_VERSION = 10
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+DIGITAL = "digital"
+DEFAULT_FOLDER = Path("exports")
+
+
+class ExportError(ValueError):
+    """Invalid export request (names the offending option and the fix)."""
+
+
+# ====================================================================== crossbar config
+def load_crossbar(spec: str) -> CrossbarConfig | None:
+    """Resolve ``--crossbar``: ``digital``, a preset name or a YAML/JSON file of fields.
+
+    Args:
+        spec: ``"digital"``, a key of ``nvmpriv.crossbar.PRESETS`` or a path to a YAML/JSON
+            mapping accepted by :meth:`CrossbarConfig.from_dict` (``preset:`` plus overrides).
+
+    Returns:
+        The configuration, or ``None`` for the digital model.
+
+    Raises:
+        ExportError: If a file cannot be read or holds no mapping.
+        CrossbarConfigError: On an unknown preset or invalid field.
+    """
+    if spec == DIGITAL:
+        return None
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
+        if not path.is_file():
+            raise ExportError(f"--crossbar file {path} not found; give a preset name or a file")
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict) and "crossbar" in data and isinstance(data["crossbar"], dict):
+            data = data["crossbar"]
+        if not isinstance(data, dict):
+            raise ExportError(
+                f"--crossbar file {path} must hold a mapping of CrossbarConfig fields"
+            )
+        return CrossbarConfig.from_dict(data)
+    return get_preset(spec)
+
+
+# ====================================================================== torch side: stubs
+@dataclass
+class _LayerSpec:
+    """What the post-processing needs about one crossbar layer."""
+
+    key: str
+    layer: CrossbarLayer
+    state: dict[str, Any]
+    noise_seed: int
+
+
+_ACTIVE: dict[str, _LayerSpec] = {}
+
+
+class _CrossbarOp(torch.autograd.Function):
+    """Traced as one ``nvmpriv`` node; the forward runs the real layer for shapes."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        w_tiles: torch.Tensor,
+        bias: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        key: str,
+    ) -> torch.Tensor:
+        return _ACTIVE[key].layer(x)
+
+    @staticmethod
+    def symbolic(
+        g: Any,
+        x: Any,
+        w_tiles: Any,
+        bias: Any,
+        noise: Any,
+        key: str,
+    ) -> Any:
+        inputs = [x, w_tiles]
+        if bias is not None and not _is_none(bias):
+            inputs.append(bias)
+        if noise is not None and not _is_none(noise):
+            inputs.append(noise)
+        return g.op(f"{DOMAIN}::CrossbarPending", *inputs, layer_s=key)
+
+
+def _is_none(value: Any) -> bool:
+    node = getattr(value, "node", None)
+    return node is not None and value.node().mustBeNone()
+
+
+class _ExportStub(nn.Module):
+    """Stands in for a crossbar layer during tracing; its buffers become the initializers."""
+
+    def __init__(self, key: str, layer: CrossbarLayer) -> None:
+        super().__init__()
+        self.key = key
+        self.register_buffer("w_tiles", layer.w_tiles.detach().float().clone())
+        self.register_buffer(
+            "bias", None if layer.bias is None else layer.bias.detach().float().clone()
+        )
+        noisy = layer.config.has_read_noise and layer.noise_tiles.numel() > 0
+        self.register_buffer(
+            "noise_tiles", layer.noise_tiles.detach().float().clone() if noisy else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _CrossbarOp.apply(x, self.w_tiles, self.bias, self.noise_tiles, self.key)
+
+
+class _WithSoftmax(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
+
+
+# ====================================================================== function bodies
+class _Body:
+    """Accumulates the nodes of one function body with unique value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: Any) -> str:
+        name = out or f"t{self._n}"
+        self._n += 1
+        self.nodes.append(oh.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self.op("Constant", [], value=numpy_helper.from_array(arr))
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(list(values), np.int64)
+
+
+def _f32(value: float) -> np.float32:
+    return np.float32(value)
+
+
+def _dac(b: _Body, x: str, st: dict[str, Any]) -> str:
+    """DAC exactly as the torch simulator's clipped straight-through quantizer evaluates it."""
+    if not st["dac_bits"]:
+        return x
+    step = st["dac_step32"]
+    lim = b.const(_f32(np.float32(st["dac_qmax"]) * step))
+    clipped = b.op("Max", [b.op("Min", [x, lim]), b.op("Neg", [lim])])
+    q = b.op("Mul", [b.op("Round", [b.op("Div", [clipped, b.const(step)])]), b.const(step)])
+    # torch returns clipped + (q - clipped) (straight-through form); same float rounding here
+    return b.op("Add", [clipped, b.op("Sub", [q, clipped])])
+
+
+def _digits(b: _Body, x: str, st: dict[str, Any]) -> str:
+    """Fixed-point input codes split into signed stream digits, concatenated on axis 0."""
+    qmax = 2 ** (st["input_bits"] - 1) - 1
+    codes = b.op("Round", [b.op("Mul", [x, b.const(2.0 ** st["input_frac_bits"])])])
+    codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
+    sign, mag = b.op("Sign", [codes]), b.op("Abs", [codes])
+    a, n_s = st["stream_width"], st["n_streams"]
+    parts = []
+    for k in range(n_s):
+        shifted = b.op("Floor", [b.op("Div", [mag, b.const(2.0 ** (a * (n_s - 1 - k)))])])
+        digit = b.op("Mod", [shifted, b.const(2.0**a)], fmod=1)
+        parts.append(b.op("Mul", [sign, digit]))
+    return b.op("Concat", parts, axis=0)  # [S*B, ...], stream-major like the simulator
+
+
+def _shift_coeff(st: dict[str, Any]) -> np.ndarray:
+    a, b_w = st["stream_width"], st["slice_width"]
+    n_s, n_t = st["n_streams"], st["n_slices"]
+    coeff = np.array(
+        [[2.0 ** (a * (n_s - 1 - s) + b_w * (n_t - 1 - t)) for t in range(n_t)] for s in range(n_s)]
+    )
+    return (coeff * 2.0 ** -(st["input_frac_bits"] + st["weight_frac_bits"])).astype(np.float32)
+
+
+def _adc(b: _Body, p: str, st: dict[str, Any], axis: int, reciprocal: bool) -> str:
+    """Per-tile ADC codes, digital sum over the tile-row axis, times the step."""
+    if not st["adc_bits"]:
+        return b.op("ReduceSum", [p, b.ints([axis])], keepdims=0)
+    step = st["adc_step32"]
+    if reciprocal:  # the simulator's eager Linear path multiplies by 1/step
+        scaled = b.op("Mul", [p, b.const(np.float32(1.0) / step)])
+    else:
+        scaled = b.op("Div", [p, b.const(step)])
+    q = b.op("Clip", [b.op("Round", [scaled]), b.const(-st["adc_qmax"]), b.const(st["adc_qmax"])])
+    return b.op("Mul", [b.op("ReduceSum", [q, b.ints([axis])], keepdims=0), b.const(step)])
+
+
+def _noise(b: _Body, var: str, like: str, seed: int) -> str:
+    std = b.op("Sqrt", [b.op("Max", [var, b.const(0.0)])])
+    return b.op("Mul", [std, b.op("RandomNormalLike", [like], seed=float(seed))])
+
+
+def _dense_weight(b: _Body, w: str, st: dict[str, Any]) -> str:
+    """``w_tiles`` -> assembled effective matrix ``[G, K, O]`` (slices shifted and summed)."""
+    g, n_r, n = st["groups"], st["n_row_tiles"], st["tile_size"]
+    k, o, n_t = st["rows_per_group"], st["cols_per_group"], st["n_slices"]
+    full = b.op("Reshape", [w, b.ints([g, n_r * n, n_t, o])])
+    full = b.op("Slice", [full, b.ints([0]), b.ints([k]), b.ints([1])])
+    if st["bit_slicing"]:
+        coeff = np.array([2.0 ** (st["slice_width"] * (n_t - 1 - t)) for t in range(n_t)])
+        coeff = (coeff * 2.0 ** -st["weight_frac_bits"]).astype(np.float32).reshape(1, 1, -1, 1)
+        return b.op("ReduceSum", [b.op("Mul", [full, b.const(coeff)]), b.ints([2])], keepdims=0)
+    return b.op("Reshape", [full, b.ints([g, k, o])])
+
+
+def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _Body:
+    b = _Body()
+    n_r, n, k = st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
+    o, n_t = st["cols_per_group"], st["n_slices"]
+    tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
+    if st["bit_slicing"] and not tiled:
+        qmax = 2 ** (st["input_bits"] - 1) - 1
+        codes = b.op("Round", [b.op("Mul", ["X", b.const(2.0 ** st["input_frac_bits"])])])
+        codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
+        xin = b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
+    elif st["bit_slicing"]:
+        xin = _digits(b, "X", st)
+    else:
+        xin = _dac(b, "X", st)
+    if not tiled:
+        wd = b.op("Reshape", [_dense_weight(b, "W", st), b.ints([k, o])])
+        y = b.op("MatMul", [xin, wd])
+        if noisy:
+            nd = b.op("Reshape", ["NZ", b.ints([n_r * n, o])])
+            nd = b.op("Slice", [nd, b.ints([0]), b.ints([k]), b.ints([0])])
+            var = b.op("MatMul", [b.op("Mul", [xin, xin]), nd])
+            y = b.op("Add", [y, _noise(b, var, y, seed)])
+    else:
+        xp = xin
+        if n_r * n > k:
+            xp = b.op("Pad", [xin, b.ints([0, 0, 0, n_r * n - k])])
+        xt = b.op("Transpose", [b.op("Reshape", [xp, b.ints([-1, n_r, n])])], perm=[1, 0, 2])
+        wt = b.op("Reshape", ["W", b.ints([n_r, n, n_t * o])])
+        p = b.op("MatMul", [xt, wt])  # [n_r, B', T*O]
+        if noisy:
+            nt = b.op("Reshape", ["NZ", b.ints([n_r, n, n_t * o])])
+            var = b.op("MatMul", [b.op("Mul", [xt, xt]), nt])
+            p = b.op("Add", [p, _noise(b, var, p, seed)])
+        reciprocal = not noisy and not st["bit_slicing"]
+        y = _adc(b, p, st, 0, reciprocal)  # [B', T*O]
+        if st["bit_slicing"]:
+            y = b.op("Reshape", [y, b.ints([st["n_streams"], -1, n_t, o])])
+            coeff = _shift_coeff(st).reshape(st["n_streams"], 1, n_t, 1)
+            y = b.op("ReduceSum", [b.op("Mul", [y, b.const(coeff)]), b.ints([0, 2])], keepdims=0)
+    if has_bias:
+        y = b.op("Add", [y, "B"])
+    b.op("Identity", [y], out="Y")
+    return b
+
+
+def _conv_tiling(layer: CrossbarConv2d) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Channel gather index, kernel-row index and validity mask of the per-tile grouped conv."""
+    n = layer.config.tile_size
+    kh, kw = layer.kernel_size
+    taps = kh * kw
+    k, n_r, n_g = layer.rows_per_group, layer.n_row_tiles, layer.groups
+    cin_g = layer.in_channels // n_g
+    r = np.arange(n_r)
+    first = r * n
+    last = np.minimum((r + 1) * n, k) - 1
+    c0 = first // taps
+    c_max = int((last // taps - c0).max()) + 1
+    m = np.arange(c_max)
+    rows = (c0[:, None, None] + m[None, :, None]) * taps + np.arange(taps)[None, None, :]
+    valid = (rows >= first[:, None, None]) & (rows <= last[:, None, None])
+    rows_c = np.where(valid, rows, 0)
+    chan = np.minimum(c0[:, None] + m[None, :], cin_g - 1)
+    chan_index = (np.arange(n_g)[:, None, None] * cin_g + chan[None]).reshape(-1)
+    return chan_index.astype(np.int64), rows_c.reshape(-1).astype(np.int64), valid, c_max
+
+
+def _conv_attrs(st: dict[str, Any]) -> dict[str, Any]:
+    kh, kw = st["kernel_size"]
+    pads = st["pads"]
+    return {
+        "kernel_shape": [kh, kw],
+        "strides": list(st["stride"]),
+        "pads": list(pads),
+        "dilations": list(st["dilation"]),
+    }
+
+
+def _conv_body(
+    st: dict[str, Any], layer: CrossbarConv2d, has_bias: bool, noisy: bool, seed: int
+) -> _Body:
+    b = _Body()
+    g, n_r, n, k = st["groups"], st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
+    o, n_t = st["cols_per_group"], st["n_slices"]
+    kh, kw = st["kernel_size"]
+    attrs = _conv_attrs(st)
+    tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
+    cin_g = layer.in_channels // g
+    if st["bit_slicing"] and not tiled:
+        qmax = 2 ** (st["input_bits"] - 1) - 1
+        codes = b.op("Round", [b.op("Mul", ["X", b.const(2.0 ** st["input_frac_bits"])])])
+        codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
+        xin = b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
+    elif st["bit_slicing"]:
+        xin = _digits(b, "X", st)
+    else:
+        xin = _dac(b, "X", st)
+    if not tiled:
+
+        def dense(w: str) -> str:  # [G, K, O] -> [G*O, Cin/G, kh, kw]
+            m = _dense_weight(b, w, st) if w == "W" else _noise_dense(b, st)
+            m = b.op("Transpose", [m], perm=[0, 2, 1])
+            return b.op("Reshape", [m, b.ints([g * o, cin_g, kh, kw])])
+
+        inputs = [xin, dense("W")] + (["B"] if has_bias and not noisy else [])
+        y = b.op("Conv", inputs, group=g, **attrs)
+        if noisy:
+            var = b.op("Conv", [b.op("Mul", [xin, xin]), dense("NZ")], group=g, **attrs)
+            y = b.op("Add", [y, _noise(b, var, y, seed)])
+            if has_bias:
+                y = b.op("Add", [y, b.op("Reshape", ["B", b.ints([1, -1, 1, 1])])])
+        b.op("Identity", [y], out="Y")
+        return b
+    chan_index, rows_c, valid, c_max = _conv_tiling(layer)
+    taps = kh * kw
+    m_cols = n_t * o
+
+    def split(w: str) -> str:  # [G, n_r, N, T*O] -> [G*n_r*T*O, c_max, kh, kw] masked kernels
+        flat = b.op("Reshape", [w, b.ints([g, n_r * n, m_cols])])
+        gathered = b.op("Gather", [flat, b.ints(rows_c)], axis=1)
+        gathered = b.op("Reshape", [gathered, b.ints([g, n_r, c_max, taps, m_cols])])
+        mask = valid.reshape(1, n_r, c_max, taps, 1).astype(np.float32)
+        gathered = b.op("Mul", [gathered, b.const(mask)])
+        gathered = b.op("Transpose", [gathered], perm=[0, 1, 4, 2, 3])
+        return b.op("Reshape", [gathered, b.ints([g * n_r * m_cols, c_max, kh, kw])])
+
+    identity = chan_index.size == layer.in_channels and bool(
+        (chan_index == np.arange(layer.in_channels)).all()
+    )
+    xg = xin if identity else b.op("Gather", [xin, b.ints(chan_index)], axis=1)
+    p4 = b.op("Conv", [xg, split("W")], group=g * n_r, **attrs)  # [B', G*n_r*M, Ho, Wo]
+    spatial = b.op("Slice", [b.op("Shape", [p4]), b.ints([2]), b.ints([4]), b.ints([0])])
+    p = b.op("Reshape", [p4, b.ints([0, g, n_r, m_cols, -1])])
+    if noisy:
+        var4 = b.op("Conv", [b.op("Mul", [xg, xg]), split("NZ")], group=g * n_r, **attrs)
+        var = b.op("Reshape", [var4, b.ints([0, g, n_r, m_cols, -1])])
+        p = b.op("Add", [p, _noise(b, var, p, seed)])
+    y = _adc(b, p, st, 2, False)  # [B', G, M, HW]
+    if st["bit_slicing"]:
+        n_s = st["n_streams"]
+        y = b.op("Reshape", [y, b.ints([0, g, n_t, o, -1])])  # [S*B, G, T, O, HW]
+        coeff = _shift_coeff(st)
+        outs = [f"s{i}" for i in range(n_s)]
+        b.nodes.append(oh.make_node("Split", [y], outs, axis=0, num_outputs=n_s))
+        terms = [
+            b.op("Mul", [part, b.const(coeff[i].reshape(1, 1, n_t, 1, 1))])
+            for i, part in enumerate(outs)
+        ]
+        y = b.op("ReduceSum", [b.op("Sum", terms), b.ints([2])], keepdims=0)
+    shape = b.op("Concat", [b.ints([0, g * o]), spatial], axis=0)
+    y = b.op("Reshape", [y, shape])
+    if has_bias:
+        y = b.op("Add", [y, b.op("Reshape", ["B", b.ints([1, -1, 1, 1])])])
+    b.op("Identity", [y], out="Y")
+    return b
+
+
+def _noise_dense(b: _Body, st: dict[str, Any]) -> str:
+    g, n_r, n = st["groups"], st["n_row_tiles"], st["tile_size"]
+    k, o = st["rows_per_group"], st["cols_per_group"]
+    full = b.op("Reshape", ["NZ", b.ints([g, n_r * n, o])])
+    return b.op("Slice", [full, b.ints([0]), b.ints([k]), b.ints([1])])
+
+
+# ====================================================================== node attributes
+def _layer_state(layer: CrossbarLayer) -> dict[str, Any]:
+    """``programmed_state`` plus converter steps computed in float32 as the simulator does."""
+    st = dict(layer.programmed_state())
+    cfg = layer.config
+    if st["dac_bits"]:
+        st["dac_step32"] = np.float32(
+            torch.clamp(layer.dac_range.float(), min=1e-30) / st["dac_qmax"]
+        )
+    if st["adc_bits"]:
+        if cfg.bit_slicing:
+            st["adc_step32"] = np.float32(st["adc_step"])
+        else:
+            st["adc_step32"] = np.float32(
+                torch.clamp(layer.adc_range.float(), min=1e-30) / st["adc_qmax"]
+            )
+    if isinstance(layer, CrossbarConv2d):
+        kh, kw = layer.kernel_size
+        st["pads"] = _onnx_pads(layer)
+        st["kernel_size"] = [kh, kw]
+    return st
+
+
+def _onnx_pads(layer: CrossbarConv2d) -> list[int]:
+    pad = layer.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return [0, 0, 0, 0]
+        if pad == "same" and tuple(layer.stride) == (1, 1):
+            total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+            begin = [t // 2 for t in total]
+            return [begin[0], begin[1], total[0] - begin[0], total[1] - begin[1]]
+        raise ExportError(f"Conv2d padding={pad!r} with stride {layer.stride} cannot be exported")
+    ph, pw = pad
+    return [ph, pw, ph, pw]
+
+
+def _node_attributes(spec: _LayerSpec, has_bias: bool, noisy: bool) -> dict[str, Any]:
+    st, cfg = spec.state, spec.layer.config
+    attrs: dict[str, Any] = {
+        "tile_size": int(st["tile_size"]),
+        "groups": int(st["groups"]),
+        "rows_per_group": int(st["rows_per_group"]),
+        "cols_per_group": int(st["cols_per_group"]),
+        "n_row_tiles": int(st["n_row_tiles"]),
+        "n_slices": int(st["n_slices"]),
+        "dac_bits": int(st["dac_bits"]),
+        "dac_qmax": int(st.get("dac_qmax", 0)),
+        "dac_step": float(st.get("dac_step32", 0.0)),
+        "adc_bits": int(st["adc_bits"]),
+        "adc_qmax": int(st.get("adc_qmax", 0)),
+        "adc_step": float(st.get("adc_step32", 0.0)),
+        "bit_slicing": int(bool(st["bit_slicing"])),
+        "input_bits": int(st["input_bits"]),
+        "input_frac_bits": int(st["input_frac_bits"]),
+        "weight_frac_bits": int(st["weight_frac_bits"]),
+        "stream_width": int(st["stream_width"]),
+        "slice_width": int(st["slice_width"]),
+        "n_streams": int(st["n_streams"]),
+        "read_noise": int(noisy),
+        "read_noise_sigma": float(cfg.read_noise_sigma if noisy else 0.0),
+        "seed": int(spec.noise_seed),
+        "has_bias": int(has_bias),
+    }
+    if st["kind"] == "conv2d":
+        attrs.update(_conv_attrs(st))
+    return attrs
+
+
+def _overload(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", key) or "root"
+
+
+def crossbar_functions(model: onnx.ModelProto, specs: dict[str, _LayerSpec]) -> onnx.ModelProto:
+    """Turn the traced placeholder nodes into ``nvmpriv`` nodes with their function bodies.
+
+    Args:
+        model: The traced model (placeholder nodes carry a ``layer`` attribute).
+        specs: Layer key -> spec.
+
+    Returns:
+        The same model, modified in place.
+    """
+    functions = []
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        key = next(a.s.decode() for a in node.attribute if a.name == "layer")
+        spec = specs[key]
+        has_bias = "bias" in spec.state
+        noisy = len(node.input) == (4 if has_bias else 3)
+        conv = spec.state["kind"] == "conv2d"
+        node.op_type = "CrossbarConv" if conv else "CrossbarGemm"
+        node.overload = _overload(key)
+        attrs = _node_attributes(spec, has_bias, noisy)
+        del node.attribute[:]
+        node.attribute.extend(oh.make_attribute(k, v) for k, v in sorted(attrs.items()))
+        if conv:
+            assert isinstance(spec.layer, CrossbarConv2d)
+            body = _conv_body(spec.state, spec.layer, has_bias, noisy, spec.noise_seed)
+        else:
+            body = _gemm_body(spec.state, has_bias, noisy, spec.noise_seed)
+        inputs = ["X", "W"] + (["B"] if has_bias else []) + (["NZ"] if noisy else [])
+        fn = oh.make_function(
+            DOMAIN,
+            node.op_type,
+            inputs,
+            ["Y"],
+            body.nodes,
+            [oh.make_opsetid("", OPSET)],
+            attributes=sorted(attrs),
+            doc_string=f"crossbar layer {key!r} (see nvmpriv.crossbar.CrossbarLayer)",
+            overload=node.overload,
+        )
+        functions.append(fn)
+    model.functions.extend(functions)
+    return model
+
+
+# ====================================================================== export
+def _metadata(
+    config: CrossbarConfig | None,
+    *,
+    chip_seed: int | None,
+    split_hash: str | None,
+    input_shape: Sequence[int],
+    num_classes: int,
+    calibration: str,
+    extra: dict[str, str] | None,
+) -> dict[str, str]:
+    meta = {
+        "nvmpriv.version": __version__,
+        "nvmpriv.crossbar": DIGITAL if config is None else json.dumps(config.to_dict(), default=str),
+        "nvmpriv.crossbar_name": DIGITAL if config is None else config.name,
+        "nvmpriv.chip_seed": "" if chip_seed is None or config is None else str(int(chip_seed)),
+        "nvmpriv.split_hash": split_hash or "",
+        "nvmpriv.input_name": INPUT_NAME,
+        "nvmpriv.output_name": OUTPUT_NAME,
+        "nvmpriv.output": "probabilities",
+        "nvmpriv.input_shape": json.dumps([int(d) for d in input_shape]),
+        "nvmpriv.num_classes": str(int(num_classes)),
+        "nvmpriv.opset": str(OPSET),
+        "nvmpriv.domain_version": str(DOMAIN_VERSION),
+        "nvmpriv.calibration": calibration,
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def resolve_output(output: str | os.PathLike[str] | None, name: str) -> Path:
+    """The output path: ``output`` as given, or ``exports/<name>.onnx``.
+
+    Args:
+        output: Requested path or ``None``.
+        name: Default file stem.
+
+    Returns:
+        The path (``.onnx`` suffix enforced).
+
+    Raises:
+        ExportError: If the suffix is not ``.onnx``.
+    """
+    path = DEFAULT_FOLDER / f"{name}.onnx" if output is None else Path(output)
+    if path.suffix != ".onnx":
+        raise ExportError(f"--output {path} must end in .onnx; e.g. exports/{name}.onnx")
+    return path
+
+
+def _atomic_write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists; pass --overwrite or choose another --output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if not overwrite:
+            # link() refuses an existing destination: no window where another writer is clobbered
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ExportError(
+                    f"{path} already exists; pass --overwrite or choose another --output"
+                ) from None
+            except OSError:
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def export_model(
+    net: nn.Module,
+    config: CrossbarConfig | None,
+    output: str | os.PathLike[str],
+    *,
+    input_shape: Sequence[int],
+    num_classes: int | None = None,
+    chip_seed: int = 0,
+    calibration: np.ndarray | torch.Tensor | None = None,
+    calibration_note: str = "",
+    split_hash: str | None = None,
+    noise_seed: int | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export ``net`` (digital, or programmed onto a chip) to an ONNX file.
+
+    Args:
+        net: The trained digital network (inputs -> logits); left untouched.
+        config: Crossbar configuration, or ``None`` for the plain digital model.
+        output: Destination ``.onnx`` path (written atomically).
+        input_shape: Shape of one input without the batch dimension (e.g. ``[64]``).
+        num_classes: Number of classes (inferred from a forward pass when ``None``).
+        chip_seed: Chip seed (one config + seed = one chip, as :func:`nvmpriv.crossbar.convert`).
+        calibration: Batch that calibrates DAC/ADC full scale (required when the config has a
+            DAC/ADC); the training audit uses the first 256 rows of ``target_train``.
+        calibration_note: Where the calibration batch came from (stored in the metadata).
+        split_hash: Membership split hash of the run (stored in the metadata).
+        noise_seed: Base seed of the per-query read-noise generators (node ``i`` gets
+            ``noise_seed + i``); default ``chip_seed``.
+        overwrite: Replace an existing file.
+        check: Run ``onnx.checker.check_model(full_check=True)`` before writing.
+        metadata: Extra ``metadata_props`` entries.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ExportError: If the file exists and ``overwrite`` is false, or calibration is missing.
+    """
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists; pass --overwrite or choose another --output")
+    data = export_bytes(
+        net,
+        config,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        chip_seed=chip_seed,
+        calibration=calibration,
+        calibration_note=calibration_note,
+        split_hash=split_hash,
+        noise_seed=noise_seed,
+        check=check,
+        metadata=metadata,
+    )
+    _atomic_write_bytes(path, data, overwrite)
+    return path
+
+
+def export_bytes(
+    net: nn.Module,
+    config: CrossbarConfig | None,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int | None = None,
+    chip_seed: int = 0,
+    calibration: np.ndarray | torch.Tensor | None = None,
+    calibration_note: str = "",
+    split_hash: str | None = None,
+    noise_seed: int | None = None,
+    check: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> bytes:
+    """Like :func:`export_model` but return the serialized model instead of writing it.
+
+    Args:
+        net: See :func:`export_model`.
+        config: See :func:`export_model`.
+        input_shape: See :func:`export_model`.
+        num_classes: See :func:`export_model`.
+        chip_seed: See :func:`export_model`.
+        calibration: See :func:`export_model`.
+        calibration_note: See :func:`export_model`.
+        split_hash: See :func:`export_model`.
+        noise_seed: See :func:`export_model`.
+        check: See :func:`export_model`.
+        metadata: See :func:`export_model`.
+
+    Returns:
+        The ONNX model bytes.
+
+    Raises:
+        ExportError: If the config has a DAC/ADC and no calibration batch is given.
+    """
+    net = copy.deepcopy(net).cpu().float().eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    shape = [int(d) for d in input_shape]
+    example = torch.zeros(2, *shape)
+    specs: dict[str, _LayerSpec] = {}
+    if config is not None:
+        if config.needs_calibration and calibration is None:
+            raise ExportError(
+                f"crossbar {config.name!r} has a DAC/ADC: give a calibration batch "
+                "(the audit uses the first 256 rows of target_train)"
+            )
+        calib = None if calibration is None else torch.as_tensor(np.asarray(calibration)).float()
+        chip = convert(net, config, seed=int(chip_seed), calibration=calib).eval()
+        for param in chip.parameters():
+            param.requires_grad_(False)  # traced as constants inside the placeholder op
+        if calib is not None:
+            example = calib[:2].clone()
+        base = int(chip_seed if noise_seed is None else noise_seed)
+        for i, (name, layer) in enumerate(crossbar_layers(chip).items()):
+            key = name or "root"
+            specs[key] = _LayerSpec(key, layer, _layer_state(layer), base + i)
+        mapping = {id(s.layer): _ExportStub(k, s.layer) for k, s in specs.items()}
+        if isinstance(chip, CrossbarLayer):
+            chip = mapping[id(chip)]
+        else:
+            for parent in list(chip.modules()):
+                for attr, child in list(parent._modules.items()):
+                    if child is not None and id(child) in mapping:
+                        parent._modules[attr] = mapping[id(child)]
+        net = chip
+    wrapped = _WithSoftmax(net).eval()
+    buffer = io.BytesIO()
+    _ACTIVE.clear()
+    _ACTIVE.update(specs)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if num_classes is None:
+                num_classes = int(wrapped(example).shape[1])
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+                custom_opsets={DOMAIN: DOMAIN_VERSION},
+                do_constant_folding=True,
+            )
+    finally:
+        _ACTIVE.clear()
+    model = onnx.load_from_string(buffer.getvalue())
+    if specs:
+        crossbar_functions(model, specs)
+        model.ir_version = max(model.ir_version, IR_VERSION)
+    model.producer_name = "nvmpriv"
+    model.producer_version = __version__
+    model.doc_string = (
+        "nvmpriv export: input 'input' [batch, *input_shape] -> 'probabilities' [batch, C]; "
+        f"crossbar nodes in domain '{DOMAIN}' v{DOMAIN_VERSION} carry their ONNX function "
+        f"(opset {OPSET}), see nvmpriv.export"
+    )
+    meta = _metadata(
+        config,
+        chip_seed=chip_seed,
+        split_hash=split_hash,
+        input_shape=shape,
+        num_classes=int(num_classes),
+        calibration=calibration_note,
+        extra=metadata,
+    )
+    oh.set_model_props(model, meta)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return bytes(model.SerializeToString())
+
+
+# ====================================================================== loading a run
+def _instantiate(spec: Any) -> Any:
+    """Build ``{class_path, init_args}`` recursively (the LightningCLI YAML form)."""
+    import importlib
+
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, cls = str(spec["class_path"]).rpartition(".")
+        try:
+            target = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as exc:
+            raise ExportError(f"class_path {spec['class_path']!r} cannot be imported ({exc})") from exc
+        kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        return target(**kwargs)
+    if isinstance(spec, dict):
+        return {k: _instantiate(v) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [_instantiate(v) for v in spec]
+    return spec
+
+
+def load_run(
+    config_path: str | os.PathLike[str], ckpt_path: str | os.PathLike[str] | None
+) -> tuple[nn.Module, Any]:
+    """The trained net and the data module of a run (split restored from the checkpoint).
+
+    Args:
+        config_path: Training config YAML (the one given to ``fit`` or the run's config.yaml).
+        ckpt_path: Lightning checkpoint (``state_dict`` keys ``net.*``); ``None`` keeps the
+            freshly initialised net (for tests).
+
+    Returns:
+        ``(net, datamodule)``.
+
+    Raises:
+        ExportError: On a missing or malformed file.
+    """
+    import yaml
+
+    cfg_file = Path(config_path)
+    if not cfg_file.is_file():
+        raise ExportError(f"--config {cfg_file} not found; give the training YAML")
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    if not isinstance(cfg, dict) or "model" not in cfg or "data" not in cfg:
+        raise ExportError(f"--config {cfg_file} needs 'model' and 'data' sections (a fit config)")
+    model_args = (cfg["model"] or {}).get("init_args") or {}
+    if "net" not in model_args:
+        raise ExportError(f"--config {cfg_file}: model.init_args.net is missing")
+    net: nn.Module = _instantiate(model_args["net"])
+    dm = _instantiate(cfg["data"])
+    if ckpt_path is not None:
+        ckpt_file = Path(ckpt_path)
+        if not ckpt_file.is_file():
+            raise ExportError(f"--ckpt_path {ckpt_file} not found; point at RUN/checkpoints/*.ckpt")
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", {})
+        net_state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        if not net_state:
+            raise ExportError(f"{ckpt_file} has no 'net.*' weights; is it an nvmpriv checkpoint?")
+        net.load_state_dict(net_state)
+        dm_state = ckpt.get(type(dm).__qualname__)
+        if dm_state is not None:
+            dm.load_state_dict(dm_state)
+    net.eval()
+    return net, dm
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nvmpriv export",
+        description="Export a trained model (digital or on a simulated crossbar chip) to ONNX.",
+    )
+    p.add_argument("--config", required=True, help="training config YAML of the run")
+    p.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument(
+        "--crossbar", default=DIGITAL, help="'digital', a preset name or a YAML of config fields"
+    )
+    p.add_argument("--seed", type=int, default=0, help="chip seed (default 0)")
+    p.add_argument(
+        "--noise-seed", type=int, default=None, help="base seed of per-query read noise"
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=256,
+        help="rows of target_train that calibrate DAC/ADC (default 256, as CrossbarAudit)",
+    )
+    p.add_argument(
+        "--calibration-role", default="target_train", help="split role used for calibration"
+    )
+    p.add_argument("--output", default=None, help="output .onnx (default exports/<name>.onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    """``python -m nvmpriv export``.
+
+    Args:
+        argv: Arguments after ``export``.
+
+    Returns:
+        Exit code (0 on success).
+
+    Raises:
+        ExportError: On invalid options (printed as one line by ``nvmpriv.__main__``).
+    """
+    args = _parser().parse_args(argv)
+    if args.calibration_samples < 1:
+        raise ExportError(f"--calibration-samples={args.calibration_samples} must be >= 1")
+    config = load_crossbar(args.crossbar)
+    net, dm = load_run(args.config, args.ckpt_path)
+    x_cal, _ = dm.arrays(args.calibration_role)
+    x_cal = x_cal[: args.calibration_samples]
+    name = f"{Path(args.config).stem}_{args.crossbar if config is None else config.name}"
+    if config is not None:
+        name += f"_seed{args.seed}"
+    out = resolve_output(args.output, Path(name).stem)
+    splits = getattr(dm, "splits", None)
+    path = export_model(
+        net,
+        config,
+        out,
+        input_shape=list(x_cal.shape[1:]),
+        num_classes=getattr(dm, "num_classes", None) or None,
+        chip_seed=args.seed,
+        calibration=x_cal,
+        calibration_note=f"first {len(x_cal)} rows of {args.calibration_role}",
+        split_hash=None if splits is None else splits.split_hash,
+        noise_seed=args.noise_seed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, crossbar {name})")
+    return 0

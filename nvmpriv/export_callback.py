@@ -1,0 +1,98 @@
+"""``ExportOnnx``: write the trained model to ONNX at the end of ``fit`` (see nvmpriv.export)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from nvmpriv.export import DIGITAL, export_model, load_crossbar
+
+__all__ = ["ExportOnnx"]
+
+
+class ExportOnnx(Callback):
+    """Export the trained net, digital and/or on simulated chips, when ``fit`` ends.
+
+    Files are ``<folder>/<run>_<crossbar>[_seed<s>].onnx`` with ``<run>`` the logger's
+    ``<name>_version_<n>`` (or ``name`` when given). DAC/ADC are calibrated like
+    :class:`nvmpriv.callbacks.CrossbarAudit`: the first ``calibration_samples`` rows of
+    ``target_train``, so the file reproduces the audited chip for the same ``chip_seed``.
+
+    Args:
+        crossbars: ``"digital"`` and/or preset names / crossbar YAML files.
+        chip_seed: Chip seed (same meaning as in ``CrossbarAudit``).
+        calibration_samples: Rows of ``target_train`` calibrating DAC/ADC (count, >= 1).
+        folder: Output folder.
+        name: File stem of the run (default from the logger).
+        overwrite: Replace existing files (otherwise an existing file is an error).
+        enabled: Switch the export off without removing the callback.
+
+    Raises:
+        ValueError: On an unknown crossbar or ``calibration_samples < 1``.
+    """
+
+    def __init__(
+        self,
+        crossbars: Sequence[str] = (DIGITAL, "64x64_100k"),
+        chip_seed: int = 0,
+        calibration_samples: int = 256,
+        folder: str = "exports",
+        name: str | None = None,
+        overwrite: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        if calibration_samples < 1:
+            raise ValueError(f"calibration_samples={calibration_samples} must be >= 1")
+        self.configs = {c: load_crossbar(c) for c in crossbars}
+        self.chip_seed = int(chip_seed)
+        self.calibration_samples = int(calibration_samples)
+        self.folder = Path(folder)
+        self.name = name
+        self.overwrite = overwrite
+        self.enabled = enabled
+        self.paths: list[Path] = []
+
+    def _run_name(self, trainer: pl.Trainer) -> str:
+        if self.name:
+            return self.name
+        logger = trainer.logger
+        if logger is not None:
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            return f"{logger.name}_{version}"
+        return "run"
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Export every configured crossbar (rank 0 only)."""
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        dm: Any = trainer.datamodule
+        if dm is None or not hasattr(dm, "arrays"):
+            raise ValueError("ExportOnnx needs an nvmpriv MembershipDataModule (nvmpriv.data.*)")
+        x_cal, _ = dm.arrays("target_train")
+        x_cal = x_cal[: self.calibration_samples]
+        splits = getattr(dm, "splits", None)
+        run = self._run_name(trainer)
+        for label, cfg in self.configs.items():
+            stem = f"{run}_{DIGITAL if cfg is None else cfg.name}"
+            if cfg is not None:
+                stem += f"_seed{self.chip_seed}"
+            path = export_model(
+                pl_module.net,  # type: ignore[arg-type]
+                cfg,
+                self.folder / f"{stem}.onnx",
+                input_shape=list(x_cal.shape[1:]),
+                num_classes=getattr(dm, "num_classes", None) or None,
+                chip_seed=self.chip_seed,
+                calibration=x_cal,
+                calibration_note=f"first {len(x_cal)} rows of target_train",
+                split_hash=None if splits is None else splits.split_hash,
+                overwrite=self.overwrite,
+                metadata={"nvmpriv.run": run, "nvmpriv.crossbar_spec": label},
+            )
+            self.paths.append(path)

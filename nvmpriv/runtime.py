@@ -1,0 +1,420 @@
+"""Evaluate an exported nvmpriv ONNX file: numpy + onnx + onnxruntime, never torch.
+
+Two paths:
+
+* fast (default): stock onnxruntime (CPU). The ``nvmpriv`` crossbar nodes carry their
+  computation as ONNX functions in standard ops, which onnxruntime inlines, so no custom-op
+  library is loaded.
+* reference (``load(path, reference=True)``): ``onnx.reference.ReferenceEvaluator`` with the
+  numpy implementations :class:`CrossbarGemm` and :class:`CrossbarConv` below, written from the
+  forward equation in :class:`nvmpriv.crossbar.CrossbarLayer`'s docstring (im2col for
+  convolutions, integer bit arithmetic for bit slicing) and independent of the function bodies;
+  it exists to cross-check them.
+
+Per-query read noise. Each crossbar node draws its noise from a generator seeded by the node's
+``seed`` attribute (onnxruntime: the ``RandomNormalLike`` seed inside the function body). Both
+runtimes draw *fresh* noise at every call while a session lives, and a new session replays the
+same sequence. Measured with onnxruntime 1.32: with a ``seed`` attribute, two runs of one
+session differ and run ``i`` of two sessions agree; without a seed onnxruntime behaves the
+same way (its default seed is fixed too). Pass ``seed=`` to :func:`load` for another sequence.
+
+Typical use::
+
+    from nvmpriv.runtime import load
+    model = load("exports/quickstart_64x64_100k_seed0.onnx")
+    probs = model.predict_proba(x)          # [n, C] float64, rows sum to 1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx.reference.op_run import OpRun
+
+__all__ = [
+    "REQUIRED_METADATA",
+    "CrossbarConv",
+    "CrossbarGemm",
+    "OnnxModelError",
+    "Predictor",
+    "load",
+    "read_metadata",
+]
+
+#: metadata_props keys every nvmpriv export carries.
+REQUIRED_METADATA = (
+    "nvmpriv.version",
+    "nvmpriv.crossbar",
+    "nvmpriv.input_name",
+    "nvmpriv.output_name",
+    "nvmpriv.output",
+    "nvmpriv.input_shape",
+    "nvmpriv.num_classes",
+)
+_FIX = "re-export it with `python -m nvmpriv export --config ... --ckpt_path ... --crossbar ...`"
+
+
+class OnnxModelError(ValueError):
+    """The file is not a usable nvmpriv ONNX export, or a query does not fit it."""
+
+
+# ====================================================================== reference operators
+def _quantize(x: np.ndarray, step: float, qmax: int) -> np.ndarray:
+    """Symmetric uniform quantizer ``clip(round(x / step), -qmax, qmax) * step`` (float32)."""
+    s = np.float32(step)
+    return (np.clip(np.round(x / s), -qmax, qmax) * s).astype(np.float32)
+
+
+class _CrossbarOp(OpRun):
+    """Shared numpy maths of the ``nvmpriv`` operators (attributes as in nvmpriv.export)."""
+
+    op_domain = "nvmpriv"
+
+    def _setup_rng(self) -> np.random.Generator:
+        rng: np.random.Generator | None = getattr(self, "_rng", None)
+        if rng is None:
+            rng = np.random.default_rng(int(self.seed))  # type: ignore[attr-defined]
+            self._rng = rng
+        return rng
+
+    def _unpack(self, rest: Sequence[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        rest = list(rest)
+        bias = rest.pop(0) if self.has_bias else None  # type: ignore[attr-defined]
+        noise = rest.pop(0) if self.read_noise else None  # type: ignore[attr-defined]
+        return bias, noise
+
+    def _inputs(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """DAC-quantized inputs, or bit-sliced stream digits stacked on axis 0 (count S)."""
+        a = self
+        if a.bit_slicing:  # type: ignore[attr-defined]
+            qmax = 2 ** (a.input_bits - 1) - 1  # type: ignore[attr-defined]
+            codes = np.clip(np.round(x.astype(np.float64) * 2.0**a.input_frac_bits), -qmax, qmax)
+            ints = codes.astype(np.int64)
+            sign, mag = np.sign(ints), np.abs(ints)
+            w, n_s = int(a.stream_width), int(a.n_streams)  # type: ignore[attr-defined]
+            digits = [sign * ((mag >> (w * (n_s - 1 - k))) & (2**w - 1)) for k in range(n_s)]
+            return np.concatenate(digits).astype(np.float32), n_s
+        if a.dac_bits:  # type: ignore[attr-defined]
+            return _quantize(x, a.dac_step, int(a.dac_qmax)), 1  # type: ignore[attr-defined]
+        return x.astype(np.float32), 1
+
+    def _reduce(self, p: np.ndarray, var: np.ndarray | None) -> np.ndarray:
+        """Read noise, per-tile ADC and the digital sum over the tile-row axis 0."""
+        if var is not None:
+            p = p + np.sqrt(np.maximum(var, 0)) * self._setup_rng().standard_normal(p.shape)
+            p = p.astype(np.float32)
+        if self.adc_bits:  # type: ignore[attr-defined]
+            p = _quantize(p, self.adc_step, int(self.adc_qmax))  # type: ignore[attr-defined]
+        return p.sum(0, dtype=np.float64).astype(np.float32)
+
+    def _shift_add(self, y: np.ndarray, n_s: int) -> np.ndarray:
+        """Combine streams (axis 0 blocks) and slices: ``y [S*B, ..., T*O]`` on the last axes."""
+        a = self
+        n_t, o = int(a.n_slices), int(a.cols_per_group)  # type: ignore[attr-defined]
+        if not a.bit_slicing:  # type: ignore[attr-defined]
+            return y
+        y = y.reshape(n_s, -1, *y.shape[1:-1], n_t, o).astype(np.float64)
+        out = np.zeros(y.shape[1:-2] + (o,))
+        for s in range(n_s):
+            for t in range(n_t):
+                shift = a.stream_width * (n_s - 1 - s) + a.slice_width * (n_t - 1 - t)  # type: ignore[attr-defined]
+                out += y[s, ..., t, :] * 2.0**shift
+        scale = 2.0 ** -(a.input_frac_bits + a.weight_frac_bits)  # type: ignore[attr-defined]
+        return (out * scale).astype(np.float32)
+
+
+class CrossbarGemm(_CrossbarOp):
+    """``nvmpriv.CrossbarGemm`` in numpy: ``Y = chip(X) + B`` for ``X [batch, K]``.
+
+    Inputs: ``X``, ``W`` (``w_tiles [1, n_r, N, T*O]``), optional ``B`` (``[O]``), optional
+    ``NZ`` (``noise_tiles``, same shape as ``W``). Every tile's partial sum is computed
+    explicitly (also without ADC, where the sum is the same function as one GEMM).
+    """
+
+    def _run(  # type: ignore[override]
+        self, x: np.ndarray, w: np.ndarray, *rest: np.ndarray, **attrs: Any
+    ) -> tuple[np.ndarray]:
+        bias, noise = self._unpack(rest)
+        n_r, n, k = int(self.n_row_tiles), int(self.tile_size), int(self.rows_per_group)  # type: ignore[attr-defined]
+        xin, n_s = self._inputs(x)
+        xp = np.zeros((xin.shape[0], n_r * n), np.float32)
+        xp[:, :k] = xin
+        xt = xp.reshape(-1, n_r, n)
+        wt = w.reshape(n_r, n, -1)
+        p = np.einsum("brn,rnm->rbm", xt, wt, dtype=np.float32)
+        var = None
+        if noise is not None:
+            var = np.einsum("brn,rnm->rbm", xt * xt, noise.reshape(n_r, n, -1), dtype=np.float32)
+        y = self._shift_add(self._reduce(p, var), n_s)
+        if bias is not None:
+            y = y + bias
+        return (y.astype(np.float32),)
+
+
+def _im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
+            pads: Sequence[int], dilations: Sequence[int]) -> tuple[np.ndarray, int, int]:
+    """Patches ``[B, C, kh*kw, Ho, Wo]`` in ``(c, kh, kw)`` order."""
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    taps = [
+        xp[:, :, i * dh : i * dh + sh * (h_out - 1) + 1 : sh, j * dw : j * dw + sw * (w_out - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return np.stack(taps, axis=2), h_out, w_out
+
+
+class CrossbarConv(_CrossbarOp):
+    """``nvmpriv.CrossbarConv`` in numpy (im2col): ``Y = chip(X) + B`` for ``X [B, C, H, W]``.
+
+    Inputs as :class:`CrossbarGemm` with ``W`` ``[groups, n_r, N, T*O]``; attributes add
+    ``kernel_shape``, ``strides``, ``pads`` (ONNX order) and ``dilations``.
+    """
+
+    def _run(  # type: ignore[override]
+        self, x: np.ndarray, w: np.ndarray, *rest: np.ndarray, **attrs: Any
+    ) -> tuple[np.ndarray]:
+        bias, noise = self._unpack(rest)
+        g, n_r, n = int(self.groups), int(self.n_row_tiles), int(self.tile_size)  # type: ignore[attr-defined]
+        k, o = int(self.rows_per_group), int(self.cols_per_group)  # type: ignore[attr-defined]
+        xin, n_s = self._inputs(x)
+        cols, h_out, w_out = _im2col(
+            xin, self.kernel_shape, self.strides, self.pads, self.dilations  # type: ignore[attr-defined]
+        )
+        b = cols.shape[0]
+        cols = cols.reshape(b, g, k, h_out * w_out)  # channels of group g are contiguous
+        xp = np.zeros((b, g, n_r * n, h_out * w_out), np.float32)
+        xp[:, :, :k] = cols
+        xt = xp.reshape(b, g, n_r, n, -1)
+        wt = w.reshape(g, n_r, n, -1)
+        p = np.einsum("bgrnl,grnm->rbgml", xt, wt, dtype=np.float32)
+        var = None
+        if noise is not None:
+            nt = noise.reshape(g, n_r, n, -1)
+            var = np.einsum("bgrnl,grnm->rbgml", xt * xt, nt, dtype=np.float32)
+        y = self._reduce(p, var)  # [S*B, G, T*O, L]
+        y = np.moveaxis(y, -1, -2)  # [S*B, G, L, T*O]
+        y = self._shift_add(y, n_s)  # [B, G, L, O]
+        y = np.moveaxis(y, -1, -2).reshape(-1, g * o, h_out, w_out)
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1, 1)
+        return (y.astype(np.float32),)
+
+
+# ====================================================================== loading and querying
+def _fail(path: Path, what: str, fix: str = _FIX) -> OnnxModelError:
+    return OnnxModelError(f"{path}: {what}; {fix}")
+
+
+def _read_model(path: str | os.PathLike[str]) -> tuple[Path, onnx.ModelProto]:
+    file = Path(path)
+    if not file.exists():
+        raise _fail(file, "file not found", "give the path of an exported .onnx file")
+    if not file.is_file():
+        raise _fail(file, "is not a file", "give the path of an exported .onnx file")
+    data = file.read_bytes()
+    if not data:
+        raise _fail(file, "is empty (0 bytes)")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError/RuntimeWarning-like errors
+        raise _fail(file, f"is not an ONNX model or is truncated/corrupt ({type(exc).__name__})") from None
+    if not model.graph.node or not model.opset_import:
+        raise _fail(file, "is not an ONNX model (no graph nodes or opset)")
+    return file, model
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (no validation beyond parsing).
+
+    Args:
+        path: ONNX file.
+
+    Returns:
+        Key -> value.
+
+    Raises:
+        OnnxModelError: If the file is missing or not ONNX.
+    """
+    _, model = _read_model(path)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _reseed(model: onnx.ModelProto, seed: int) -> None:
+    """Give every crossbar node's noise generator the seed ``seed + i``."""
+    index = 0
+    by_overload: dict[tuple[str, str], int] = {}
+    for node in model.graph.node:
+        if node.domain == "nvmpriv":
+            for attr in node.attribute:
+                if attr.name == "seed":
+                    attr.i = seed + index
+            by_overload[(node.op_type, node.overload)] = seed + index
+            index += 1
+    for fn in model.functions:
+        new = by_overload.get((fn.name, fn.overload))
+        if new is None:
+            continue
+        for n in fn.node:
+            if n.op_type == "RandomNormalLike":
+                for attr in n.attribute:
+                    if attr.name == "seed":
+                        attr.f = float(new)
+
+
+@dataclass
+class Predictor:
+    """A loaded export: ``predict_proba(x)`` is the only access an attacker has.
+
+    Attributes:
+        path: The file.
+        metadata: Its ``metadata_props``.
+        input_shape: Shape of one input (no batch dimension).
+        num_classes: Number of classes C.
+        reference: Whether the numpy reference evaluator runs it.
+        queries: Number of samples queried so far.
+    """
+
+    path: Path
+    metadata: dict[str, str]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    reference: bool
+    _runner: Any = field(repr=False)
+    _input_name: str = "input"
+    _output_name: str = "probabilities"
+    queries: int = 0
+
+    @property
+    def crossbar(self) -> dict[str, Any] | str:
+        """The crossbar config as a dict, or ``"digital"``."""
+        raw = self.metadata.get("nvmpriv.crossbar", "digital")
+        return raw if raw == "digital" else dict(json.loads(raw))
+
+    def _check(self, x: Any) -> np.ndarray:
+        arr = np.asarray(x, dtype=np.float32)
+        want = self.input_shape
+        if arr.ndim == len(want) and tuple(arr.shape) == want:
+            arr = arr[None]
+        if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != want:
+            raise OnnxModelError(
+                f"{self.path.name}: input has shape {tuple(arr.shape)} but the model expects "
+                f"(n, {', '.join(map(str, want))}); reshape the queries to that width"
+            )
+        if not np.isfinite(arr).all():
+            raise OnnxModelError(f"{self.path.name}: input holds NaN/inf; query finite values")
+        return np.ascontiguousarray(arr)
+
+    def predict_proba(self, x: Any, *, batch_size: int = 1024) -> np.ndarray:
+        """Class probabilities of the exported model.
+
+        Args:
+            x: Inputs ``[n, *input_shape]`` (one sample without batch axis is accepted).
+            batch_size: Samples per runtime call.
+
+        Returns:
+            ``[n, C]`` float64 probabilities (rows renormalised to sum to 1).
+
+        Raises:
+            OnnxModelError: If the input shape does not match the metadata.
+        """
+        arr = self._check(x)
+        outs = []
+        for start in range(0, len(arr), max(1, int(batch_size))):
+            chunk = arr[start : start + batch_size]
+            if self.reference:
+                (p,) = self._runner.run(None, {self._input_name: chunk})
+            else:
+                (p,) = self._runner.run([self._output_name], {self._input_name: chunk})
+            outs.append(np.asarray(p, dtype=np.float64))
+        self.queries += len(arr)
+        probs = np.concatenate(outs) if outs else np.zeros((0, self.num_classes))
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    __call__ = predict_proba
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    reference: bool = False,
+    seed: int | None = None,
+    threads: int | None = None,
+) -> Predictor:
+    """Load an nvmpriv export for querying.
+
+    Args:
+        path: The ``.onnx`` file.
+        reference: Use ``onnx.reference.ReferenceEvaluator`` with the numpy crossbar ops
+            instead of onnxruntime (slow; for cross-checks).
+        seed: Re-seed the per-query read-noise generators (node ``i`` gets ``seed + i``);
+            ``None`` keeps the seeds stored in the file.
+        threads: onnxruntime intra-op threads (``None`` = its default).
+
+    Returns:
+        The predictor.
+
+    Raises:
+        OnnxModelError: Missing file, not ONNX, truncated/corrupt, missing nvmpriv metadata,
+            or a graph onnxruntime rejects; the message names the file and the fix.
+    """
+    file, model = _read_model(path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise _fail(
+            file,
+            f"missing nvmpriv metadata {missing} (not written by nvmpriv export, or truncated)",
+        )
+    try:
+        input_shape = tuple(int(d) for d in json.loads(meta["nvmpriv.input_shape"]))
+        num_classes = int(meta["nvmpriv.num_classes"])
+    except (ValueError, TypeError) as exc:
+        raise _fail(file, f"malformed nvmpriv metadata ({exc})") from None
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _fail(file, f"fails the ONNX checker ({first})") from None
+    if seed is not None:
+        _reseed(model, int(seed))
+    input_name, output_name = meta["nvmpriv.input_name"], meta["nvmpriv.output_name"]
+    if reference:
+        from onnx.reference import ReferenceEvaluator
+
+        runner: Any = ReferenceEvaluator(model, new_ops=[CrossbarGemm, CrossbarConv])
+    else:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        try:
+            runner = ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            first = str(exc).strip().splitlines()[0][:300]
+            raise _fail(file, f"onnxruntime cannot load it ({first})") from None
+    return Predictor(
+        path=file,
+        metadata=meta,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        reference=reference,
+        _runner=runner,
+        _input_name=input_name,
+        _output_name=output_name,
+    )

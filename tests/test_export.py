@@ -1,0 +1,116 @@
+"""ONNX export: graph structure, metadata, checker, CLI, overwrite rules, fit-end callback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from nvmpriv import nets, runtime
+from nvmpriv.__main__ import main
+from nvmpriv.crossbar import get_preset
+from nvmpriv.export import ExportError, export_model, load_crossbar
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("exp")
+    torch.manual_seed(0)
+    net = nets.ColumnFC(64, 10).eval()
+    x = torch.rand(16, 64)
+    chip = export_model(net, get_preset("64x64_100k"), folder / "chip.onnx", input_shape=[64],
+                        chip_seed=7, calibration=x, split_hash="abc123")
+    digital = export_model(net, None, folder / "digital.onnx", input_shape=[64])
+    return chip, digital
+
+
+def test_graph_nodes_initializers_and_checker(exported: tuple[Path, Path]) -> None:
+    chip, _ = exported
+    model = onnx.load(chip)
+    onnx.checker.check_model(model, full_check=True)
+    xbar = [n for n in model.graph.node if n.domain == "nvmpriv"]
+    assert [n.op_type for n in xbar] == ["CrossbarGemm"] * 3  # ColumnFC's three Linear layers
+    assert len({n.overload for n in xbar}) == 3
+    assert {(f.domain, f.name, f.overload) for f in model.functions} == {
+        ("nvmpriv", "CrossbarGemm", n.overload) for n in xbar
+    }
+    init = {i.name: i for i in model.graph.initializer}
+    first = xbar[0]
+    w = onnx.numpy_helper.to_array(init[first.input[1]])
+    assert w.shape == (1, 1, 64, 256)  # [groups, n_row_tiles, N, O] of the 64 -> 256 layer
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+    assert attrs["dac_bits"] == 8 and attrs["adc_bits"] == 10 and attrs["tile_size"] == 64
+    assert attrs["dac_step"] > 0 and attrs["adc_step"] > 0
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value  # dynamic batch
+    assert model.graph.input[0].name == "input" and model.graph.output[0].name == "probabilities"
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("nvmpriv", 1)}
+
+
+def test_metadata(exported: tuple[Path, Path]) -> None:
+    chip, digital = exported
+    meta = runtime.read_metadata(chip)
+    assert json.loads(meta["nvmpriv.crossbar"])["name"] == "64x64_100k"
+    assert meta["nvmpriv.crossbar_name"] == "64x64_100k"
+    assert meta["nvmpriv.chip_seed"] == "7" and meta["nvmpriv.split_hash"] == "abc123"
+    assert json.loads(meta["nvmpriv.input_shape"]) == [64]
+    assert meta["nvmpriv.num_classes"] == "10" and meta["nvmpriv.output"] == "probabilities"
+    assert meta["nvmpriv.opset"] == "18"
+    dmeta = runtime.read_metadata(digital)
+    assert dmeta["nvmpriv.crossbar"] == "digital"
+    assert not any(n.domain == "nvmpriv" for n in onnx.load(digital).graph.node)
+
+
+def test_refuses_overwrite_and_needs_calibration(tmp_path: Path, exported: tuple[Path, Path]) -> None:
+    chip, _ = exported
+    before = chip.read_bytes()
+    net = nets.ColumnFC(64, 10)
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(net, None, chip, input_shape=[64])
+    assert chip.read_bytes() == before
+    with pytest.raises(ExportError, match="calibration"):
+        export_model(net, get_preset("64x64_100k"), tmp_path / "x.onnx", input_shape=[64])
+    assert not list(tmp_path.glob("*"))  # nothing half-written
+    with pytest.raises(ValueError, match="unknown crossbar preset"):
+        load_crossbar("no_such_chip")
+
+
+def _write_config(folder: Path) -> Path:
+    cfg = folder / "tiny.yaml"
+    cfg.write_text(
+        "model:\n  class_path: nvmpriv.methods.StandardTraining\n  init_args:\n    net:\n"
+        "      class_path: nvmpriv.nets.ColumnFC\n      init_args: {in_features: 64, num_classes: 10}\n"
+        "data:\n  class_path: nvmpriv.data.Digits\n  init_args: {batch_size: 32, seed: 0}\n"
+    )
+    return cfg
+
+
+def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _write_config(tmp_path)
+    torch.manual_seed(0)
+    net = nets.ColumnFC(64, 10)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    out = tmp_path / "exports" / "m.onnx"
+    args = ["export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--crossbar", "32x32_100k",
+            "--seed", "3", "--output", str(out)]
+    assert main(args) == 0
+    model = runtime.load(out)
+    assert model.metadata["nvmpriv.chip_seed"] == "3" and model.num_classes == 10
+    assert model.metadata["nvmpriv.split_hash"]
+    assert main(args) == 2  # exists: refused with a one-line error
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    dig = tmp_path / "d.onnx"
+    assert main(["export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--crossbar",
+                 "digital", "--output", str(dig)]) == 0
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(net.eval()(torch.as_tensor(x)), 1).numpy()
+    np.testing.assert_allclose(runtime.load(dig).predict_proba(x), expected, rtol=1e-5)
+    assert main(["export", "--config", str(cfg), "--ckpt_path", str(tmp_path / "nope.ckpt"),
+                 "--output", str(tmp_path / "e.onnx")]) == 2

@@ -1,0 +1,166 @@
+"""The ONNX evaluator: parity of onnxruntime and the numpy reference against the torch simulator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from nvmpriv import nets, runtime
+from nvmpriv.crossbar import convert, get_preset
+from nvmpriv.export import export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NOISY = get_preset("64x64_100k").replace(name="noisy", read_noise=True, read_noise_sigma=0.2)
+
+
+def _fc() -> nn.Module:
+    torch.manual_seed(0)
+    net = nets.ColumnFC(64, 10).eval()
+    with torch.no_grad():  # peaked outputs so that probabilities are informative
+        net.net[-1].weight.mul_(8)
+    return net
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    ).eval()
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(2)
+    return nets.CifarResNet(depth=10, width=1, num_classes=10).eval()
+
+
+def _export(tmp_path: Path, net: nn.Module, cfg_name: str, shape: list[int]) -> tuple[Path, torch.Tensor]:
+    torch.manual_seed(3)
+    x = torch.rand(32, *shape)
+    cfg = None if cfg_name == "digital" else (NOISY if cfg_name == "noisy" else get_preset(cfg_name))
+    path = export_model(net, cfg, tmp_path / f"{cfg_name}.onnx", input_shape=shape,
+                        chip_seed=5, calibration=x)
+    return path, x
+
+
+def _torch_probs(net: nn.Module, cfg_name: str, x_cal: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        model = net if cfg_name == "digital" else convert(
+            net, get_preset(cfg_name), seed=5, calibration=x_cal
+        ).eval()
+        return torch.softmax(model(x), 1).double().numpy()
+
+
+CASES = [
+    pytest.param("fc", "ideal", id="fc-ideal"),
+    pytest.param("fc", "64x64_100k", id="fc-64x64_100k"),
+    pytest.param("fc", "64x64_100k_bitsliced", id="fc-bitsliced"),
+    pytest.param("cnn", "64x64_100k_bitsliced", id="cnn-bitsliced"),
+    pytest.param("resnet", "ideal", id="resnet10-ideal"),
+    pytest.param("resnet", "64x64_100k", id="resnet10-64x64_100k"),
+]
+
+
+@pytest.mark.parametrize(("arch", "cfg_name"), CASES)
+def test_parity_torch_onnxruntime_reference(tmp_path: Path, arch: str, cfg_name: str) -> None:
+    net, shape = {
+        "fc": (_fc, [64]), "cnn": (_tiny_cnn, [3, 8, 8]), "resnet": (_resnet, [3, 32, 32])
+    }[arch]
+    model = net()
+    path, x_cal = _export(tmp_path, model, cfg_name, shape)
+    x = x_cal[:2] if arch == "resnet" else x_cal[:8]
+    expected = _torch_probs(model, cfg_name, x_cal, x)
+    fast = runtime.load(path).predict_proba(x.numpy())
+    ref = runtime.load(path, reference=True).predict_proba(x.numpy())
+    # relative 1e-4 on the probabilities (and their logs, which resolve small classes)
+    for got in (fast, ref):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(np.log(got), np.log(expected), rtol=1e-4, atol=1e-5)
+    # the chip is not the digital net: the comparison above can fail
+    digital = _torch_probs(model, "digital", x_cal, x)
+    if cfg_name != "ideal":
+        assert np.abs(digital - expected).max() > 1e-4
+
+
+def test_noisy_outputs_agree_in_distribution(tmp_path: Path) -> None:
+    model = _fc()
+    path, x_cal = _export(tmp_path, model, "noisy", [64])
+    x = x_cal[:1].repeat(400, 1)  # one sample, 400 independent noise draws per call
+    torch.manual_seed(0)
+    with torch.no_grad():
+        chip = convert(model, NOISY, seed=5, calibration=x_cal).eval()
+        t = torch.softmax(chip(x), 1).double().numpy()
+    fast = runtime.load(path)
+    a, a2 = fast.predict_proba(x.numpy()), fast.predict_proba(x.numpy())
+    r = runtime.load(path, reference=True).predict_proba(x.numpy())
+    assert not np.allclose(a, a2)  # fresh noise at every call
+    assert t.std(0).max() > 1e-3  # the noise is visible at the output
+    for got in (a, r):
+        se = np.sqrt(t.var(0) / len(t) + got.var(0) / len(got))
+        assert np.all(np.abs(got.mean(0) - t.mean(0)) < 5 * se + 1e-6)
+        np.testing.assert_allclose(got.std(0), t.std(0), rtol=0.2, atol=1e-4)
+    # a new session replays the same sequence; another seed gives another one
+    np.testing.assert_array_equal(runtime.load(path).predict_proba(x.numpy()), a)
+    assert not np.allclose(runtime.load(path, seed=99).predict_proba(x.numpy()), a)
+
+
+@pytest.fixture(scope="module")
+def fc_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path, _ = _export(tmp_path_factory.mktemp("rt"), _fc(), "64x64_100k", [64])
+    return path
+
+
+def test_predict_proba_shape_checks(fc_file: Path) -> None:
+    model = runtime.load(fc_file)
+    x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    p = model.predict_proba(x)
+    assert p.shape == (3, 10) and np.allclose(p.sum(1), 1)
+    np.testing.assert_allclose(model.predict_proba(x[0]), p[:1], rtol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(x, batch_size=2), p, rtol=1e-6)
+    with pytest.raises(runtime.OnnxModelError, match=r"expects \(n, 64\)"):
+        model.predict_proba(np.zeros((3, 63), np.float32))
+    assert model.queries == 3 + 1 + 3
+
+
+def test_bad_files_give_clear_errors(tmp_path: Path, fc_file: Path) -> None:
+    with pytest.raises(runtime.OnnxModelError, match="not found"):
+        runtime.load(tmp_path / "missing.onnx")
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 20)
+    with pytest.raises(runtime.OnnxModelError, match="not an ONNX model"):
+        runtime.load(text)
+    data = fc_file.read_bytes()
+    for i, cut in enumerate((len(data) // 2, len(data) - 7)):
+        part = tmp_path / f"truncated{i}.onnx"
+        part.write_bytes(data[:cut])
+        with pytest.raises(runtime.OnnxModelError, match=part.name):
+            runtime.load(part)
+    model = onnx.load(fc_file)
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, bare)
+    with pytest.raises(runtime.OnnxModelError, match="missing nvmpriv metadata"):
+        runtime.load(bare)
+
+
+def test_runtime_and_score_attacks_import_no_torch(fc_file: Path) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "import nvmpriv.runtime as rt, nvmpriv.attacks as A\n"
+        f"m = rt.load({str(fc_file)!r})\n"
+        "p = m.predict_proba(np.zeros((4, 64), np.float32))\n"
+        "A.run_attack('confidence', A.AttackInputs(p[:2], [0, 1], p[2:], [1, 2]))\n"
+        "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if 'torch' in k)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
