@@ -185,6 +185,7 @@ class CrossbarAudit(Callback):
         self.history: list[dict[str, Any]] = []
         self._shadow_state: dict[str, torch.Tensor] | None = None
         self._nf_cache: dict[str, float] = {}
+        self._limits = self._budget(quick=False)
 
     # ------------------------------------------------------------------ lightning hooks
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,7 +193,7 @@ class CrossbarAudit(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         epoch = trainer.current_epoch
-        last = epoch + 1 >= (trainer.max_epochs or 0) or trainer.fast_dev_run
+        last = epoch + 1 >= (trainer.max_epochs or 0) or bool(getattr(trainer, "fast_dev_run", False))
         if (epoch + 1) % self.every_n_epochs and not last:
             return
         self.audit(trainer, pl_module)
@@ -232,13 +233,14 @@ class CrossbarAudit(Callback):
     # ------------------------------------------------------------------ the audit
     def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Run the audit now and log it; returns the results of this audit."""
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "arrays"):
             raise ValueError(
                 "CrossbarAudit needs an nvmpriv MembershipDataModule (data.class_path nvmpriv.data.*)"
             )
         net: nn.Module = pl_module.net  # type: ignore[assignment]
         start = time.perf_counter()
+        self._limits = self._budget(bool(getattr(trainer, "fast_dev_run", False)))
         # Lightning validates under inference_mode; the audit leaves it so that PGD and the
         # shadow model can use autograd on ordinary tensors (it runs under no_grad otherwise).
         with preserved_state(pl_module), torch.inference_mode(False), torch.no_grad():
@@ -250,11 +252,25 @@ class CrossbarAudit(Callback):
         results["epoch"] = trainer.current_epoch
         results["global_step"] = trainer.global_step
         self.results = results
-        self.history.append({k: v for k, v in results.items() if k != "configs"} | {
-            "summary": self._flat_metrics(results)
-        })
+        self.history.append(
+            {k: v for k, v in results.items() if k != "configs"}
+            | {"summary": self._flat_metrics(results)}
+        )
         self._log(trainer, pl_module, results)
         return results
+
+    def _budget(self, quick: bool) -> dict[str, int]:
+        """Sample and epoch budgets of one audit; ``fast_dev_run`` only checks that it runs."""
+        limits = {
+            "samples": self.max_samples,
+            "calibration": self.calibration_samples,
+            "layers": self.layer_samples,
+            "shadow_epochs": self.shadow_epochs or 0,
+            "adversarial": self.adversarial_samples,
+        }
+        if quick:
+            limits = {k: min(v, 1 if k == "shadow_epochs" else 32) for k, v in limits.items()}
+        return limits
 
     def _sample_sets(self, dm: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         sets = {}
@@ -265,16 +281,19 @@ class CrossbarAudit(Callback):
             ("shadow_nonmembers", "shadow_test"),
         ):
             x, y = dm.arrays(role)
-            sets[key] = (x[: self.max_samples], y[: self.max_samples])
+            n = self._limits["samples"]
+            sets[key] = (x[:n], y[:n])
         x, y = dm.arrays("target_train")
-        sets["calibration"] = (x[: self.calibration_samples], y[: self.calibration_samples])
+        n = self._limits["calibration"]
+        sets["calibration"] = (x[:n], y[:n])
         return sets
 
     def _shadow(self, pl_module: pl.LightningModule, dm: Any, sets: dict[str, Any]) -> nn.Module:
         """The attacker's shadow model: same architecture, trained on ``shadow_train``."""
         from nvmpriv.attack_models import train_classifier
 
-        template = copy.deepcopy(pl_module.net).cpu()
+        net: nn.Module = pl_module.net  # type: ignore[assignment]
+        template = copy.deepcopy(net).cpu()
         if self._shadow_state is None:
             x, y = dm.arrays("shadow_train")
             with torch.enable_grad():
@@ -282,18 +301,18 @@ class CrossbarAudit(Callback):
                     lambda: _reset_parameters(copy.deepcopy(template)),
                     x,
                     y,
-                    epochs=int(self.shadow_epochs or 1),
+                    epochs=self._limits["shadow_epochs"],
                     lr=self.shadow_lr,
                     batch_size=int(getattr(dm, "batch_size", 64)),
                     seed=self.chip_seed + 1,
                 )
-            self._shadow_state = {k: v.detach().cpu().clone() for k, v in shadow.state_dict().items()}
+            self._shadow_state = {
+                k: v.detach().cpu().clone() for k, v in shadow.state_dict().items()
+            }
         template.load_state_dict(self._shadow_state)
         return template.to(pl_module.device).eval()
 
-    def _outputs(
-        self, pl_module: pl.LightningModule, net: nn.Module, x: np.ndarray
-    ) -> np.ndarray:
+    def _outputs(self, pl_module: pl.LightningModule, net: nn.Module, x: np.ndarray) -> np.ndarray:
         """Logits of ``net`` on ``x``, sharded over DDP ranks and gathered in sample order."""
         trainer = pl_module.trainer
         world, rank = trainer.world_size, trainer.global_rank
@@ -305,7 +324,7 @@ class CrossbarAudit(Callback):
             chunks.append(net(batch).float())
         logits = torch.cat(chunks)
         if world > 1:
-            gathered = pl_module.all_gather(logits)  # [world, per, C]
+            gathered: torch.Tensor = pl_module.all_gather(logits)  # type: ignore[assignment]
             logits = gathered.permute(1, 0, 2).reshape(-1, logits.shape[-1])[: len(x)]
         return logits.detach().cpu().double().numpy()
 
@@ -336,8 +355,10 @@ class CrossbarAudit(Callback):
                         shadow_net, cfg, seed=self.chip_seed + 7919, calibration=calib
                     )
                 entry = self._audit_one(pl_module, chip, shadow_chip, sets, adv)
-                if self.layer_samples:
-                    x = torch.as_tensor(sets["nonmembers"][0][: self.layer_samples], device=device)
+                if self._limits["layers"]:
+                    x = torch.as_tensor(
+                        sets["nonmembers"][0][: self._limits["layers"]], device=device
+                    )
                     entry["layers"] = {
                         layer: {"snr_db": v.snr_db, "ns": v.noise_sensitivity}
                         for layer, v in layer_noise(net, chip, x).items()
@@ -368,8 +389,9 @@ class CrossbarAudit(Callback):
         from nvmpriv.adversarial import pgd_attack
 
         x_np, y_np = sets["nonmembers"]
-        x = torch.as_tensor(x_np[: self.adversarial_samples], device=pl_module.device)
-        y = torch.as_tensor(y_np[: self.adversarial_samples], device=pl_module.device)
+        n = self._limits["adversarial"]
+        x = torch.as_tensor(x_np[:n], device=pl_module.device)
+        y = torch.as_tensor(y_np[:n], device=pl_module.device)
         lo, hi = float(x.min()), float(x.max())
         clamp = (min(lo, 0.0), max(hi, 1.0))
         gen = torch.Generator(device=x.device).manual_seed(self.chip_seed)
@@ -429,7 +451,9 @@ class CrossbarAudit(Callback):
                 "auc": float(result.auc),
                 "tpr@0.1%fpr": float(result.tpr_at_01pct_fpr),
                 "tpr@1%fpr": float(result.tpr_at_1pct_fpr),
-                "threshold_source": result.threshold_source if result.accuracy is not None else "cv",
+                "threshold_source": result.threshold_source
+                if result.accuracy is not None
+                else "cv",
                 "roc": (result.fpr, result.tpr),
             }
         entry["attacks"] = attacks
@@ -464,7 +488,9 @@ class CrossbarAudit(Callback):
                 flat[f"adv/{cfg}/eps_{eps}/acc"] = acc
         return flat
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: dict[str, Any]) -> None:
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: dict[str, Any]
+    ) -> None:
         if not trainer.is_global_zero:
             return
         metrics = self._flat_metrics(results)
@@ -523,7 +549,7 @@ class CrossbarAudit(Callback):
             return
         payload = self.results_json()
         folder = Path(log_dir or trainer.default_root_dir)
-        splits = getattr(trainer.datamodule, "splits", None)
+        splits = getattr(getattr(trainer, "datamodule", None), "splits", None)
         payload["split_hash"] = splits.split_hash if splits is not None else None
         payload["crossbars"] = {n: c.to_dict() for n, c in self.configs.items()}
         atomic_write_text(folder / "results.json", json.dumps(payload, indent=2, sort_keys=True))
@@ -574,7 +600,8 @@ def format_table(payload: dict[str, Any]) -> str:
         row = f"{cfg:16s} {entry['acc']:6.3f} {entry['acc_drop']:6.3f} "
         row += f"{nf:6.3f} " if nf is not None else f"{'-':>6s} "
         row += " ".join(
-            f"{entry['attacks'][a]['acc']:10.3f}/{entry['attacks'][a]['auc']:<11.3f}" for a in attacks
+            f"{entry['attacks'][a]['acc']:10.3f}/{entry['attacks'][a]['auc']:<11.3f}"
+            for a in attacks
         )
         lines.append(row)
     source = payload.get("threshold_source", "")

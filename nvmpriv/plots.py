@@ -7,9 +7,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 -- the backend must be chosen first
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = ["confidence_figure", "layer_metrics_figure", "roc_figure"]
 
@@ -29,7 +29,9 @@ def roc_figure(attacks: dict[str, Any], title: str) -> Figure:
     for name, values in attacks.items():
         fpr, tpr = values["roc"]
         ax.plot(
-            np.maximum(fpr, floor), np.maximum(tpr, floor), label=f"{name} (AUC {values['auc']:.3f})"
+            np.maximum(fpr, floor),
+            np.maximum(tpr, floor),
+            label=f"{name} (AUC {values['auc']:.3f})",
         )
     ax.plot([floor, 1], [floor, 1], "k--", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate")
@@ -50,7 +52,7 @@ def confidence_figure(confidence: dict[str, np.ndarray], title: str) -> Figure:
         The figure.
     """
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    bins = np.linspace(0, 1, 41)
+    bins = np.linspace(0, 1, 41).tolist()
     ax.hist(confidence["members"], bins=bins, alpha=0.6, label="members", density=True)
     ax.hist(confidence["nonmembers"], bins=bins, alpha=0.6, label="non-members", density=True)
     ax.set(xlabel="confidence p_y", ylabel="density")
