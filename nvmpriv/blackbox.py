@@ -1,4 +1,4 @@
-"""Membership inference against an exported ONNX file, through ``predict_proba`` queries only.
+r"""Membership inference against an exported ONNX file, through ``predict_proba`` queries only.
 
 The target is reached exclusively through :func:`nvmpriv.runtime.load` (numpy + onnxruntime):
 this module never opens a checkpoint or the target's training code. The attacker's own models
@@ -147,9 +147,14 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
         mx, my = _cap(arrays["member_x"], arrays["member_y"], max_samples)
         nx, ny = _cap(arrays["nonmember_x"], arrays["nonmember_y"], max_samples)
         return AttackData(
-            mx, my.astype(np.int64), nx, ny.astype(np.int64),
-            arrays.get("shadow_x"), _opt_int(arrays.get("shadow_y")),
-            arrays.get("population_x"), _opt_int(arrays.get("population_y")),
+            mx,
+            my.astype(np.int64),
+            nx,
+            ny.astype(np.int64),
+            arrays.get("shadow_x"),
+            _opt_int(arrays.get("shadow_y")),
+            arrays.get("population_x"),
+            _opt_int(arrays.get("population_y")),
             source=str(path),
         )
     if path.is_dir():
@@ -167,7 +172,10 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
     sy = np.concatenate([dm.arrays("shadow_train")[1], dm.arrays("shadow_test")[1]])
     px, py = dm.arrays("population")
     return AttackData(
-        mx, my.astype(np.int64), nx, ny.astype(np.int64),
+        mx,
+        my.astype(np.int64),
+        nx,
+        ny.astype(np.int64),
         *_cap(sx, sy.astype(np.int64), None if max_samples is None else 2 * max_samples),
         *_cap(px, py.astype(np.int64), None if max_samples is None else 2 * max_samples),
         source=str(path),
@@ -198,20 +206,32 @@ def default_shadow_net(input_shape: Sequence[int], num_classes: int) -> Callable
     def factory() -> nn.Module:
         if len(shape) == 1:
             return nn.Sequential(
-                nn.Linear(shape[0], 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                nn.Linear(shape[0], 256),
+                nn.ReLU(),
+                nn.Linear(256, 128),
+                nn.ReLU(),
                 nn.Linear(128, num_classes),
             )
         return nn.Sequential(
-            nn.Conv2d(shape[0], 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(),
+            nn.Conv2d(shape[0], 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, 128),
+            nn.ReLU(),
             nn.Linear(128, num_classes),
         )
 
     return factory
 
 
-def _class_factory(class_path: str, input_shape: Sequence[int], num_classes: int) -> Callable[[], Any]:
+def _class_factory(
+    class_path: str, input_shape: Sequence[int], num_classes: int
+) -> Callable[[], Any]:
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -291,9 +311,14 @@ def attack_model(
     Raises:
         ValueError: On unknown attacks, ``queries < 1`` or missing attacker data.
     """
-    from nvmpriv.attack_models import LEARNED_ATTACKS, MembershipSplit, TrainConfig
-    from nvmpriv.attack_models import reference_attack_inputs, run_learned_attack
-    from nvmpriv.attack_models import shadow_attack_inputs
+    from nvmpriv.attack_models import (
+        LEARNED_ATTACKS,
+        MembershipSplit,
+        TrainConfig,
+        reference_attack_inputs,
+        run_learned_attack,
+        shadow_attack_inputs,
+    )
 
     if int(queries) < 1:
         raise ValueError(f"--queries={queries} must be >= 1 (queries averaged per sample)")
@@ -376,8 +401,12 @@ def attack_model(
     if int(queries) > 1 and data.shadow_x is not None:
         ks = sorted({2**i for i in range(int(np.log2(queries)) + 1)} | {int(queries)})
         curve = mia.query_averaging_curve(
-            predictor.predict_proba, data.member_x, data.member_y, data.nonmember_x,
-            data.nonmember_y, ks,
+            predictor.predict_proba,
+            data.member_x,
+            data.member_y,
+            data.nonmember_x,
+            data.nonmember_y,
+            ks,
         )
         report["query_averaging"] = mia.averaging_report(curve)
     report["_roc"] = {n: {"roc": (r.fpr, r.tpr), "auc": r.auc} for n, r in results.items()}
@@ -448,8 +477,14 @@ def cli_main(argv: list[str]) -> int:
     model = load(args.model)
     data = load_attack_data(args.data, max_samples=args.max_samples)
     report = attack_model(
-        model, data, names, queries=args.queries, shadow_net=args.shadow_net,
-        shadow_epochs=args.shadow_epochs, n_ref=args.n_ref, seed=args.seed,
+        model,
+        data,
+        names,
+        queries=args.queries,
+        shadow_net=args.shadow_net,
+        shadow_epochs=args.shadow_epochs,
+        n_ref=args.n_ref,
+        seed=args.seed,
     )
     write_report(report, args.output)
     print(format_report(report))

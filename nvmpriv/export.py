@@ -1,4 +1,4 @@
-"""Export a trained model, digital or programmed onto a simulated crossbar chip, to ONNX.
+r"""Export a trained model, digital or programmed onto a simulated crossbar chip, to ONNX.
 
 Every crossbar layer (:class:`nvmpriv.crossbar.CrossbarLinear` / ``CrossbarConv2d``) becomes one
 node of the custom domain ``nvmpriv`` (version 1): ``CrossbarGemm`` or ``CrossbarConv``. Its
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
+from onnx import numpy_helper
 from torch import nn
 
 from nvmpriv import __version__
@@ -62,7 +62,6 @@ from nvmpriv.crossbar import (
     CrossbarConfig,
     CrossbarConv2d,
     CrossbarLayer,
-    CrossbarLinear,
     convert,
     crossbar_layers,
     get_preset,
@@ -386,7 +385,7 @@ def _conv_body(
     st: dict[str, Any], layer: CrossbarConv2d, has_bias: bool, noisy: bool, seed: int
 ) -> _Body:
     b = _Body()
-    g, n_r, n, k = st["groups"], st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
+    g, n_r, n, _k = st["groups"], st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
     o, n_t = st["cols_per_group"], st["n_slices"]
     kh, kw = st["kernel_size"]
     attrs = _conv_attrs(st)
@@ -600,7 +599,9 @@ def _metadata(
 ) -> dict[str, str]:
     meta = {
         "nvmpriv.version": __version__,
-        "nvmpriv.crossbar": DIGITAL if config is None else json.dumps(config.to_dict(), default=str),
+        "nvmpriv.crossbar": DIGITAL
+        if config is None
+        else json.dumps(config.to_dict(), default=str),
         "nvmpriv.crossbar_name": DIGITAL if config is None else config.name,
         "nvmpriv.chip_seed": "" if chip_seed is None or config is None else str(int(chip_seed)),
         "nvmpriv.split_hash": split_hash or "",
@@ -846,7 +847,9 @@ def _instantiate(spec: Any) -> Any:
         try:
             target = getattr(importlib.import_module(module), cls)
         except (ImportError, AttributeError) as exc:
-            raise ExportError(f"class_path {spec['class_path']!r} cannot be imported ({exc})") from exc
+            raise ExportError(
+                f"class_path {spec['class_path']!r} cannot be imported ({exc})"
+            ) from exc
         kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
         return target(**kwargs)
     if isinstance(spec, dict):
@@ -913,9 +916,7 @@ def _parser() -> argparse.ArgumentParser:
         "--crossbar", default=DIGITAL, help="'digital', a preset name or a YAML of config fields"
     )
     p.add_argument("--seed", type=int, default=0, help="chip seed (default 0)")
-    p.add_argument(
-        "--noise-seed", type=int, default=None, help="base seed of per-query read noise"
-    )
+    p.add_argument("--noise-seed", type=int, default=None, help="base seed of per-query read noise")
     p.add_argument(
         "--calibration-samples",
         type=int,

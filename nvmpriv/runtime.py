@@ -121,7 +121,7 @@ class _CrossbarOp(OpRun):
         if not a.bit_slicing:  # type: ignore[attr-defined]
             return y
         y = y.reshape(n_s, -1, *y.shape[1:-1], n_t, o).astype(np.float64)
-        out = np.zeros(y.shape[1:-2] + (o,))
+        out = np.zeros((*y.shape[1:-2], o))
         for s in range(n_s):
             for t in range(n_t):
                 shift = a.stream_width * (n_s - 1 - s) + a.slice_width * (n_t - 1 - t)  # type: ignore[attr-defined]
@@ -158,8 +158,13 @@ class CrossbarGemm(_CrossbarOp):
         return (y.astype(np.float32),)
 
 
-def _im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
-            pads: Sequence[int], dilations: Sequence[int]) -> tuple[np.ndarray, int, int]:
+def _im2col(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+) -> tuple[np.ndarray, int, int]:
     """Patches ``[B, C, kh*kw, Ho, Wo]`` in ``(c, kh, kw)`` order."""
     kh, kw = kernel
     sh, sw = strides
@@ -168,7 +173,12 @@ def _im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
     h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
     w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
     taps = [
-        xp[:, :, i * dh : i * dh + sh * (h_out - 1) + 1 : sh, j * dw : j * dw + sw * (w_out - 1) + 1 : sw]
+        xp[
+            :,
+            :,
+            i * dh : i * dh + sh * (h_out - 1) + 1 : sh,
+            j * dw : j * dw + sw * (w_out - 1) + 1 : sw,
+        ]
         for i in range(kh)
         for j in range(kw)
     ]
@@ -190,7 +200,11 @@ class CrossbarConv(_CrossbarOp):
         k, o = int(self.rows_per_group), int(self.cols_per_group)  # type: ignore[attr-defined]
         xin, n_s = self._inputs(x)
         cols, h_out, w_out = _im2col(
-            xin, self.kernel_shape, self.strides, self.pads, self.dilations  # type: ignore[attr-defined]
+            xin,
+            self.kernel_shape,
+            self.strides,
+            self.pads,
+            self.dilations,  # type: ignore[attr-defined]
         )
         b = cols.shape[0]
         cols = cols.reshape(b, g, k, h_out * w_out)  # channels of group g are contiguous
@@ -229,7 +243,9 @@ def _read_model(path: str | os.PathLike[str]) -> tuple[Path, onnx.ModelProto]:
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError/RuntimeWarning-like errors
-        raise _fail(file, f"is not an ONNX model or is truncated/corrupt ({type(exc).__name__})") from None
+        raise _fail(
+            file, f"is not an ONNX model or is truncated/corrupt ({type(exc).__name__})"
+        ) from None
     if not model.graph.node or not model.opset_import:
         raise _fail(file, "is not an ONNX model (no graph nodes or opset)")
     return file, model

@@ -62,9 +62,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert main(["fit", "--config", str(cfg)]) == 0
     run_dir = root / "logs" / "bb" / "version_0"
     chip = root / "exports" / f"bb_version_0_64x64_100k_seed{SEED}.onnx"
-    return {"root": root, "run_dir": run_dir, "chip": chip,
-            "digital": root / "exports" / "bb_version_0_digital.onnx",
-            "audit": json.loads((run_dir / "results.json").read_text())}
+    return {
+        "root": root,
+        "run_dir": run_dir,
+        "chip": chip,
+        "digital": root / "exports" / "bb_version_0_digital.onnx",
+        "audit": json.loads((run_dir / "results.json").read_text()),
+    }
 
 
 def test_export_callback_wrote_both_files(run: dict[str, Any]) -> None:
@@ -91,12 +95,30 @@ def test_blackbox_matches_audit(run: dict[str, Any]) -> None:
     assert dig != audit["loss"]["auc"]
 
 
-def test_cli_attack_without_checkpoints(run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_attack_without_checkpoints(
+    run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.rmtree(run["run_dir"] / "checkpoints")
     out = run["root"] / "report" / "report.json"
-    code = main(["attack", "--model", str(run["chip"]), "--data", str(run["run_dir"]),
-                 "--attacks", "confidence,loss,lira_offline", "--shadow-epochs", "2",
-                 "--n-ref", "2", "--queries", "2", "--output", str(out)])
+    code = main(
+        [
+            "attack",
+            "--model",
+            str(run["chip"]),
+            "--data",
+            str(run["run_dir"]),
+            "--attacks",
+            "confidence,loss,lira_offline",
+            "--shadow-epochs",
+            "2",
+            "--n-ref",
+            "2",
+            "--queries",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report["attacks"]) == {"confidence", "loss", "lira_offline"}
@@ -110,14 +132,23 @@ def test_cli_attack_without_checkpoints(run: dict[str, Any], capsys: pytest.Capt
     assert "lira_offline" in capsys.readouterr().out
 
 
-def test_npz_data_and_errors(run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_npz_data_and_errors(
+    run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = load_attack_data(run["run_dir"])
     npz = tmp_path / "arrays.npz"
-    np.savez(npz, member_x=data.member_x, member_y=data.member_y,
-             nonmember_x=data.nonmember_x, nonmember_y=data.nonmember_y,
-             shadow_x=data.shadow_x, shadow_y=data.shadow_y)
-    report = attack_model(run["digital"], load_attack_data(npz), ["gap", "confidence"],
-                          shadow_epochs=1)
+    np.savez(
+        npz,
+        member_x=data.member_x,
+        member_y=data.member_y,
+        nonmember_x=data.nonmember_x,
+        nonmember_y=data.nonmember_y,
+        shadow_x=data.shadow_x,
+        shadow_y=data.shadow_y,
+    )
+    report = attack_model(
+        run["digital"], load_attack_data(npz), ["gap", "confidence"], shadow_epochs=1
+    )
     # the gap attack's accuracy is closed form: (train_acc + 1 - test_acc) / 2
     p = load(run["digital"])
     acc_in = (p.predict_proba(data.member_x).argmax(1) == data.member_y).mean()
@@ -126,9 +157,29 @@ def test_npz_data_and_errors(run: dict[str, Any], tmp_path: Path, capsys: pytest
     bad = tmp_path / "bad.npz"
     np.savez(bad, member_x=data.member_x)
     out = str(tmp_path / "r.json")
-    assert main(["attack", "--model", str(run["digital"]), "--data", str(bad), "--output", out]) == 2
+    assert (
+        main(["attack", "--model", str(run["digital"]), "--data", str(bad), "--output", out]) == 2
+    )
     assert "lacks arrays" in capsys.readouterr().err
-    assert main(["attack", "--model", str(tmp_path / "none.onnx"), "--data", str(npz),
-                 "--output", out]) == 2
-    assert main(["attack", "--model", str(run["digital"]), "--data", str(npz),
-                 "--attacks", "bogus", "--output", out]) == 2
+    assert (
+        main(
+            ["attack", "--model", str(tmp_path / "none.onnx"), "--data", str(npz), "--output", out]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "attack",
+                "--model",
+                str(run["digital"]),
+                "--data",
+                str(npz),
+                "--attacks",
+                "bogus",
+                "--output",
+                out,
+            ]
+        )
+        == 2
+    )

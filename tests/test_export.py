@@ -22,8 +22,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     net = nets.ColumnFC(64, 10).eval()
     x = torch.rand(16, 64)
-    chip = export_model(net, get_preset("64x64_100k"), folder / "chip.onnx", input_shape=[64],
-                        chip_seed=7, calibration=x, split_hash="abc123")
+    chip = export_model(
+        net,
+        get_preset("64x64_100k"),
+        folder / "chip.onnx",
+        input_shape=[64],
+        chip_seed=7,
+        calibration=x,
+        split_hash="abc123",
+    )
     digital = export_model(net, None, folder / "digital.onnx", input_shape=[64])
     return chip, digital
 
@@ -65,7 +72,9 @@ def test_metadata(exported: tuple[Path, Path]) -> None:
     assert not any(n.domain == "nvmpriv" for n in onnx.load(digital).graph.node)
 
 
-def test_refuses_overwrite_and_needs_calibration(tmp_path: Path, exported: tuple[Path, Path]) -> None:
+def test_refuses_overwrite_and_needs_calibration(
+    tmp_path: Path, exported: tuple[Path, Path]
+) -> None:
     chip, _ = exported
     before = chip.read_bytes()
     net = nets.ColumnFC(64, 10)
@@ -96,8 +105,19 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
     out = tmp_path / "exports" / "m.onnx"
-    args = ["export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--crossbar", "32x32_100k",
-            "--seed", "3", "--output", str(out)]
+    args = [
+        "export",
+        "--config",
+        str(cfg),
+        "--ckpt_path",
+        str(ckpt),
+        "--crossbar",
+        "32x32_100k",
+        "--seed",
+        "3",
+        "--output",
+        str(out),
+    ]
     assert main(args) == 0
     model = runtime.load(out)
     assert model.metadata["nvmpriv.chip_seed"] == "3" and model.num_classes == 10
@@ -106,11 +126,37 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     dig = tmp_path / "d.onnx"
-    assert main(["export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--crossbar",
-                 "digital", "--output", str(dig)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                str(ckpt),
+                "--crossbar",
+                "digital",
+                "--output",
+                str(dig),
+            ]
+        )
+        == 0
+    )
     x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
     with torch.no_grad():
         expected = torch.softmax(net.eval()(torch.as_tensor(x)), 1).numpy()
     np.testing.assert_allclose(runtime.load(dig).predict_proba(x), expected, rtol=1e-5)
-    assert main(["export", "--config", str(cfg), "--ckpt_path", str(tmp_path / "nope.ckpt"),
-                 "--output", str(tmp_path / "e.onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                str(tmp_path / "nope.ckpt"),
+                "--output",
+                str(tmp_path / "e.onnx"),
+            ]
+        )
+        == 2
+    )

@@ -31,8 +31,12 @@ def _fc() -> nn.Module:
 def _tiny_cnn() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
     ).eval()
 
 
@@ -41,20 +45,27 @@ def _resnet() -> nn.Module:
     return nets.CifarResNet(depth=10, width=1, num_classes=10).eval()
 
 
-def _export(tmp_path: Path, net: nn.Module, cfg_name: str, shape: list[int]) -> tuple[Path, torch.Tensor]:
+def _export(
+    tmp_path: Path, net: nn.Module, cfg_name: str, shape: list[int]
+) -> tuple[Path, torch.Tensor]:
     torch.manual_seed(3)
     x = torch.rand(32, *shape)
-    cfg = None if cfg_name == "digital" else (NOISY if cfg_name == "noisy" else get_preset(cfg_name))
-    path = export_model(net, cfg, tmp_path / f"{cfg_name}.onnx", input_shape=shape,
-                        chip_seed=5, calibration=x)
+    cfg = (
+        None if cfg_name == "digital" else (NOISY if cfg_name == "noisy" else get_preset(cfg_name))
+    )
+    path = export_model(
+        net, cfg, tmp_path / f"{cfg_name}.onnx", input_shape=shape, chip_seed=5, calibration=x
+    )
     return path, x
 
 
 def _torch_probs(net: nn.Module, cfg_name: str, x_cal: torch.Tensor, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        model = net if cfg_name == "digital" else convert(
-            net, get_preset(cfg_name), seed=5, calibration=x_cal
-        ).eval()
+        model = (
+            net
+            if cfg_name == "digital"
+            else convert(net, get_preset(cfg_name), seed=5, calibration=x_cal).eval()
+        )
         return torch.softmax(model(x), 1).double().numpy()
 
 
@@ -71,7 +82,9 @@ CASES = [
 @pytest.mark.parametrize(("arch", "cfg_name"), CASES)
 def test_parity_torch_onnxruntime_reference(tmp_path: Path, arch: str, cfg_name: str) -> None:
     net, shape = {
-        "fc": (_fc, [64]), "cnn": (_tiny_cnn, [3, 8, 8]), "resnet": (_resnet, [3, 32, 32])
+        "fc": (_fc, [64]),
+        "cnn": (_tiny_cnn, [3, 8, 8]),
+        "resnet": (_resnet, [3, 32, 32]),
     }[arch]
     model = net()
     path, x_cal = _export(tmp_path, model, cfg_name, shape)
@@ -160,7 +173,8 @@ def test_runtime_and_score_attacks_import_no_torch(fc_file: Path) -> None:
         "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if 'torch' in k)\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

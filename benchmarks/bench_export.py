@@ -1,0 +1,111 @@
+"""ONNX export: onnxruntime throughput of the crossbar export vs the torch simulation and vs the
+digital export, export time and file size. One thread on every side.
+
+    .venv/bin/python benchmarks/bench_export.py [--preset 64x64_100k] [--batch 256] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nvmpriv import nets, runtime
+from nvmpriv.crossbar import convert, get_preset
+from nvmpriv.export import export_model
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def bench(
+    name: str,
+    net: torch.nn.Module,
+    shape: list[int],
+    preset: str,
+    batch: int,
+    reps: int,
+    folder: Path,
+) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(batch, *shape)
+    cfg = get_preset(preset)
+    t = time.perf_counter()
+    chip_file = export_model(
+        net, cfg, folder / f"{name}_chip.onnx", input_shape=shape, calibration=x[:256]
+    )
+    t_export = time.perf_counter() - t
+    t = time.perf_counter()
+    dig_file = export_model(net, None, folder / f"{name}_dig.onnx", input_shape=shape)
+    t_export_dig = time.perf_counter() - t
+    chip = convert(net, cfg, seed=0, calibration=x[:256]).eval()
+    xn = x.numpy()
+    ort_chip, ort_dig = runtime.load(chip_file, threads=1), runtime.load(dig_file, threads=1)
+    with torch.no_grad():
+        t_torch = _best(lambda: torch.softmax(chip(x), 1), reps)
+    t_chip = _best(lambda: ort_chip.predict_proba(xn, batch_size=batch), reps)
+    t_dig = _best(lambda: ort_dig.predict_proba(xn, batch_size=batch), reps)
+    size_c, size_d = chip_file.stat().st_size, dig_file.stat().st_size
+    print(
+        f"{name:10s} {preset:22s} batch {batch}: torch sim {batch / t_torch:9.0f}/s | "
+        f"ORT chip {batch / t_chip:9.0f}/s | ORT digital {batch / t_dig:9.0f}/s | "
+        f"ORT chip / torch = {t_torch / t_chip:.2f}x faster | "
+        f"ORT chip / ORT digital = {t_chip / t_dig:.2f}x slower"
+    )
+    print(
+        f"{'':10s} export {t_export:.2f} s (digital {t_export_dig:.2f} s); file "
+        f"{size_c / 1e6:.2f} MB vs digital {size_d / 1e6:.2f} MB ({size_c / size_d:.2f}x)"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="64x64_100k")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        bench(
+            "ColumnFC",
+            nets.ColumnFC(64, 10).eval(),
+            [64],
+            args.preset,
+            args.batch,
+            args.reps,
+            folder,
+        )
+        bench(
+            "NasrFC600",
+            nets.NasrFC(600, 100).eval(),
+            [600],
+            args.preset,
+            args.batch,
+            args.reps,
+            folder,
+        )
+        bench(
+            "LeNet5",
+            nets.LeNet5().eval(),
+            [1, 28, 28],
+            args.preset,
+            args.batch,
+            max(3, args.reps // 4),
+            folder,
+        )
+
+
+if __name__ == "__main__":
+    main()
