@@ -36,7 +36,14 @@ def _load_command(spec: str) -> Callable[[list[str]], int]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input rather than a bug in nvmpriv."""
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, KeyError, TypeError]
+    # FloatingPointError: FiniteLossGuard's stop (a diverging run: lower the LR and resume).
+    errors: list[type[BaseException]] = [
+        ValueError,
+        FileNotFoundError,
+        KeyError,
+        TypeError,
+        FloatingPointError,
+    ]
     try:
         from jsonargparse import ArgumentError
 
@@ -54,7 +61,6 @@ _NOISE = (
     "Subtypes:",
     "Errors:",
     "Given value type:",
-    "Given value:",
     "Does not validate",
 )
 

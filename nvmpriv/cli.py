@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,45 @@ def _logger_folder(config: Any) -> tuple[Any, str, str] | None:
     return init_args, str(save_dir), str(init_args.get("name") or "lightning_logs")
 
 
+_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Reject a ``--ckpt_path`` that is missing or not a torch checkpoint, before anything loads it.
+
+    ``torch.save`` writes a zip archive with a ``data.pkl`` record; a truncated file has lost the
+    archive's central directory, so both checks cost one directory read, not a load.
+
+    Args:
+        path: The checkpoint file.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a torch checkpoint, or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {path}: checkpoint not found; pass an existing .ckpt file (e.g. "
+            "logs/<name>/version_N/checkpoints/last.ckpt) or --ckpt_path last"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(
+            f"--ckpt_path {path}: not a torch checkpoint, or truncated ({exc}); pass a .ckpt file "
+            "written by Lightning, or last.ckpt of an earlier run"
+        ) from exc
+    if not any(name.endswith("data.pkl") for name in names):
+        raise ValueError(
+            f"--ckpt_path {path}: a zip archive but not a torch checkpoint (no data.pkl); pass a "
+            ".ckpt file written by Lightning"
+        )
+
+
 class NvmprivCLI(LightningCLI):
-    """LightningCLI with nvmpriv's links between data and model."""
+    """LightningCLI with nvmpriv's links between data and model and a resolved ``ckpt_path``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the data set's class count into the method."""
@@ -66,15 +104,26 @@ class NvmprivCLI(LightningCLI):
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
 
-    def before_instantiate_classes(self) -> None:
-        """Resolve ``--ckpt_path last`` against the experiment's earlier version folders.
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then resolve ``--ckpt_path last`` and check the checkpoint file.
+
+        This runs before Lightning reads the checkpoint's hyperparameters, so a bad file stops
+        here with one line instead of a loader traceback.
 
         Raises:
-            FileNotFoundError: ``validate``/``test``/``predict`` with ``last`` and no checkpoint.
+            FileNotFoundError: Missing checkpoint, or ``last`` with none for a non-``fit`` command.
+            ValueError: The file is not a torch checkpoint.
         """
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
+        self._resolve_last(subcommand)
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in _KEYWORDS and "://" not in str(ckpt_path):
+            check_checkpoint_file(ckpt_path)
+
+    def _resolve_last(self, subcommand: str) -> None:
         config = self.config[subcommand]
         if config.get("ckpt_path") != "last":
             return
@@ -96,6 +145,15 @@ class NvmprivCLI(LightningCLI):
             init_args["version"] = int(match.group(1)) if match else version
 
 
+def _ckpt_arg(args: list[str]) -> str:
+    for i, arg in enumerate(args):
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+    return "the checkpoint"
+
+
 def run_lightning_cli(args: list[str]) -> Any:
     """Run a Trainer subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
@@ -104,15 +162,30 @@ def run_lightning_cli(args: list[str]) -> Any:
 
     Returns:
         The finished :class:`NvmprivCLI`.
+
+    Raises:
+        ValueError: The checkpoint's weights do not fit the configured network.
     """
     # Passing args explicitly (so tests can call main()) is intended; silence Lightning's warning.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    return NvmprivCLI(
-        MembershipModule,
-        MembershipDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-    )
+    try:
+        return NvmprivCLI(
+            MembershipModule,
+            MembershipDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+        )
+    except RuntimeError as exc:
+        # torch's load_state_dict lists every mismatching tensor over many lines.
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        first = details[0] if details else ""
+        more = f" (+{len(details) - 1} more)" if len(details) > 1 else ""
+        raise ValueError(
+            f"{_ckpt_arg(args)} does not fit the configured network: {first}{more}; use the "
+            "config the checkpoint was trained with (config.yaml next to its checkpoints folder)"
+        ) from exc

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zipfile
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -230,7 +231,7 @@ class Splits:
                     json.loads(str(stored["meta"])),
                 )
                 recorded = str(stored["split_hash"])
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise SplitFileError(f"split file {path} is unreadable ({exc}); regenerate it") from exc
         if recorded != splits.split_hash:
             raise SplitFileError(
@@ -279,17 +280,17 @@ def _global_rng_state() -> dict[str, Any]:
     and image augmentations all draw from these, so a resumed run repeats the uninterrupted one
     only if they continue from where the checkpoint left them.
     """
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [
             str(np_state[0]),
-            np_state[1].tolist(),  # type: ignore[union-attr]
-            int(np_state[2]),  # type: ignore[misc]
-            int(np_state[3]),  # type: ignore[misc]
-            float(np_state[4]),  # type: ignore[misc]
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
         ],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }

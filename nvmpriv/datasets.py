@@ -25,6 +25,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,7 @@ def _cached(
                     return RawDataset(
                         features, stored["labels"], num_classes, name, str(stored["hash"])
                     )
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             pass  # a stale or corrupt cache is simply rebuilt from the source files
     features, labels = parse()
     binary = features.max() <= 1 if features.dtype == np.uint8 else np.isin(features, (0, 1)).all()

@@ -132,12 +132,17 @@ def test_sigkill_then_ckpt_path_last_reproduces_uninterrupted_run(
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert history[: len(done_before_kill)] == done_before_kill
     assert [without_timing(h) for h in history] == [without_timing(h) for h in ref_history]
-    assert killed["Digits"]["indices"] == torch.load(
-        ref_folder / RUN / "checkpoints" / "last.ckpt", weights_only=True
-    )["Digits"]["indices"]
+    assert (
+        killed["Digits"]["indices"]
+        == torch.load(ref_folder / RUN / "checkpoints" / "last.ckpt", weights_only=True)["Digits"][
+            "indices"
+        ]
+    )
 
 
-def test_chip_seed_changes_the_chip_only(reference: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_chip_seed_changes_the_chip_only(
+    reference: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """A second fresh process with another chip seed: same training, different simulated chip."""
     _, expected = reference
     other = fit(tmp_path, chip_seed=1)
@@ -213,4 +218,6 @@ def test_non_finite_loss_stops_with_epoch_step_and_checkpoint(tmp_path: Path) ->
     assert str(last) in line or "last.ckpt" in line
     good = torch.load(last, weights_only=True)
     assert good["epoch"] == 0
-    assert all(torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point()
+    )

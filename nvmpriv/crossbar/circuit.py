@@ -21,6 +21,7 @@ elimination row by row (dense, float64, torch), and agrees with the reference to
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,26 +233,27 @@ _MIN_RATIO_PRODUCT = 1e-150  # below this the product form of the line inverse c
 def _spd_inverse(M: torch.Tensor) -> torch.Tensor:
     """Inverse of a batch of well-conditioned SPD matrices ``[T, n, n]`` (torch only).
 
-    Recursive 2x2 block inversion through the Schur complement, so that almost all the work is
-    batched GEMMs on torch's own thread pool: per-matrix LAPACK inverses are slow for many small
-    matrices, and numpy's OpenBLAS threads oversubscribe the CPU next to torch's. The leaves use
-    batched Cholesky. SPD matrices need no pivoting (every Schur complement of an SPD matrix is
-    SPD), so torch's batched-LU pivot bug does not apply.
+    Only the lower triangle of ``M`` is read (the upper one may hold anything). Recursive 2x2
+    block inversion through the Schur complement, so that almost all the work is batched GEMMs
+    on torch's own thread pool: per-matrix LAPACK inverses are slow for many small matrices,
+    and numpy's OpenBLAS threads oversubscribe the CPU next to torch's. The leaves use batched
+    Cholesky. SPD matrices need no pivoting (every Schur complement of an SPD matrix is SPD),
+    so torch's batched-LU pivot bug does not apply.
 
     Args:
-        M: SPD matrices ``[T, n, n]`` (siemens).
+        M: SPD matrices ``[T, n, n]`` (siemens), lower triangle significant.
 
     Returns:
-        Their inverses ``[T, n, n]`` (ohms).
+        Their inverses ``[T, n, n]`` (ohms), full and symmetric.
     """
     n = M.shape[-1]
     if n <= _INV_LEAF:
         return torch.cholesky_inverse(torch.linalg.cholesky(M))
     h = n // 2
-    a, b, d = M[:, :h, :h], M[:, :h, h:], M[:, h:, h:]
+    a, bt, d = M[:, :h, :h], M[:, h:, :h], M[:, h:, h:]
     a_inv = _spd_inverse(a)
-    x = torch.bmm(a_inv, b)  # [T, h, n-h]
-    s_inv = _spd_inverse(torch.baddbmm(d, b.mT, x, alpha=-1.0))
+    x = torch.bmm(a_inv, bt.mT)  # [T, h, n-h]
+    s_inv = _spd_inverse(torch.baddbmm(d, bt, x, alpha=-1.0))
     xs = torch.bmm(x, s_inv)
     out = torch.empty_like(M)
     torch.baddbmm(a_inv, xs, x.mT, out=out[:, :h, :h])
@@ -314,19 +316,20 @@ def _semiseparable(
 ) -> torch.Tensor:
     """``g_j g_k inv[j, k]`` for the line inverse of :func:`_line_factors` (``[..., n, n]``).
 
-    ``stable=False`` uses the outer product ``(g_j / P_j) (g_k d_k P_k)`` (one pass; valid while
-    ``P`` stays far from underflow), ``stable=True`` the exponent of differences.
+    ``stable=True`` forms every product as ``exp(log P_k - log P_j) <= 1`` and returns the full
+    symmetric matrix. ``stable=False`` returns only a valid LOWER triangle (the upper one is
+    garbage), as the outer product ``(g_j d_j P_j) (g_k / P_k)``: one pass, valid while ``P``
+    stays far from underflow.
     """
-    n = log_p.shape[-1]
-    j = torch.arange(n, device=log_p.device)
-    upper = j.unsqueeze(-1) <= j.unsqueeze(0)  # [j, k]: j <= k
     if stable:
+        n = log_p.shape[-1]
+        j = torch.arange(n, device=log_p.device)
+        upper = j.unsqueeze(-1) <= j.unsqueeze(0)  # [j, k]: j <= k
         out = (log_p.unsqueeze(-2) - log_p.unsqueeze(-1)).abs_().neg_().exp_()
         scale = torch.where(upper, inv_diag.unsqueeze(-2), inv_diag.unsqueeze(-1))
         return out.mul_(scale).mul_(g.unsqueeze(-1)).mul_(g.unsqueeze(-2))
     big_p = torch.exp(log_p)
-    m = (g / big_p).unsqueeze(-1) * (g * inv_diag * big_p).unsqueeze(-2)  # valid for j <= k
-    return torch.where(upper, m, m.mT)
+    return (g * inv_diag * big_p).unsqueeze(-1) * (g / big_p).unsqueeze(-2)
 
 
 def _distributed(G: torch.Tensor, r_wire: float, r_source: float, r_sink: float) -> torch.Tensor:
@@ -377,11 +380,16 @@ def _distributed(G: torch.Tensor, r_wire: float, r_source: float, r_sink: float)
         # S_cell = diag(G_i) - diag(G_i) K_i^-1 diag(G_i) after eliminating the word line.
         n_neigh = (i > 0) + (i < rows - 1)
         c_i = gw * n_neigh + (1.0 / r_sink if (r_sink > 0 and i == rows - 1) else 0.0)
+        # Only the lower triangle of s_i is significant (all _spd_inverse reads).
         g_i = G[:, i]
-        s_i = torch.zeros(n_t, cols, cols, dtype=dt)
-        if o == 0 or cols > 1:
-            s_i[:, o:, o:] = _semiseparable(log_p[:, i], inv_diag[:, i], g_i[:, o:], stable=stable)
-        s_i.neg_()
+        if o == 0:
+            s_i = _semiseparable(log_p[:, i], inv_diag[:, i], g_i, stable=stable).neg_()
+        else:
+            s_i = torch.zeros(n_t, cols, cols, dtype=dt)
+            if cols > 1:
+                s_i[:, 1:, 1:] = _semiseparable(
+                    log_p[:, i], inv_diag[:, i], g_i[:, 1:], stable=stable
+                ).neg_()
         s_i.diagonal(dim1=-2, dim2=-1).add_(g_i + c_i)
         if z_prev is not None:
             s_i.sub_(z_prev, alpha=gw * gw)
@@ -403,7 +411,7 @@ def effective_conductance(
     r_wire: float,
     r_source: float,
     r_sink: float,
-    chunk: int = 256,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """Exact effective conductance matrices of many tiles (the IR-drop fast path).
 
@@ -415,7 +423,7 @@ def effective_conductance(
         r_wire: Resistance between neighbouring nodes (ohms).
         r_source: Source resistance per word line (ohms).
         r_sink: Sink resistance per bit line (ohms).
-        chunk: Tiles processed at once (bounds memory at about ``chunk * R * C^2 * 16`` bytes).
+        chunk: Tiles processed at once (memory about ``chunk * (6 R C + 8 C^2) * 8`` bytes).
 
     Returns:
         ``A`` with the shape of ``G`` (siemens, float64).
@@ -432,7 +440,24 @@ def effective_conductance(
     if r_wire == 0:
         return _lumped(flat, r_source, r_sink).reshape(*lead, rows, cols)
     out = torch.empty_like(flat)
-    for start in range(0, flat.shape[0], chunk):
+    starts = range(0, flat.shape[0], chunk)
+
+    def work(start: int) -> None:
+        # Each chunk is a long sequence of small batched ops: run them single-threaded (an
+        # intra-op barrier per small op costs a scheduler wake-up on a busy machine) and spread
+        # whole chunks over the threads instead; torch ops release the GIL.
+        torch.set_num_threads(1)
         stop = min(start + chunk, flat.shape[0])
         out[start:stop] = _distributed(flat[start:stop], r_wire, r_source, r_sink)
+
+    n_threads = torch.get_num_threads()
+    try:
+        if n_threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(n_threads, len(starts))) as pool:
+                list(pool.map(work, starts))
+        else:
+            for start in starts:
+                work(start)
+    finally:
+        torch.set_num_threads(n_threads)
     return out.reshape(*lead, rows, cols)

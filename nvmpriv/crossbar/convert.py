@@ -11,7 +11,7 @@ from torch import nn
 
 from nvmpriv.crossbar.config import CrossbarConfig
 from nvmpriv.crossbar.functional import layer_seed
-from nvmpriv.crossbar.layers import CrossbarConv2d, CrossbarLayer, CrossbarLinear
+from nvmpriv.crossbar.layers import CrossbarConv2d, CrossbarLayer, CrossbarLinear, is_dorefa_layer
 
 __all__ = [
     "LAYER_MAP",
@@ -32,8 +32,16 @@ LAYER_MAP: dict[type[nn.Module], type[CrossbarLayer]] = {
 Batch = torch.Tensor | Sequence[torch.Tensor]
 
 
+def _layer_class(module: nn.Module) -> type[CrossbarLayer] | None:
+    """The crossbar type of ``module``: exact types via :data:`LAYER_MAP`, DoReFa layers by base."""
+    cls = LAYER_MAP.get(type(module))
+    if cls is None and is_dorefa_layer(module):
+        cls = CrossbarLinear if isinstance(module, nn.Linear) else CrossbarConv2d
+    return cls
+
+
 def _mappable(module: nn.Module) -> bool:
-    if type(module) not in LAYER_MAP:
+    if _layer_class(module) is None:
         return False
     return not (isinstance(module, nn.Conv2d) and module.padding_mode != "zeros")
 
@@ -44,7 +52,8 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _build(module: nn.Module, config: CrossbarConfig, seed: int, index: int) -> CrossbarLayer:
-    cls = LAYER_MAP[type(module)]
+    cls = _layer_class(module)
+    assert cls is not None
     layer = cls.from_module(module, config, seed=layer_seed(seed, index))  # type: ignore[attr-defined]
     layer.train(module.training)
     return layer
@@ -71,6 +80,10 @@ def convert(
     calibration: Batch | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` with every Linear/Conv2d programmed onto a simulated chip.
+
+    DoReFa-quantized layers (``nvmpriv.quantization.QuantLinear`` / ``QuantConv2d``, or any
+    Linear/Conv2d subclass with ``effective_weight`` and ``act_bits``) are programmed from their
+    quantized weights and keep their input activation quantizer ahead of the DAC.
 
     Layers are numbered in ``named_modules`` order; layer ``i`` draws its static randomness
     from :func:`functional.layer_seed` ``(seed, i)``, so one config and seed give one chip.
@@ -221,7 +234,7 @@ def unsupported_layers(model: nn.Module) -> dict[str, str]:
         if isinstance(m, CrossbarLayer) or _mappable(m):
             continue
         label = name or "<root>"
-        if isinstance(m, nn.Conv2d) and type(m) in LAYER_MAP:
+        if isinstance(m, nn.Conv2d) and _layer_class(m) is not None:
             reasons[label] = f"Conv2d padding_mode={m.padding_mode!r}: only 'zeros' is mapped"
         elif isinstance(m, nn.modules.conv._ConvNd):
             reasons[label] = (

@@ -31,7 +31,15 @@ from nvmpriv.crossbar import functional as XF
 from nvmpriv.crossbar.circuit import effective_conductance
 from nvmpriv.crossbar.config import CrossbarConfig
 
-__all__ = ["CrossbarConv2d", "CrossbarLayer", "CrossbarLinear", "NotCalibratedError"]
+__all__ = [
+    "CrossbarConv2d",
+    "CrossbarLayer",
+    "CrossbarLinear",
+    "NotCalibratedError",
+    "dorefa_activation",
+    "is_dorefa_layer",
+    "quant_source",
+]
 
 # Partial-sum elements per chunk on the eager no-grad ADC path (keeps the working set in cache).
 _CHUNK_ELEMENTS = 1 << 21
@@ -41,18 +49,80 @@ class NotCalibratedError(RuntimeError):
     """A layer with DAC/ADC was run before its converter ranges were calibrated."""
 
 
+def dorefa_activation(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """DoReFa activation quantizer ``round(clamp(x, 0, 1) (2^k - 1)) / (2^k - 1)``.
+
+    Zhou et al., "DoReFa-Net" (2016), eq. for activations; straight-through gradient inside
+    (0, 1). Written with the same operations as ``nvmpriv.quantization.dorefa_activation`` (so
+    results are bit-identical) but kept local so that the crossbar package imports no other
+    nvmpriv module.
+
+    Args:
+        x: Activations (input units of the layer).
+        bits: ``k`` in 1..31, or ``None`` to return ``x`` unchanged.
+
+    Returns:
+        Quantized activations in [0, 1] (same unit), or ``x``.
+    """
+    if bits is None:
+        return x
+    n = float(2**bits - 1)
+    r = x.clamp(0.0, 1.0) * n
+    return (r + (torch.round(r) - r).detach()) / n
+
+
+def is_dorefa_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a DoReFa-quantized Linear/Conv2d (duck-typed).
+
+    A quantized layer is a subclass of ``nn.Linear`` / ``nn.Conv2d`` with an ``effective_weight``
+    (the weight its forward uses) and an ``act_bits`` attribute (``None`` or 1..31), like
+    ``nvmpriv.quantization.QuantLinear`` / ``QuantConv2d``.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        ``True`` for such layers.
+    """
+    return (
+        isinstance(module, nn.Linear | nn.Conv2d)
+        and type(module) not in (nn.Linear, nn.Conv2d)
+        and hasattr(type(module), "effective_weight")
+        and hasattr(module, "act_bits")
+    )
+
+
+def quant_source(module: nn.Module) -> tuple[torch.Tensor, int | None]:
+    """The weight to program and the input quantizer bits of a digital layer.
+
+    Args:
+        module: ``nn.Linear`` / ``nn.Conv2d`` or a DoReFa layer (:func:`is_dorefa_layer`).
+
+    Returns:
+        ``(effective_weight, act_bits)`` for a DoReFa layer, ``(weight, None)`` otherwise.
+    """
+    if is_dorefa_layer(module):
+        bits = module.act_bits
+        return module.effective_weight, None if bits is None else int(bits)  # type: ignore[arg-type]
+    return module.weight, None  # type: ignore[return-value]
+
+
 class CrossbarLayer(nn.Module):
     """Common machinery of crossbar layers (see the module docstring for the lowering).
 
     Forward equation (non-bit-sliced), for one group, with ``Wt[r]`` the tile-row ``r`` of
     ``w_tiles`` (``[N, O]``, weight units) and ``x_r`` the matching N inputs::
 
+        x    = round(clamp(x, 0, 1) * (2^k - 1)) / (2^k - 1)             # input quantizer (if act_bits)
         xq   = clamp(round(x / s_dac), -q_dac, q_dac) * s_dac          # DAC (if dac_bits)
         P[r] = xq_r @ Wt[r]  (+ sqrt(xq_r^2 @ Nt[r]) * randn)         # tile MVM (+ read noise)
         Pq[r]= clamp(round(P[r] / s_adc), -q_adc, q_adc) * s_adc       # per-tile ADC (if adc_bits)
         y    = sum_r Pq[r] + bias                                      # digital sum
 
     with ``s_dac = dac_range / q_dac``, ``q_dac = 2^(dac_bits-1) - 1`` and likewise for the ADC.
+    The input quantizer is the digital layer's own DoReFa activation quantizer (``k = act_bits``,
+    only for layers converted from a DoReFa layer, see :func:`dorefa_activation`; it runs in
+    the digital periphery before the DAC, also on the bit-sliced path).
     Without ADC the sum over tiles is linear, so ``y = xq @ W_eff + bias`` with the assembled
     effective matrix (one GEMM/conv; exactly the same function).
 
@@ -93,11 +163,20 @@ class CrossbarLayer(nn.Module):
         *,
         seed: int,
         groups: int = 1,
+        act_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.seed = int(seed)
         self.groups = int(groups)
+        if act_bits is not None and (
+            isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 1 <= act_bits <= 31
+        ):
+            raise ValueError(
+                f"act_bits={act_bits!r} is invalid: allowed an integer in 1..31 or None "
+                "(None = no input quantizer)"
+            )
+        self.act_bits = act_bits
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         self.bias = (
             None
@@ -373,6 +452,7 @@ class CrossbarLayer(nn.Module):
             NotCalibratedError: If DAC/ADC ranges are needed but were never calibrated.
         """
         self._check_calibrated()
+        x = dorefa_activation(x, self.act_bits)
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
@@ -403,6 +483,7 @@ class CrossbarLayer(nn.Module):
         * ``bias`` (tensor or absent);
         * ``dac_bits`` (0 = none), ``dac_step`` (input units), ``dac_qmax``;
         * ``adc_bits`` (0 = none), ``adc_step`` (weight x input units, or counts), ``adc_qmax``;
+        * ``act_bits`` (0 = none): DoReFa input quantizer applied first (see the forward equation);
         * ``read_noise`` (bool), ``noise_tiles`` (``[groups, n_row_tiles, N, T*O]`` variance per
           unit squared input, weight units squared; empty when off);
         * ``bit_slicing`` (bool), ``input_bits``, ``input_frac_bits``, ``weight_frac_bits``,
@@ -433,6 +514,7 @@ class CrossbarLayer(nn.Module):
             "n_streams": cfg.n_streams,
             "dac_bits": 0 if cfg.dac_bits is None or cfg.bit_slicing else cfg.dac_bits,
             "adc_bits": 0 if cfg.adc_bits is None else cfg.adc_bits,
+            "act_bits": 0 if self.act_bits is None else self.act_bits,
         }
         if self.bias is not None:
             out["bias"] = self.bias.detach().clone()
@@ -456,6 +538,7 @@ class CrossbarLayer(nn.Module):
             f"config={self.config.name!r}, groups={self.groups}, K={self.rows_per_group}, "
             f"O={self.cols_per_group}, tiles={self.groups}x{self.n_row_tiles}x{self.n_col_tiles} "
             f"of {self.config.tile_size}x{self.config.tile_size}, seed={self.seed}"
+            + (f", act_bits={self.act_bits}" if self.act_bits is not None else "")
         )
 
 
@@ -467,6 +550,7 @@ class CrossbarLinear(CrossbarLayer):
         weight: ``[out_features, in_features]`` weights.
         bias: ``[out_features]`` or ``None``.
         seed: Chip seed of this layer (variation and faults).
+        act_bits: DoReFa input quantizer bits (``None`` = none), see :class:`CrossbarLayer`.
     """
 
     def __init__(
@@ -476,14 +560,19 @@ class CrossbarLinear(CrossbarLayer):
         bias: torch.Tensor | None,
         *,
         seed: int,
+        act_bits: int | None = None,
     ) -> None:
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
-        super().__init__(config, weight, bias, seed=seed, groups=1)
+        super().__init__(config, weight, bias, seed=seed, groups=1, act_bits=act_bits)
 
     @classmethod
     def from_module(cls, module: nn.Linear, config: CrossbarConfig, *, seed: int) -> CrossbarLinear:
         """Program a copy of ``module`` onto a simulated chip.
+
+        A DoReFa layer (one with ``effective_weight`` and ``act_bits``, e.g.
+        ``nvmpriv.quantization.QuantLinear``) is programmed from its quantized
+        ``effective_weight`` and keeps its input quantizer (see :func:`quant_source`).
 
         Args:
             module: The digital layer (left untouched).
@@ -493,7 +582,8 @@ class CrossbarLinear(CrossbarLayer):
         Returns:
             The crossbar layer.
         """
-        layer = cls(config, module.weight, module.bias, seed=seed)
+        weight, act_bits = quant_source(module)
+        layer = cls(config, weight, module.bias, seed=seed, act_bits=act_bits)
         return layer.to(module.weight.device)
 
     def _matrix_shape(self) -> tuple[int, int]:
@@ -572,6 +662,7 @@ class CrossbarConv2d(CrossbarLayer):
         padding: As ``nn.Conv2d`` (zeros padding only).
         dilation: As ``nn.Conv2d``.
         groups: As ``nn.Conv2d``.
+        act_bits: DoReFa input quantizer bits (``None`` = none), see :class:`CrossbarLayer`.
     """
 
     _tile_dim = 2
@@ -590,6 +681,7 @@ class CrossbarConv2d(CrossbarLayer):
         padding: tuple[int, int] | str = (0, 0),
         dilation: tuple[int, int] = (1, 1),
         groups: int = 1,
+        act_bits: int | None = None,
     ) -> None:
         self.out_channels = int(weight.shape[0])
         self.in_channels = int(weight.shape[1]) * groups
@@ -598,11 +690,14 @@ class CrossbarConv2d(CrossbarLayer):
         self.padding = padding if isinstance(padding, str) else tuple(padding)
         self.dilation = tuple(dilation)
         self._groups_init = groups
-        super().__init__(config, weight, bias, seed=seed, groups=groups)
+        super().__init__(config, weight, bias, seed=seed, groups=groups, act_bits=act_bits)
 
     @classmethod
     def from_module(cls, module: nn.Conv2d, config: CrossbarConfig, *, seed: int) -> CrossbarConv2d:
         """Program a copy of ``module`` onto a simulated chip.
+
+        A DoReFa layer (``nvmpriv.quantization.QuantConv2d``) is programmed from its quantized
+        ``effective_weight`` and keeps its input quantizer (see :func:`quant_source`).
 
         Args:
             module: The digital layer (left untouched; ``padding_mode`` must be ``zeros``).
@@ -619,15 +714,17 @@ class CrossbarConv2d(CrossbarLayer):
             raise ValueError(
                 f"Conv2d padding_mode={module.padding_mode!r} is not supported: allowed 'zeros'"
             )
+        weight, act_bits = quant_source(module)
         layer = cls(
             config,
-            module.weight,
+            weight,
             module.bias,
             seed=seed,
             stride=module.stride,  # type: ignore[arg-type]
             padding=module.padding,  # type: ignore[arg-type]
             dilation=module.dilation,  # type: ignore[arg-type]
             groups=module.groups,
+            act_bits=act_bits,
         )
         return layer.to(module.weight.device)
 
