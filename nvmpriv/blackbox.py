@@ -325,6 +325,13 @@ def attack_model(
     predictor = model if isinstance(model, Predictor) else load(model)
     names = _parse_attacks(attacks)
     shape, n_classes = predictor.input_shape, predictor.num_classes
+    for field in ("member_x", "nonmember_x", "shadow_x", "population_x"):
+        array = getattr(data, field)
+        if array is not None and tuple(array.shape[1:]) != tuple(shape):
+            raise ValueError(
+                f"{field} has samples of shape {tuple(array.shape[1:])} but {predictor.path.name} "
+                f"takes {tuple(shape)}; give data of the model's input shape (nvmpriv.input_shape)"
+            )
     factory = (
         default_shadow_net(shape, n_classes)
         if shadow_net is None
@@ -502,15 +509,12 @@ def write_report(report: dict[str, Any], output: str | Path) -> tuple[Path, Path
         ``(json_path, png_path)``.
     """
     from nvmpriv.callbacks import atomic_write_text
-    from nvmpriv.plots import roc_figure
+    from nvmpriv.plots import roc_figure, save_figure
 
     out = Path(output)
     payload = {k: v for k, v in report.items() if not k.startswith("_")}
     atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True))
     png = out.with_suffix(".png")
     fig = roc_figure(report["_roc"], f"{report['crossbar']} ({Path(report['model']).name})")
-    fig.savefig(png, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    save_figure(fig, png, dpi=120)
     return out, png

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -11,7 +14,31 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["confidence_figure", "layer_metrics_figure", "roc_figure"]
+__all__ = ["confidence_figure", "layer_metrics_figure", "roc_figure", "save_figure"]
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
+    """Write a figure atomically (temporary file in the same folder, then rename) and close it.
+
+    Args:
+        fig: The figure.
+        path: Destination; the format follows its suffix.
+        dpi: Resolution.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
+    return path
 
 
 def roc_figure(attacks: dict[str, Any], title: str) -> Figure:

@@ -389,10 +389,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 
 
 #: Cases that expose a bug outside this test's scope (reported; strict, so a fix is noticed).
-KNOWN_BUGS = {
-    "onnx-wrong-input-width": "nvmpriv.blackbox trains the shadow net at the model's width (10) on "
-    "the data's width (64) and crashes with a torch RuntimeError before any width check",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
