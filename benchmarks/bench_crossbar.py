@@ -4,7 +4,8 @@ Run: .venv/bin/python benchmarks/bench_crossbar.py [--threads 2] [--skip-resnet]
 
 Prints one table: for each case the digital and crossbar forward times (median of repeats,
 same thread count, same inputs, torch.no_grad), their ratio, the one-off programming time
-(effective matrices etc.), and the peak of live tensor memory allocated by one forward
+(effective matrices etc.; wall and CPU seconds, and wall time in units of one digital
+forward), and the peak of live tensor memory allocated by one forward
 (torch profiler memory events, chronological running sum).
 """
 
@@ -71,9 +72,10 @@ def peak_mb(fn: Callable[[], object]) -> float:
 
 def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: int) -> dict:
     model.eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     chip = convert(model, PRESETS[cfg_name], seed=0, calibration=x).eval()
     t_prog = time.perf_counter() - t0
+    c_prog = time.process_time() - c0  # CPU seconds, all threads: robust to a busy machine
     with torch.no_grad():
         t_dig = timeit(lambda: model(x), repeats)
         t_xb = timeit(lambda: chip(x), repeats)
@@ -86,6 +88,8 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
         "crossbar_ms": 1e3 * t_xb,
         "ratio": t_xb / t_dig,
         "program_s": t_prog,
+        "program_cpu_s": c_prog,
+        "program_per_fwd": t_prog / t_dig,
         "mem_digital_mb": m_dig,
         "mem_crossbar_mb": m_xb,
     }
@@ -155,13 +159,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads={args.threads}, no_grad, median of repeats")
     hdr = (
         f"{'case':<16} {'config':<22} {'digital ms':>10} {'xbar ms':>9} {'ratio':>6} "
-        f"{'program s':>9} {'mem dig MB':>10} {'mem xbar MB':>11}"
+        f"{'program s':>9} {'prog cpu s':>10} {'prog/dig fwd':>12} {'mem dig MB':>10} "
+        f"{'mem xbar MB':>11}"
     )
     print(hdr)
     for r in rows:
         print(
             f"{r['case']:<16} {r['config']:<22} {r['digital_ms']:>10.1f} {r['crossbar_ms']:>9.1f} "
-            f"{r['ratio']:>6.2f} {r['program_s']:>9.1f} {r['mem_digital_mb']:>10.1f} "
+            f"{r['ratio']:>6.2f} {r['program_s']:>9.1f} {r['program_cpu_s']:>10.1f} "
+            f"{r['program_per_fwd']:>12.0f} {r['mem_digital_mb']:>10.1f} "
             f"{r['mem_crossbar_mb']:>11.1f}"
         )
     nv = nodal_vs_fast(args.repeats)

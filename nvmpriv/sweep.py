@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -342,16 +343,13 @@ def _check_known(
 ) -> None:
     """Reject unknown presets and attacks before any cell starts, not in every cell's log."""
     if crossbars:
-        try:
-            from nvmpriv.crossbar import PRESETS
-        except ImportError:  # pragma: no cover - the simulator is part of the package
-            PRESETS = None
-        if PRESETS is not None:
-            bad = [c for c in crossbars if c not in PRESETS]
-            if bad:
-                raise ValueError(
-                    f"sweep {path}: unknown crossbars {bad}; choose from {', '.join(PRESETS)}"
-                )
+        from nvmpriv.crossbar import PRESETS
+
+        bad = [c for c in crossbars if c not in PRESETS]
+        if bad:
+            raise ValueError(
+                f"sweep {path}: unknown crossbars {bad}; choose from {', '.join(PRESETS)}"
+            )
     if attacks:
         from nvmpriv.attacks import SCORE_ATTACKS
 
@@ -519,6 +517,11 @@ def cell_config(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
         if not (isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ProgressBar"))
     ]
     trainer["enable_progress_bar"] = False
+    for cb in trainer["callbacks"]:
+        # An ONNX export at fit end belongs with the sweep, not in the working directory.
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ExportOnnx"):
+            cb.setdefault("init_args", {})
+            cb["init_args"]["folder"] = str((spec.output / "exports").resolve())
     audit = _audit_args(config)
     if spec.crossbars:
         audit["crossbars"] = list(spec.crossbars)
@@ -658,7 +661,8 @@ def _run_blackbox(
         model = run_dir / "exports" / f"{crossbar}.onnx"
         if not model.exists():
             cmd = [sys.executable, "-m", "nvmpriv", "export", "--config", str(paths["yaml"])]
-            cmd += ["--ckpt_path", str(ckpt), "--seed", str(task["seed"]), "--output", str(model)]
+            cmd += ["--ckpt_path", str(ckpt), "--seed", str(task["chip_seed"])]
+            cmd += ["--output", str(model)]
             cmd += ["--crossbar", crossbar]
             code = _run(cmd, paths["log"], env, timeout)
             if code != 0 or not model.exists():
@@ -733,6 +737,7 @@ def _task(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
         "config": config,
         "params": cell.params,
         "seed": cell.seed,
+        "chip_seed": int(audit.get("chip_seed", 0)),
         "blackbox": spec.blackbox,
         "blackbox_attacks": list(spec.blackbox_attacks or audit.get("attacks") or []),
         "blackbox_crossbars": _blackbox_crossbars(spec, config),
@@ -921,14 +926,23 @@ def _short_class(config: dict[str, Any], *path: str) -> str:
     return str(node).rsplit(".", 1)[-1] if node else ""
 
 
-def _flatten_numbers(prefix: str, node: Any, out: dict[str, Any]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            _flatten_numbers(f"{prefix}/{key}", value, out)
-    elif isinstance(node, bool):
-        out[prefix] = int(node)
-    elif isinstance(node, int | float):
-        out[prefix] = node
+_BLACKBOX_SKIP = {"seconds", "threshold", "n_members", "n_nonmembers"}
+
+
+def _blackbox_columns(report: Path) -> dict[str, Any]:
+    """``blackbox/<attack>/<metric>`` numbers of a ``python -m nvmpriv attack`` report."""
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"blackbox/error": f"unreadable report {report}"}
+    out: dict[str, Any] = {}
+    for attack, values in (data.get("attacks") or {}).items():
+        for metric, value in (values or {}).items():
+            if metric in _BLACKBOX_SKIP or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                out[f"blackbox/{attack}/{metric}"] = value
+    return out
 
 
 def _value_text(value: Any) -> str:
@@ -999,10 +1013,7 @@ def gather(spec: SweepSpec, cells: Iterable[Cell]) -> list[dict[str, Any]]:
                 row[f"adv/eps_{eps}/acc"] = acc
             report = (record.get("blackbox") or {}).get(name)
             if report and Path(report).exists():
-                try:
-                    _flatten_numbers("blackbox", json.loads(Path(report).read_text()), row)
-                except json.JSONDecodeError:
-                    row["blackbox/error"] = f"unreadable report {report}"
+                row.update(_blackbox_columns(Path(report)))
             rows.append({**row, **tail})
     return rows
 
@@ -1044,7 +1055,7 @@ def _group(row: dict[str, Any], spec: SweepSpec) -> str:
     return " ".join(parts)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[Any]) -> tuple[float, float]:
     vals = [
         float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))
     ]
@@ -1076,7 +1087,8 @@ def _aggregate(
     return out
 
 
-def _fmt(mean: float, std: float, n: int, pct: bool = True) -> str:
+def _fmt(stat: tuple[float, float], n: int, pct: bool = True) -> str:
+    mean, std = stat
     if math.isnan(mean):
         return "–"
     scale = 100.0 if pct else 1.0
@@ -1115,11 +1127,11 @@ def _markdown(rows: list[dict[str, Any]], spec: SweepSpec, plots: list[Path]) ->
                 group,
                 crossbar,
                 str(n),
-                _fmt(*s.get("acc", nan), n),
-                _fmt(*s.get("acc_drop", nan), n),
-                _fmt(*s.get("nf", nan), n, pct=False),
+                _fmt(s.get("acc", nan), n),
+                _fmt(s.get("acc_drop", nan), n),
+                _fmt(s.get("nf", nan), n, pct=False),
             ]
-            cells += [_fmt(*s.get(f"mia/{a}/acc", nan), n) for a in attacks]
+            cells += [_fmt(s.get(f"mia/{a}/acc", nan), n) for a in attacks]
             lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "## Failed cells", "", "| cell | error |", "|---|---|"]
@@ -1289,6 +1301,13 @@ def _roc_plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path, plt: A
         for report in sorted((run_dir / "blackbox").glob("*.json")):
             for name, arrays in _find_rocs(json.loads(report.read_text())).items():
                 curves.setdefault(report.stem, {})[f"black-box {name}"] = arrays
+        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", group)
+        for png in sorted((run_dir / "blackbox").glob("*.png")):
+            # `nvmpriv attack` draws its log-log ROC next to the report; keep one per group.
+            target = folder / f"roc_blackbox_{slug}_{png.stem}.png"
+            shutil.copyfile(png, target)
+            written.append(target)
+            seen.add(group)
         if not curves:
             continue
         seen.add(group)

@@ -102,8 +102,9 @@ def quant_source(module: nn.Module) -> tuple[torch.Tensor, int | None]:
         ``(effective_weight, act_bits)`` for a DoReFa layer, ``(weight, None)`` otherwise.
     """
     if is_dorefa_layer(module):
-        bits = module.act_bits
-        return module.effective_weight, None if bits is None else int(bits)  # type: ignore[arg-type]
+        bits: Any = module.act_bits
+        weight: torch.Tensor = module.effective_weight  # type: ignore[assignment]
+        return weight, None if bits is None else int(bits)
     return module.weight, None  # type: ignore[return-value]
 
 
@@ -410,10 +411,15 @@ class CrossbarLayer(nn.Module):
         n_s = cfg.n_streams
         d = XF.signed_digits(codes, cfg.stream_width, n_s)
         d = d.reshape(n_s * x.shape[0], *x.shape[1:])
-        p = self._tile_partial_sums(d, self.w_tiles)
-        if cfg.has_read_noise:
-            p = p + self._noise(d, p, self.noise_tiles, tiled=True)
-        y = self._adc_reduce(p, fast)  # [S*B, ..., T*O-ish]
+        if fast and not cfg.has_read_noise and cfg.adc_bits is not None:
+            # chunked, ADC fused in place; the codes are integers, so their float sums are
+            # exact and the chunking does not change the result
+            y = self._fast_tiled(d)
+        else:
+            p = self._tile_partial_sums(d, self.w_tiles)
+            if cfg.has_read_noise:
+                p = p + self._noise(d, p, self.noise_tiles, tiled=True)
+            y = self._adc_reduce(p, fast)  # [S*B, ..., T*O-ish]
         coeff = torch.tensor(
             [
                 [
@@ -621,12 +627,26 @@ class CrossbarLinear(CrossbarLayer):
         y = torch.zeros(b, m, dtype=xq.dtype, device=xq.device)
         w = self.w_tiles[0]
         inv = 1.0 / step
+        # Skipped passes are exact no-ops: a unit step (bit slicing), and the clamp when no
+        # partial sum can reach the clip level (bound: largest column L1 norm x max |input|).
+        scale = not (isinstance(inv, float) and inv == 1.0)
+        x_max = float(xq.abs().max()) if xq.numel() else 0.0
+        clip = self._col_l1_max * x_max * float(inv) * (1 + 1e-5) > qmax + 0.25
         for r0 in range(0, n_r, chunk):
             r1 = min(n_r, r0 + chunk)
             p = torch.bmm(xt[r0:r1], w[r0:r1], out=buf[: r1 - r0])
-            p.mul_(inv).round_().clamp_(-qmax, qmax)
+            if scale:
+                p.mul_(inv)
+            p.round_()
+            if clip:
+                p.clamp_(-qmax, qmax)
             y.add_(p.sum(0))
-        return y.mul_(step).view(*lead, m)
+        return y.mul_(step).view(*lead, m) if scale else y.view(*lead, m)
+
+    def _build_tiled(self) -> None:
+        # Largest L1 norm of a tile column (weight units or counts): bounds |partial sum| / |x|.
+        w = self.w_tiles.detach()
+        self._col_l1_max = float(w.double().abs().sum(-2).max()) if w.numel() else 0.0
 
     def _shift_add(self, y: torch.Tensor, coeff: torch.Tensor, batch: int) -> torch.Tensor:
         n_s, n_t = coeff.shape

@@ -1,0 +1,186 @@
+"""Fast paths of the crossbar package vs independent oracles (exact solver, LAPACK, digital)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nvmpriv.crossbar import (
+    PRESETS,
+    calibrate,
+    circuit,
+    convert,
+    crossbar_layers,
+    unsupported_layers,
+)
+from nvmpriv.crossbar.circuit import column_currents, effective_conductance
+from nvmpriv.crossbar.layers import CrossbarLinear, dorefa_activation
+from nvmpriv.quantization import QuantLinear, quantize_model
+from nvmpriv.quantization import dorefa_activation as reference_dorefa_activation
+
+G_MIN, G_MAX = 1e-5 / 6, 1e-5
+
+
+@pytest.mark.parametrize("n", [5, 16, 17, 40, 64])
+def test_spd_inverse_matches_lapack(n):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(3, n, n, generator=gen, dtype=torch.float64)
+    m = a @ a.mT + n * torch.eye(n, dtype=torch.float64)
+    garbage_upper = m + torch.triu(torch.full_like(m, 7.0), 1)  # only the lower triangle is read
+    inv = circuit._spd_inverse(garbage_upper)
+    np.testing.assert_allclose(inv.numpy(), np.linalg.inv(m.numpy()), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("force_stable", [False, True])
+@pytest.mark.parametrize("params", [(3.4, 400.0, 400.0), (2.0, 0.0, 500.0), (28.0, 4.0, 0.0)])
+def test_product_and_log_forms_equal_nodal_solution(monkeypatch, force_stable, params):
+    if force_stable:  # every tile takes the overflow-safe exp(log) form of the line inverse
+        monkeypatch.setattr(circuit, "_MIN_RATIO_PRODUCT", 1.0)
+    rng = np.random.default_rng(7)
+    n = 24
+    tiles = rng.uniform(G_MIN, G_MAX, (3, n, n))
+    kw = dict(r_wire=params[0], r_source=params[1], r_sink=params[2])
+    a = effective_conductance(torch.from_numpy(tiles), **kw, chunk=2).numpy()  # 2 chunks
+    for t in range(3):
+        v = rng.uniform(-0.25, 0.25, (n, 3))
+        ref = column_currents(tiles[t], v, **kw)
+        assert np.abs(a[t].T @ v - ref).max() / np.abs(ref).max() <= 1e-9
+
+
+def test_weak_wires_take_the_stable_form_and_stay_exact():
+    # gw = 1e-7 S << G: the pivot ratios off/p are ~1e-2, their product over 100 cells would
+    # underflow the product form; the effective matrix must still match the nodal solution.
+    rng = np.random.default_rng(3)
+    g = rng.uniform(G_MIN, G_MAX, (1, 4, 100))
+    a = effective_conductance(torch.from_numpy(g), r_wire=1e7, r_source=10.0, r_sink=10.0)
+    v = rng.uniform(0, 0.25, (4, 2))
+    ref = column_currents(g[0], v, r_wire=1e7, r_source=10.0, r_sink=10.0)
+    np.testing.assert_allclose(a[0].numpy().T @ v, ref, rtol=1e-9, atol=1e-22)
+
+
+def test_effective_conductance_restores_thread_count():
+    before = torch.get_num_threads()
+    g = torch.full((3, 8, 8), 5e-6, dtype=torch.float64)
+    effective_conductance(g, r_wire=3.4, r_source=400.0, r_sink=400.0, chunk=1)
+    assert torch.get_num_threads() == before
+
+
+def test_bit_sliced_chunked_adc_equals_unchunked(monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 40)
+    cfg = PRESETS["64x64_100k_bitsliced"]
+    layer = CrossbarLinear.from_module(lin, cfg, seed=1).eval()
+    x = torch.rand(9, 200) * 2 - 1
+    with torch.no_grad():
+        fast = layer(x)
+        import nvmpriv.crossbar.layers as layers_mod
+
+        monkeypatch.setattr(layers_mod, "_CHUNK_ELEMENTS", 1)  # one tile row per chunk
+        tiny_chunks = layer(x)
+    slow = layer(x.requires_grad_())  # grad mode: the unfused quantize_ste reference path
+    assert torch.equal(fast, tiny_chunks)
+    assert torch.equal(fast, slow.detach())
+
+
+def _adc_oracle(layer: CrossbarLinear, x: torch.Tensor) -> torch.Tensor:
+    """Per-tile ADC written out: codes = clamp(round(P / step)), y = step * sum codes + bias."""
+    n, n_r = layer.config.tile_size, layer.n_row_tiles
+    xp = torch.nn.functional.pad(x, (0, n_r * n - x.shape[1])).view(-1, n_r, n).transpose(0, 1)
+    qmax = 2 ** (layer.config.adc_bits - 1) - 1
+    step = float(layer.adc_range) / qmax
+    p = torch.bmm(xp.double(), layer.w_tiles[0].double())
+    codes = torch.clamp(torch.round(p / step), -qmax, qmax)
+    return codes.sum(0) * step + layer.bias.double()
+
+
+@pytest.mark.parametrize("range_factor", [0.05, 1e3])
+def test_adc_fast_path_with_and_without_clipping(range_factor):
+    # 0.05: most partial sums clip (the clamp must run); 1e3: none can, the clamp is skipped
+    torch.manual_seed(1)
+    lin = nn.Linear(130, 20)
+    layer = CrossbarLinear.from_module(lin, PRESETS["ideal"].replace(adc_bits=6), seed=0).eval()
+    x = torch.randn(6, 130)
+    calibrate(layer, x)
+    layer.adc_range.mul_(range_factor)
+    step = float(layer.adc_range) / 31
+    with torch.no_grad():
+        out = layer(x)
+    ref = _adc_oracle(layer, x)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=step * 1e-3 + 1e-6)
+    if range_factor < 1:
+        assert (ref - layer.bias.double()).abs().max() >= 31 * step * 0.999  # clipping happened
+
+
+def test_local_dorefa_activation_is_bit_identical():
+    x = torch.linspace(-0.5, 1.5, 10001)
+    for bits in (1, 2, 4, 8):
+        assert torch.equal(dorefa_activation(x, bits), reference_dorefa_activation(x, bits))
+    assert dorefa_activation(x, None) is x
+
+
+def _relu_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 20),
+        nn.ReLU(),
+        nn.Linear(20, 5),
+    )
+
+
+def test_dorefa_model_on_ideal_chip_equals_quantized_digital_net():
+    torch.manual_seed(0)
+    q = quantize_model(_relu_net(), 3, 2).eval()
+    assert unsupported_layers(q) == {}  # the Quant* layers are mapped now
+    chip = convert(q, PRESETS["ideal"], seed=0).eval()
+    layers = crossbar_layers(chip)
+    assert len(layers) == 4
+    assert [m.act_bits for m in layers.values()] == [None, 2, 2, 2]
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(chip(x), q(x))
+    state = layers["5"].programmed_state()
+    assert state["act_bits"] == 2
+    torch.testing.assert_close(state["w_dense"], q[5].effective_weight.detach(), rtol=0, atol=0)
+
+
+def test_dorefa_layer_on_nonideal_chip_quantizes_input_then_uses_quantized_weights():
+    # oracle: a plain Linear holding the quantized weights, fed the quantized input, on the
+    # same chip (same config and seed)
+    torch.manual_seed(2)
+    q = QuantLinear(70, 30, weight_bits=2, act_bits=3)
+    plain = nn.Linear(70, 30)
+    with torch.no_grad():
+        plain.weight.copy_(q.effective_weight)
+        plain.bias.copy_(q.bias)
+    cfg = PRESETS["32x32_100k"]
+    x = torch.rand(8, 70) * 1.4 - 0.2
+    xq = reference_dorefa_activation(x, 3)
+    chip_q = convert(q, cfg, seed=4, calibration=x)
+    chip_plain = convert(plain, cfg, seed=4, calibration=xq)
+    assert torch.equal(chip_q.w_tiles, chip_plain.w_tiles)
+    with torch.no_grad():
+        torch.testing.assert_close(chip_q(x), chip_plain(xq), rtol=0, atol=0)
+
+
+def test_bad_act_bits_raises():
+    with pytest.raises(ValueError, match="act_bits"):
+        CrossbarLinear(PRESETS["ideal"], torch.zeros(2, 3), None, seed=0, act_bits=0)
+
+
+def test_line_inverse_forms_match_dense_inverse():
+    rng = np.random.default_rng(11)
+    n, gw = 12, 0.3
+    diag = torch.from_numpy(2 * gw + rng.uniform(G_MIN, G_MAX, (2, n)))
+    dense = np.stack([np.diag(d) - gw * (np.eye(n, k=1) + np.eye(n, k=-1)) for d in diag.numpy()])
+    ref = np.linalg.inv(dense)
+    np.testing.assert_allclose(circuit._tridiag_inverse(diag, gw).numpy(), ref, rtol=1e-12)
+    log_p, inv_diag = circuit._line_factors(diag, gw)
+    g = torch.from_numpy(rng.uniform(G_MIN, G_MAX, (2, n)))
+    prod = circuit._semiseparable(log_p, inv_diag, g, stable=False).numpy()
+    expect = ref * g.numpy()[:, :, None] * g.numpy()[:, None, :]
+    low = np.tril(np.ones((n, n), dtype=bool))
+    np.testing.assert_allclose(prod[:, low], expect[:, low], rtol=1e-12)
