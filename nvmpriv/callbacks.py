@@ -193,7 +193,9 @@ class CrossbarAudit(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         epoch = trainer.current_epoch
-        last = epoch + 1 >= (trainer.max_epochs or 0) or bool(getattr(trainer, "fast_dev_run", False))
+        last = epoch + 1 >= (trainer.max_epochs or 0) or bool(
+            getattr(trainer, "fast_dev_run", False)
+        )
         if (epoch + 1) % self.every_n_epochs and not last:
             return
         self.audit(trainer, pl_module)
@@ -537,6 +539,7 @@ class CrossbarAudit(Callback):
             }
             configs[cfg]["attacks"] = {
                 name: {k: v for k, v in values.items() if k != "roc"}
+                | ({"roc": _thin_roc(values["roc"])} if "roc" in values else {})
                 for name, values in entry["attacks"].items()
             }
         out = {k: v for k, v in self.results.items() if k != "configs"}
@@ -555,6 +558,21 @@ class CrossbarAudit(Callback):
         atomic_write_text(folder / "results.json", json.dumps(payload, indent=2, sort_keys=True))
         if self.print_table:
             print(format_table(payload))
+
+
+def _thin_roc(roc: Any, points: int = 200) -> dict[str, list[float]]:
+    """At most ``points`` ROC points, log-spaced in index so the low-FPR end stays resolved.
+
+    Accepts ``(fpr, tpr)`` arrays or an already thinned ``{"fpr": ..., "tpr": ...}`` (a resumed
+    run's state).
+    """
+    if isinstance(roc, dict):
+        return roc
+    fpr, tpr = np.asarray(roc[0], dtype=float), np.asarray(roc[1], dtype=float)
+    if len(fpr) > points:
+        idx = np.unique(np.geomspace(1, len(fpr), points).astype(int) - 1)
+        fpr, tpr = fpr[idx], tpr[idx]
+    return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
 
 
 def _cv_accuracy(result: mia.AttackResult, inputs: mia.AttackInputs, name: str) -> float:
