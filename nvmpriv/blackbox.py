@@ -166,8 +166,10 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
         dm = _datamodule_from_yaml(yaml.safe_load(cfg_file.read_text()), str(path))
     else:
         dm = _datamodule_from_yaml(yaml.safe_load(path.read_text()) or {}, None)
-    mx, my = _cap(*dm.arrays("target_train"), max_samples)
-    nx, ny = _cap(*dm.arrays("target_test"), max_samples)
+    members: tuple[np.ndarray, np.ndarray] = dm.arrays("target_train")
+    nonmembers: tuple[np.ndarray, np.ndarray] = dm.arrays("target_test")
+    mx, my = _cap(members[0], members[1], max_samples)
+    nx, ny = _cap(nonmembers[0], nonmembers[1], max_samples)
     sx = np.concatenate([dm.arrays("shadow_train")[0], dm.arrays("shadow_test")[0]])
     sy = np.concatenate([dm.arrays("shadow_train")[1], dm.arrays("shadow_test")[1]])
     px, py = dm.arrays("population")

@@ -151,7 +151,7 @@ class _CrossbarOp(torch.autograd.Function):
     """Traced as one ``nvmpriv`` node; the forward runs the real layer for shapes."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         w_tiles: torch.Tensor,
@@ -422,7 +422,7 @@ def _conv_body(
 
     def split(w: str) -> str:  # [G, n_r, N, T*O] -> [G*n_r*T*O, c_max, kh, kw] masked kernels
         flat = b.op("Reshape", [w, b.ints([g, n_r * n, m_cols])])
-        gathered = b.op("Gather", [flat, b.ints(rows_c)], axis=1)
+        gathered = b.op("Gather", [flat, b.ints(rows_c.tolist())], axis=1)
         gathered = b.op("Reshape", [gathered, b.ints([g, n_r, c_max, taps, m_cols])])
         mask = valid.reshape(1, n_r, c_max, taps, 1).astype(np.float32)
         gathered = b.op("Mul", [gathered, b.const(mask)])
@@ -432,7 +432,7 @@ def _conv_body(
     identity = chan_index.size == layer.in_channels and bool(
         (chan_index == np.arange(layer.in_channels)).all()
     )
-    xg = xin if identity else b.op("Gather", [xin, b.ints(chan_index)], axis=1)
+    xg = xin if identity else b.op("Gather", [xin, b.ints(chan_index.tolist())], axis=1)
     p4 = b.op("Conv", [xg, split("W")], group=g * n_r, **attrs)  # [B', G*n_r*M, Ho, Wo]
     spatial = b.op("Slice", [b.op("Shape", [p4]), b.ints([2]), b.ints([4]), b.ints([0])])
     p = b.op("Reshape", [p4, b.ints([0, g, n_r, m_cols, -1])])
@@ -470,7 +470,7 @@ def _noise_dense(b: _Body, st: dict[str, Any]) -> str:
 # ====================================================================== node attributes
 def _layer_state(layer: CrossbarLayer) -> dict[str, Any]:
     """``programmed_state`` plus converter steps computed in float32 as the simulator does."""
-    st = dict(layer.programmed_state())
+    st: dict[str, Any] = dict(layer.programmed_state())
     cfg = layer.config
     if st["dac_bits"]:
         st["dac_step32"] = np.float32(
@@ -800,7 +800,7 @@ def export_bytes(
             torch.onnx.export(
                 wrapped,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # a file object is accepted
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],

@@ -70,7 +70,11 @@ class ExportOnnx(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export every configured crossbar (rank 0 only)."""
         # fast_dev_run only checks that a run works; like Lightning's checkpoints, no files.
-        if not self.enabled or not trainer.is_global_zero or getattr(trainer, "fast_dev_run", False):
+        if (
+            not self.enabled
+            or not trainer.is_global_zero
+            or getattr(trainer, "fast_dev_run", False)
+        ):
             return
         dm: Any = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "arrays"):

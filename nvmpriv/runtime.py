@@ -77,32 +77,56 @@ class _CrossbarOp(OpRun):
 
     op_domain = "nvmpriv"
 
+    # Node attributes: OpRun sets them on the instance from the node (see nvmpriv.export).
+    seed: int
+    has_bias: int
+    read_noise: int
+    bit_slicing: int
+    input_bits: int
+    input_frac_bits: int
+    weight_frac_bits: int
+    stream_width: int
+    slice_width: int
+    n_streams: int
+    n_slices: int
+    dac_bits: int
+    dac_step: float
+    dac_qmax: float
+    adc_bits: int
+    adc_step: float
+    adc_qmax: float
+    groups: int
+    n_row_tiles: int
+    tile_size: int
+    rows_per_group: int
+    cols_per_group: int
+
     def _setup_rng(self) -> np.random.Generator:
         rng: np.random.Generator | None = getattr(self, "_rng", None)
         if rng is None:
-            rng = np.random.default_rng(int(self.seed))  # type: ignore[attr-defined]
+            rng = np.random.default_rng(int(self.seed))
             self._rng = rng
         return rng
 
     def _unpack(self, rest: Sequence[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
         rest = list(rest)
-        bias = rest.pop(0) if self.has_bias else None  # type: ignore[attr-defined]
-        noise = rest.pop(0) if self.read_noise else None  # type: ignore[attr-defined]
+        bias = rest.pop(0) if self.has_bias else None
+        noise = rest.pop(0) if self.read_noise else None
         return bias, noise
 
     def _inputs(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """DAC-quantized inputs, or bit-sliced stream digits stacked on axis 0 (count S)."""
         a = self
-        if a.bit_slicing:  # type: ignore[attr-defined]
-            qmax = 2 ** (a.input_bits - 1) - 1  # type: ignore[attr-defined]
+        if a.bit_slicing:
+            qmax = 2 ** (a.input_bits - 1) - 1
             codes = np.clip(np.round(x.astype(np.float64) * 2.0**a.input_frac_bits), -qmax, qmax)
             ints = codes.astype(np.int64)
             sign, mag = np.sign(ints), np.abs(ints)
-            w, n_s = int(a.stream_width), int(a.n_streams)  # type: ignore[attr-defined]
+            w, n_s = int(a.stream_width), int(a.n_streams)
             digits = [sign * ((mag >> (w * (n_s - 1 - k))) & (2**w - 1)) for k in range(n_s)]
             return np.concatenate(digits).astype(np.float32), n_s
-        if a.dac_bits:  # type: ignore[attr-defined]
-            return _quantize(x, a.dac_step, int(a.dac_qmax)), 1  # type: ignore[attr-defined]
+        if a.dac_bits:
+            return _quantize(x, a.dac_step, int(a.dac_qmax)), 1
         return x.astype(np.float32), 1
 
     def _reduce(self, p: np.ndarray, var: np.ndarray | None) -> np.ndarray:
@@ -110,23 +134,23 @@ class _CrossbarOp(OpRun):
         if var is not None:
             p = p + np.sqrt(np.maximum(var, 0)) * self._setup_rng().standard_normal(p.shape)
             p = p.astype(np.float32)
-        if self.adc_bits:  # type: ignore[attr-defined]
-            p = _quantize(p, self.adc_step, int(self.adc_qmax))  # type: ignore[attr-defined]
+        if self.adc_bits:
+            p = _quantize(p, self.adc_step, int(self.adc_qmax))
         return p.sum(0, dtype=np.float64).astype(np.float32)
 
     def _shift_add(self, y: np.ndarray, n_s: int) -> np.ndarray:
         """Combine streams (axis 0 blocks) and slices: ``y [S*B, ..., T*O]`` on the last axes."""
         a = self
-        n_t, o = int(a.n_slices), int(a.cols_per_group)  # type: ignore[attr-defined]
-        if not a.bit_slicing:  # type: ignore[attr-defined]
+        n_t, o = int(a.n_slices), int(a.cols_per_group)
+        if not a.bit_slicing:
             return y
         y = y.reshape(n_s, -1, *y.shape[1:-1], n_t, o).astype(np.float64)
         out = np.zeros((*y.shape[1:-2], o))
         for s in range(n_s):
             for t in range(n_t):
-                shift = a.stream_width * (n_s - 1 - s) + a.slice_width * (n_t - 1 - t)  # type: ignore[attr-defined]
+                shift = a.stream_width * (n_s - 1 - s) + a.slice_width * (n_t - 1 - t)
                 out += y[s, ..., t, :] * 2.0**shift
-        scale = 2.0 ** -(a.input_frac_bits + a.weight_frac_bits)  # type: ignore[attr-defined]
+        scale = 2.0 ** -(a.input_frac_bits + a.weight_frac_bits)
         return (out * scale).astype(np.float32)
 
 
@@ -138,11 +162,11 @@ class CrossbarGemm(_CrossbarOp):
     explicitly (also without ADC, where the sum is the same function as one GEMM).
     """
 
-    def _run(  # type: ignore[override]
+    def _run(
         self, x: np.ndarray, w: np.ndarray, *rest: np.ndarray, **attrs: Any
     ) -> tuple[np.ndarray]:
         bias, noise = self._unpack(rest)
-        n_r, n, k = int(self.n_row_tiles), int(self.tile_size), int(self.rows_per_group)  # type: ignore[attr-defined]
+        n_r, n, k = int(self.n_row_tiles), int(self.tile_size), int(self.rows_per_group)
         xin, n_s = self._inputs(x)
         xp = np.zeros((xin.shape[0], n_r * n), np.float32)
         xp[:, :k] = xin
@@ -192,19 +216,24 @@ class CrossbarConv(_CrossbarOp):
     ``kernel_shape``, ``strides``, ``pads`` (ONNX order) and ``dilations``.
     """
 
-    def _run(  # type: ignore[override]
+    kernel_shape: list[int]
+    strides: list[int]
+    pads: list[int]
+    dilations: list[int]
+
+    def _run(
         self, x: np.ndarray, w: np.ndarray, *rest: np.ndarray, **attrs: Any
     ) -> tuple[np.ndarray]:
         bias, noise = self._unpack(rest)
-        g, n_r, n = int(self.groups), int(self.n_row_tiles), int(self.tile_size)  # type: ignore[attr-defined]
-        k, o = int(self.rows_per_group), int(self.cols_per_group)  # type: ignore[attr-defined]
+        g, n_r, n = int(self.groups), int(self.n_row_tiles), int(self.tile_size)
+        k, o = int(self.rows_per_group), int(self.cols_per_group)
         xin, n_s = self._inputs(x)
         cols, h_out, w_out = _im2col(
             xin,
             self.kernel_shape,
             self.strides,
             self.pads,
-            self.dilations,  # type: ignore[attr-defined]
+            self.dilations,
         )
         b = cols.shape[0]
         cols = cols.reshape(b, g, k, h_out * w_out)  # channels of group g are contiguous
