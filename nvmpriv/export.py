@@ -237,6 +237,17 @@ def _f32(value: float) -> np.float32:
     return np.float32(value)
 
 
+def _act(b: _Body, x: str, st: dict[str, Any]) -> str:
+    """DoReFa input quantizer of a quantized layer (``act_bits``), as the simulator evaluates it."""
+    bits = int(st.get("act_bits", 0) or 0)
+    if not bits:
+        return x
+    n = b.const(_f32(2.0**bits - 1))
+    r = b.op("Mul", [b.op("Clip", [x, b.const(_f32(0.0)), b.const(_f32(1.0))]), n])
+    # torch: (r + (round(r) - r).detach()) / n -- the same float operations in the same order
+    return b.op("Div", [b.op("Add", [r, b.op("Sub", [b.op("Round", [r]), r])]), n])
+
+
 def _dac(b: _Body, x: str, st: dict[str, Any]) -> str:
     """DAC exactly as the torch simulator's clipped straight-through quantizer evaluates it."""
     if not st["dac_bits"]:
@@ -309,15 +320,16 @@ def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _B
     n_r, n, k = st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
     o, n_t = st["cols_per_group"], st["n_slices"]
     tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
+    x0 = _act(b, "X", st)
     if st["bit_slicing"] and not tiled:
         qmax = 2 ** (st["input_bits"] - 1) - 1
-        codes = b.op("Round", [b.op("Mul", ["X", b.const(2.0 ** st["input_frac_bits"])])])
+        codes = b.op("Round", [b.op("Mul", [x0, b.const(2.0 ** st["input_frac_bits"])])])
         codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
         xin = b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
     elif st["bit_slicing"]:
-        xin = _digits(b, "X", st)
+        xin = _digits(b, x0, st)
     else:
-        xin = _dac(b, "X", st)
+        xin = _dac(b, x0, st)
     if not tiled:
         wd = b.op("Reshape", [_dense_weight(b, "W", st), b.ints([k, o])])
         y = b.op("MatMul", [xin, wd])
@@ -391,15 +403,16 @@ def _conv_body(
     attrs = _conv_attrs(st)
     tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
     cin_g = layer.in_channels // g
+    x0 = _act(b, "X", st)
     if st["bit_slicing"] and not tiled:
         qmax = 2 ** (st["input_bits"] - 1) - 1
-        codes = b.op("Round", [b.op("Mul", ["X", b.const(2.0 ** st["input_frac_bits"])])])
+        codes = b.op("Round", [b.op("Mul", [x0, b.const(2.0 ** st["input_frac_bits"])])])
         codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
         xin = b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
     elif st["bit_slicing"]:
-        xin = _digits(b, "X", st)
+        xin = _digits(b, x0, st)
     else:
-        xin = _dac(b, "X", st)
+        xin = _dac(b, x0, st)
     if not tiled:
 
         def dense(w: str) -> str:  # [G, K, O] -> [G*O, Cin/G, kh, kw]
@@ -513,6 +526,7 @@ def _node_attributes(spec: _LayerSpec, has_bias: bool, noisy: bool) -> dict[str,
         "cols_per_group": int(st["cols_per_group"]),
         "n_row_tiles": int(st["n_row_tiles"]),
         "n_slices": int(st["n_slices"]),
+        "act_bits": int(st.get("act_bits", 0) or 0),
         "dac_bits": int(st["dac_bits"]),
         "dac_qmax": int(st.get("dac_qmax", 0)),
         "dac_step": float(st.get("dac_step32", 0.0)),

@@ -89,6 +89,7 @@ class _CrossbarOp(OpRun):
     slice_width: int
     n_streams: int
     n_slices: int
+    act_bits: int
     dac_bits: int
     dac_step: float
     dac_qmax: float
@@ -117,6 +118,11 @@ class _CrossbarOp(OpRun):
     def _inputs(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """DAC-quantized inputs, or bit-sliced stream digits stacked on axis 0 (count S)."""
         a = self
+        bits = int(getattr(a, "act_bits", 0) or 0)
+        if bits:  # DoReFa input quantizer of a quantized layer
+            n = np.float32(2.0**bits - 1)
+            r = np.clip(x.astype(np.float32), np.float32(0), np.float32(1)) * n
+            x = ((r + (np.round(r) - r)) / n).astype(np.float32)
         if a.bit_slicing:
             qmax = 2 ** (a.input_bits - 1) - 1
             codes = np.clip(np.round(x.astype(np.float64) * 2.0**a.input_frac_bits), -qmax, qmax)

@@ -160,3 +160,33 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
         )
         == 2
     )
+
+
+@pytest.mark.parametrize("preset", ["ideal", "64x64_100k"])
+def test_dorefa_quantized_net_parity(tmp_path: Path, preset: str) -> None:
+    from nvmpriv.crossbar import convert
+    from nvmpriv.quantization import quantize_model
+
+    torch.manual_seed(0)
+    net = quantize_model(nets.ColumnFC(64, 10), weight_bits=4, act_bits=4).eval()
+    x = torch.rand(32, 64)
+    path = export_model(
+        net, get_preset(preset), tmp_path / "q.onnx", input_shape=[64], chip_seed=1, calibration=x
+    )
+    model = onnx.load(path)
+    acts = [
+        onnx.helper.get_attribute_value(a)
+        for n in model.graph.node
+        if n.domain == "nvmpriv"
+        for a in n.attribute
+        if a.name == "act_bits"
+    ]
+    assert acts == [0, 4, 4]  # first layer full precision, later inputs quantized to 4 bits
+    with torch.no_grad():
+        expected = torch.softmax(convert(net, get_preset(preset), seed=1, calibration=x)(x), 1)
+        digital = torch.softmax(net(x), 1)
+    for reference in (False, True):
+        got = runtime.load(path, reference=reference).predict_proba(x.numpy())
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-6)
+    if preset == "ideal":
+        np.testing.assert_allclose(expected.numpy(), digital.numpy(), rtol=1e-5, atol=1e-7)
