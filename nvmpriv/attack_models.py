@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "SamiaAttackModel",
     "TrainConfig",
     "TrainedShadow",
+    "default_shadow_net",
     "ml_leaks_attack",
     "nasr_attack",
     "nn_shadow_attack",
@@ -1105,3 +1106,44 @@ def run_learned_attack(
     if name not in LEARNED_ATTACKS:
         raise AttackInputError(f"unknown learned attack {name!r}; choose {sorted(LEARNED_ATTACKS)}")
     return LEARNED_ATTACKS[name](query_fn, target, shadow_x, shadow_y, net_factory, **kwargs)
+
+
+def default_shadow_net(input_shape: Sequence[int], num_classes: int) -> NetFactory:
+    """The attacker's default architecture (it does not know the target's).
+
+    Flat inputs: MLP ``in -> 256 -> 128 -> C`` (ReLU). Images ``[C, H, W]``: conv 32 -> pool ->
+    conv 64 -> pool -> adaptive average pool 4x4 -> 128 -> C.
+
+    Args:
+        input_shape: One input's shape without the batch axis.
+        num_classes: Number of classes.
+
+    Returns:
+        A factory building an untrained ``nn.Module``.
+    """
+    shape = [int(d) for d in input_shape]
+
+    def factory() -> nn.Module:
+        if len(shape) == 1:
+            return nn.Sequential(
+                nn.Linear(shape[0], 256),
+                nn.ReLU(),
+                nn.Linear(256, 128),
+                nn.ReLU(),
+                nn.Linear(128, num_classes),
+            )
+        return nn.Sequential(
+            nn.Conv2d(shape[0], 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    return factory

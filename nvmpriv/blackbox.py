@@ -4,7 +4,7 @@ The target is reached exclusively through :func:`nvmpriv.runtime.load` (numpy + 
 this module never opens a checkpoint or the target's training code. The attacker's own models
 (shadow and reference models) are trained here with torch via :mod:`nvmpriv.attack_models`, on
 the attacker's own data, with an architecture the attacker chooses (the black-box attacker does
-not know the target's): by default :func:`default_shadow_net` (an MLP 256-128 for flat inputs,
+not know the target's): by default :func:`nvmpriv.attack_models.default_shadow_net` (an MLP 256-128 for flat inputs,
 a small CNN for images), or any class given by ``--shadow-net``.
 
 CLI::
@@ -46,7 +46,6 @@ __all__ = [
     "AttackData",
     "attack_model",
     "cli_main",
-    "default_shadow_net",
     "format_report",
     "load_attack_data",
 ]
@@ -188,49 +187,6 @@ def _opt_int(y: np.ndarray | None) -> np.ndarray | None:
     return None if y is None else np.asarray(y).astype(np.int64)
 
 
-def default_shadow_net(input_shape: Sequence[int], num_classes: int) -> Callable[[], Any]:
-    """The attacker's default architecture (it does not know the target's).
-
-    Flat inputs: MLP ``in -> 256 -> 128 -> C`` (ReLU). Images ``[C, H, W]``: conv 32 -> pool ->
-    conv 64 -> pool -> adaptive average pool 4x4 -> 128 -> C.
-
-    Args:
-        input_shape: One input's shape without the batch axis.
-        num_classes: Number of classes.
-
-    Returns:
-        A factory building an untrained ``nn.Module``.
-    """
-    from torch import nn
-
-    shape = [int(d) for d in input_shape]
-
-    def factory() -> nn.Module:
-        if len(shape) == 1:
-            return nn.Sequential(
-                nn.Linear(shape[0], 256),
-                nn.ReLU(),
-                nn.Linear(256, 128),
-                nn.ReLU(),
-                nn.Linear(128, num_classes),
-            )
-        return nn.Sequential(
-            nn.Conv2d(shape[0], 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(),
-            nn.Linear(64 * 16, 128),
-            nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
-
-    return factory
-
-
 def _class_factory(
     class_path: str, input_shape: Sequence[int], num_classes: int
 ) -> Callable[[], Any]:
@@ -300,7 +256,7 @@ def attack_model(
         queries: Queries averaged per sample (``k``); with ``k > 1`` the report adds
             ``query_averaging`` (confidence attack accuracy vs ``1, 2, 4, ..., k``).
         shadow_net: Class path of the attacker's architecture (default
-            :func:`default_shadow_net`).
+            :func:`nvmpriv.attack_models.default_shadow_net`).
         shadow_epochs: Training epochs of shadow/reference models.
         n_ref: Reference models for LiRA/RMIA.
         seed: Seed of the attacker's training.
@@ -317,6 +273,7 @@ def attack_model(
         LEARNED_ATTACKS,
         MembershipSplit,
         TrainConfig,
+        default_shadow_net,
         reference_attack_inputs,
         run_learned_attack,
         shadow_attack_inputs,
@@ -397,7 +354,7 @@ def attack_model(
         "queries_per_sample": int(queries),
         "n_members": len(data.member_y),
         "n_nonmembers": len(data.nonmember_y),
-        "shadow_net": shadow_net or "default (nvmpriv.blackbox.default_shadow_net)",
+        "shadow_net": shadow_net or "default (nvmpriv.attack_models.default_shadow_net)",
         "attacks": {},
     }
     for name in names:

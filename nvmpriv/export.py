@@ -906,7 +906,13 @@ def load_run(
         ckpt_file = Path(ckpt_path)
         if not ckpt_file.is_file():
             raise ExportError(f"--ckpt_path {ckpt_file} not found; point at RUN/checkpoints/*.ckpt")
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ExportError(
+                f"{ckpt_file} is not a readable checkpoint ({type(exc).__name__}); give a "
+                "Lightning .ckpt written by nvmpriv"
+            ) from exc
         state = ckpt.get("state_dict", {})
         net_state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         if not net_state:

@@ -20,8 +20,14 @@ from nvmpriv.data import Digits
 from nvmpriv.methods import StandardTraining
 from nvmpriv.nets import ColumnFC
 
-AUDIT = {"crossbars": ["ideal", "32x32_100k"], "attacks": ["loss", "confidence", "gap"],
-         "max_samples": 200, "layer_samples": 64, "calibration_samples": 64, "figures": True}
+AUDIT = {
+    "crossbars": ["ideal", "32x32_100k"],
+    "attacks": ["loss", "confidence", "gap"],
+    "max_samples": 200,
+    "layer_samples": 64,
+    "calibration_samples": 64,
+    "figures": True,
+}
 
 
 def make_trainer(tmp_path: Path, audit: CrossbarAudit, epochs: int = 2, **kw: object) -> pl.Trainer:
@@ -39,7 +45,9 @@ def make_trainer(tmp_path: Path, audit: CrossbarAudit, epochs: int = 2, **kw: ob
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[pl.Trainer, StandardTraining, CrossbarAudit, Path]:
+def fitted(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[pl.Trainer, StandardTraining, CrossbarAudit, Path]:
     tmp = tmp_path_factory.mktemp("audit")
     pl.seed_everything(0)
     audit = CrossbarAudit(**AUDIT, print_table=False)
@@ -100,7 +108,10 @@ def snapshot(module: torch.nn.Module, trainer: pl.Trainer) -> tuple:
     state = {k: v.clone() for k, v in module.state_dict().items()}
     modes = [m.training for m in module.modules()]
     opt = trainer.optimizers[0].state_dict()
-    opt_state = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in opt["state"].items()}
+    opt_state = {
+        k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+        for k, v in opt["state"].items()
+    }
     return state, modes, opt_state, torch.get_rng_state()
 
 
@@ -138,14 +149,23 @@ def test_model_untouched_when_attack_raises(fitted: tuple, monkeypatch: pytest.M
 
 def test_state_survives_checkpoint_resume(tmp_path: Path) -> None:
     pl.seed_everything(0)
-    first = CrossbarAudit(**{**AUDIT, "crossbars": ["ideal"], "layer_samples": 0}, print_table=False)
+    first = CrossbarAudit(
+        **{**AUDIT, "crossbars": ["ideal"], "layer_samples": 0}, print_table=False
+    )
     trainer = make_trainer(tmp_path, first, epochs=2)
-    trainer.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32))
+    trainer.fit(
+        StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32)
+    )
     ckpt = Path(trainer.checkpoint_callback.last_model_path)  # type: ignore[union-attr]
-    resumed = CrossbarAudit(**{**AUDIT, "crossbars": ["ideal"], "layer_samples": 0}, print_table=False)
+    resumed = CrossbarAudit(
+        **{**AUDIT, "crossbars": ["ideal"], "layer_samples": 0}, print_table=False
+    )
     trainer2 = make_trainer(tmp_path, resumed, epochs=3)
-    trainer2.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32),
-                 ckpt_path=str(ckpt))
+    trainer2.fit(
+        StandardTraining(ColumnFC(64, 10), num_classes=10),
+        datamodule=Digits(batch_size=32),
+        ckpt_path=str(ckpt),
+    )
     assert len(resumed.history) == 3
     assert resumed.history[:2] == first.history[:2]
 
@@ -162,23 +182,37 @@ def test_unknown_preset() -> None:
 
 def test_finite_loss_guard_stops(tmp_path: Path) -> None:
     class Exploding(StandardTraining):
-        def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def training_loss(
+            self, x: torch.Tensor, y: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             loss, logits = super().training_loss(x, y)
             return loss * float("nan") if self.global_step >= 3 else loss, logits
 
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         callbacks=[FiniteLossGuard()], default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[FiniteLossGuard()],
+        default_root_dir=str(tmp_path),
+    )
     with pytest.raises(FloatingPointError, match="epoch 0, step 3"):
         trainer.fit(Exploding(ColumnFC(64, 10), num_classes=10), datamodule=Digits(batch_size=32))
 
 
 def _audit_config(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "lightning_configs" / "quickstart.yaml").read_text())
-    callbacks = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
+    callbacks = [
+        c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]
+    ]
     for c in callbacks:
         if c["class_path"].endswith("CrossbarAudit"):
-            c["init_args"] = {**AUDIT, "crossbars": ["ideal", "32x32_100k"], "figures": False,
-                              "layer_samples": 0}
+            c["init_args"] = {
+                **AUDIT,
+                "crossbars": ["ideal", "32x32_100k"],
+                "figures": False,
+                "layer_samples": 0,
+            }
     config["trainer"]["callbacks"] = callbacks
     config["trainer"]["max_epochs"] = 3
     config["trainer"]["enable_progress_bar"] = False
@@ -190,23 +224,43 @@ def _audit_config(tmp_path: Path) -> Path:
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     config = _audit_config(tmp_path)
     cmd = [sys.executable, "-m", "nvmpriv"]
-    fit = subprocess.run([*cmd, "fit", "--config", str(config)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
+    fit = subprocess.run(
+        [*cmd, "fit", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = tmp_path / "logs/quickstart/version_0/checkpoints/last.ckpt"
     outs = []
     for devices, strategy in ((1, "auto"), (2, "ddp")):
         run = subprocess.run(
-            [*cmd, "validate", "--config", str(config), f"--ckpt_path={ckpt}",
-             f"--trainer.devices={devices}", f"--trainer.strategy={strategy}"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            [
+                *cmd,
+                "validate",
+                "--config",
+                str(config),
+                f"--ckpt_path={ckpt}",
+                f"--trainer.devices={devices}",
+                f"--trainer.strategy={strategy}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert run.returncode == 0, run.stderr[-3000:]
-        latest = max((tmp_path / "logs/quickstart").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        latest = max(
+            (tmp_path / "logs/quickstart").glob("version_*"),
+            key=lambda p: int(p.name.split("_")[1]),
+        )
         outs.append(json.loads((latest / "results.json").read_text()))
     one, two = outs
     for cfg in one["configs"]:
         for attack, values in one["configs"][cfg]["attacks"].items():
             for key in ("acc", "auc", "tpr@1%fpr"):
-                assert two["configs"][cfg]["attacks"][attack][key] == pytest.approx(values[key], abs=1e-6)
+                assert two["configs"][cfg]["attacks"][attack][key] == pytest.approx(
+                    values[key], abs=1e-6
+                )
         assert two["configs"][cfg]["acc"] == pytest.approx(one["configs"][cfg]["acc"], abs=1e-9)

@@ -94,7 +94,7 @@ def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     fitted = Splits.load(quickstart_run)
     validated = Splits.load(work / "logs" / "quickstart" / "version_1")
     assert validated.split_hash == fitted.split_hash
-    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
     stored = state["Digits"]["indices"]["target_train"]
     np.testing.assert_array_equal(np.asarray(stored), fitted.indices["target_train"])
 
