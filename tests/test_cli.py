@@ -14,7 +14,7 @@ from conftest import ROOT
 from nvmpriv.__main__ import main
 from nvmpriv.data import Splits
 
-CONFIGS = sorted((ROOT / "lightning_configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "lightning_configs").rglob("*.yaml") if "sweeps" not in p.parts)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -38,7 +38,7 @@ def test_environment_imports_together() -> None:
     assert out.stdout.strip() == "[0]"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.parent.name + "/" + c.stem for c in CONFIGS])
 def test_print_config_and_help(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(config), "--print_config"])
