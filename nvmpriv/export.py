@@ -315,21 +315,29 @@ def _dense_weight(b: _Body, w: str, st: dict[str, Any]) -> str:
     return b.op("Reshape", [full, b.ints([g, k, o])])
 
 
-def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _Body:
-    b = _Body()
-    n_r, n, k = st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
-    o, n_t = st["cols_per_group"], st["n_slices"]
-    tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
+def _converted_input(b: _Body, st: dict[str, Any], tiled: bool) -> str:
+    """The layer input as the array sees it: DoReFa quantizer, then DAC, fixed point or digits.
+
+    Bit-sliced layers that need no per-tile work collapse their streams back into one
+    fixed-point input (the same function); tiled ones keep the stream digits on axis 0.
+    """
     x0 = _act(b, "X", st)
     if st["bit_slicing"] and not tiled:
         qmax = 2 ** (st["input_bits"] - 1) - 1
         codes = b.op("Round", [b.op("Mul", [x0, b.const(2.0 ** st["input_frac_bits"])])])
         codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
-        xin = b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
-    elif st["bit_slicing"]:
-        xin = _digits(b, x0, st)
-    else:
-        xin = _dac(b, x0, st)
+        return b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
+    if st["bit_slicing"]:
+        return _digits(b, x0, st)
+    return _dac(b, x0, st)
+
+
+def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _Body:
+    b = _Body()
+    n_r, n, k = st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
+    o, n_t = st["cols_per_group"], st["n_slices"]
+    tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
+    xin = _converted_input(b, st, tiled)
     if not tiled:
         wd = b.op("Reshape", [_dense_weight(b, "W", st), b.ints([k, o])])
         y = b.op("MatMul", [xin, wd])
@@ -403,16 +411,7 @@ def _conv_body(
     attrs = _conv_attrs(st)
     tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
     cin_g = layer.in_channels // g
-    x0 = _act(b, "X", st)
-    if st["bit_slicing"] and not tiled:
-        qmax = 2 ** (st["input_bits"] - 1) - 1
-        codes = b.op("Round", [b.op("Mul", [x0, b.const(2.0 ** st["input_frac_bits"])])])
-        codes = b.op("Clip", [codes, b.const(-qmax), b.const(qmax)])
-        xin = b.op("Mul", [codes, b.const(2.0 ** -st["input_frac_bits"])])
-    elif st["bit_slicing"]:
-        xin = _digits(b, x0, st)
-    else:
-        xin = _dac(b, x0, st)
+    xin = _converted_input(b, st, tiled)
     if not tiled:
 
         def dense(w: str) -> str:  # [G, K, O] -> [G*O, Cin/G, kh, kw]
