@@ -467,7 +467,7 @@ def write_report(report: dict[str, Any], output: str | Path) -> tuple[Path, Path
     Returns:
         ``(json_path, png_path)``.
     """
-    from nvmpriv.callbacks import atomic_write_text
+    from nvmpriv.atomic import atomic_write_text
     from nvmpriv.plots import roc_figure, save_figure
 
     out = Path(output)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from nvmpriv import attacks as mia
+from nvmpriv.atomic import atomic_write_text
 from nvmpriv.crossbar import CrossbarConfig, convert, get_preset
 from nvmpriv.crossbar.metrics import layer_noise, nonideality_factor
 
@@ -45,29 +44,6 @@ __all__ = ["DIGITAL", "CrossbarAudit", "FiniteLossGuard", "atomic_write_text"]
 
 DIGITAL = "digital"
 DEFAULT_ATTACKS = ("confidence", "loss", "entropy", "modified_entropy", "gap")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: a temporary file in the same folder, then a rename.
-
-    Args:
-        path: Destination.
-        text: Contents.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 @contextmanager

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nvmpriv.atomic import atomic_save_npz
+
 __all__ = [
     "ARCHIVES",
     "DataFileError",
@@ -95,24 +97,6 @@ def content_hash(features: np.ndarray, labels: np.ndarray) -> str:
     digest.update(np.ascontiguousarray(features).tobytes())
     digest.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
     return digest.hexdigest()[:16]
-
-
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an ``.npz`` file atomically (temporary file in the same folder, then rename).
-
-    Args:
-        path: Destination path.
-        **arrays: Arrays to store.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _missing(path: Path, name: str) -> DataFileError:

@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from nvmpriv.atomic import atomic_write_text
+
 __all__ = [
     "AUDIT_CLASS",
     "Cell",
@@ -86,15 +88,6 @@ _SWEEP_KEYS = {
     "output",
 }
 _ENTRY_KEYS = {"config", "label", "overrides", "axes", "audit"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # The same write-then-rename as nvmpriv.callbacks.atomic_write_text, without importing torch
-    # and Lightning into the sweep driver (it only launches subprocesses).
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- specification
@@ -597,7 +590,7 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     output = Path(task["output"])
     paths = _paths(output, task["cell_id"])
     paths["yaml"].parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths["yaml"], yaml.safe_dump(task["config"], sort_keys=False))
+    atomic_write_text(paths["yaml"], yaml.safe_dump(task["config"], sort_keys=False))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if task.get("threads"):
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -687,7 +680,7 @@ def _run_blackbox(
 
 def _finish(record: dict[str, Any], path: Path, start: float) -> dict[str, Any]:
     record["seconds"] = round(time.perf_counter() - start, 2)
-    _atomic_write(path, json.dumps(record, indent=2, sort_keys=True, default=str))
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str))
     return record
 
 
@@ -765,7 +758,7 @@ def _run_local(
                     "error": f"{type(exc).__name__}: {exc}",
                     "params": task["params"],
                 }
-                _atomic_write(
+                atomic_write_text(
                     _paths(Path(task["output"]), task["cell_id"])["record"],
                     json.dumps(record, indent=2, default=str),
                 )
@@ -803,7 +796,7 @@ def _run_ray(
                     "params": task["params"],
                 }
             # Written again by the driver: the worker's copy may live on another node's disk.
-            _atomic_write(
+            atomic_write_text(
                 _paths(Path(task["output"]), task["cell_id"])["record"],
                 json.dumps(record, indent=2, default=str),
             )
@@ -1169,10 +1162,9 @@ def _find_rocs(node: Any, prefix: str = "") -> dict[str, tuple[list[float], list
 
 
 def _plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from nvmpriv.plots import save_figure  # selects the headless Agg backend
 
     agg = _aggregate(rows, spec)
     if not agg:
@@ -1195,8 +1187,7 @@ def _plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path) -> list[Pa
 
     def save(fig: Any, name: str) -> None:
         path = folder / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         written.append(path)
 
     if attacks:
@@ -1284,6 +1275,8 @@ def _plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path) -> list[Pa
 
 def _roc_plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path, plt: Any) -> list[Path]:
     """Log-log ROCs of the first finished cell of each group, where ROC arrays were saved."""
+    from nvmpriv.plots import save_figure
+
     written = []
     seen: set[str] = set()
     for row in rows:
@@ -1323,8 +1316,7 @@ def _roc_plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path, plt: A
         fig.suptitle(f"{group} (seed {row['seed']}): log-log ROC")
         fig.tight_layout()
         path = folder / f"roc_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', group)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         written.append(path)
     return written
 
@@ -1346,10 +1338,10 @@ def write_outputs(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[Path]:
     writer.writeheader()
     writer.writerows(rows)
     csv_path = spec.output / "results.csv"
-    _atomic_write(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     plots = _plots(rows, spec, spec.output / "plots")
     md_path = spec.output / "results.md"
-    _atomic_write(md_path, _markdown(rows, spec, plots))
+    atomic_write_text(md_path, _markdown(rows, spec, plots))
     return [csv_path, md_path, *plots]
 
 
