@@ -76,6 +76,7 @@ CASES = [
     pytest.param("cnn", "64x64_100k_bitsliced", id="cnn-bitsliced"),
     pytest.param("resnet", "ideal", id="resnet10-ideal"),
     pytest.param("resnet", "64x64_100k", id="resnet10-64x64_100k"),
+    pytest.param("resnet", "64x64_100k_bitsliced", id="resnet10-bitsliced"),
 ]
 
 
