@@ -27,7 +27,6 @@ threshold from one shadow model; ``lira_offline``/``rmia_offline`` use reference
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import time
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from nvmpriv import attacks as mia
+from nvmpriv.classpath import import_object, instantiate
 from nvmpriv.runtime import Predictor, load
 
 __all__ = [
@@ -104,12 +104,8 @@ def _datamodule_from_yaml(spec: dict[str, Any], splits_path: str | None) -> Any:
         spec = spec["data"]
     if "class_path" not in spec:
         raise ValueError("--data YAML needs a 'data:' section or a 'class_path' of a DataModule")
-    module, _, name = str(spec["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    kwargs = dict(spec.get("init_args") or {})
-    if splits_path is not None:
-        kwargs["splits_path"] = splits_path
-    dm = cls(**kwargs)
+    extra = {} if splits_path is None else {"splits_path": splits_path}
+    dm = instantiate(spec, **extra)
     dm.setup()
     return dm
 
@@ -190,11 +186,7 @@ def _opt_int(y: np.ndarray | None) -> np.ndarray | None:
 def _class_factory(
     class_path: str, input_shape: Sequence[int], num_classes: int
 ) -> Callable[[], Any]:
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"--shadow-net {class_path!r} cannot be imported ({exc})") from None
+    cls = import_object(class_path, what="--shadow-net")
     params = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = {}
     if "num_classes" in params:

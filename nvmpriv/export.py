@@ -58,6 +58,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from nvmpriv import __version__
+from nvmpriv.classpath import instantiate
 from nvmpriv.crossbar import (
     CrossbarConfig,
     CrossbarConv2d,
@@ -851,27 +852,6 @@ def export_bytes(
 
 
 # ====================================================================== loading a run
-def _instantiate(spec: Any) -> Any:
-    """Build ``{class_path, init_args}`` recursively (the LightningCLI YAML form)."""
-    import importlib
-
-    if isinstance(spec, dict) and "class_path" in spec:
-        module, _, cls = str(spec["class_path"]).rpartition(".")
-        try:
-            target = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError) as exc:
-            raise ExportError(
-                f"class_path {spec['class_path']!r} cannot be imported ({exc})"
-            ) from exc
-        kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
-        return target(**kwargs)
-    if isinstance(spec, dict):
-        return {k: _instantiate(v) for k, v in spec.items()}
-    if isinstance(spec, list):
-        return [_instantiate(v) for v in spec]
-    return spec
-
-
 def load_run(
     config_path: str | os.PathLike[str], ckpt_path: str | os.PathLike[str] | None
 ) -> tuple[nn.Module, Any]:
@@ -899,8 +879,8 @@ def load_run(
     model_args = (cfg["model"] or {}).get("init_args") or {}
     if "net" not in model_args:
         raise ExportError(f"--config {cfg_file}: model.init_args.net is missing")
-    net: nn.Module = _instantiate(model_args["net"])
-    dm = _instantiate(cfg["data"])
+    net: nn.Module = instantiate(model_args["net"])
+    dm = instantiate(cfg["data"])
     if ckpt_path is not None:
         ckpt_file = Path(ckpt_path)
         if not ckpt_file.is_file():
@@ -950,6 +930,64 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_stem(prefix: str, config: CrossbarConfig | None, chip_seed: int) -> str:
+    """File stem of an export: ``<prefix>_digital`` or ``<prefix>_<preset>_seed<S>``."""
+    if config is None:
+        return f"{prefix}_{DIGITAL}"
+    return f"{prefix}_{config.name}_seed{chip_seed}"
+
+
+def export_run(
+    net: nn.Module,
+    dm: Any,
+    config: CrossbarConfig | None,
+    output: str | os.PathLike[str],
+    *,
+    chip_seed: int = 0,
+    calibration_samples: int = 256,
+    calibration_role: str = "target_train",
+    noise_seed: int | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export a run's net, calibrated like the training audit, with the run's split hash.
+
+    Args:
+        net: The trained net.
+        dm: The run's ``MembershipDataModule`` (split already set up).
+        config: Crossbar configuration, or ``None`` for the digital model.
+        output: Destination ``.onnx``.
+        chip_seed: Chip seed.
+        calibration_samples: First rows of ``calibration_role`` that calibrate DAC/ADC (the
+            audit's ``CrossbarAudit.calibration_samples`` uses the same rows).
+        calibration_role: Split role of the calibration rows.
+        noise_seed: See :func:`export_model`.
+        overwrite: Replace an existing file.
+        metadata: Extra ``metadata_props`` entries.
+
+    Returns:
+        The written path.
+    """
+    if calibration_samples < 1:
+        raise ExportError(f"calibration_samples={calibration_samples} must be >= 1")
+    x_cal = dm.arrays(calibration_role)[0][:calibration_samples]
+    splits = getattr(dm, "splits", None)
+    return export_model(
+        net,
+        config,
+        output,
+        input_shape=list(x_cal.shape[1:]),
+        num_classes=getattr(dm, "num_classes", None) or None,
+        chip_seed=chip_seed,
+        calibration=x_cal,
+        calibration_note=f"first {len(x_cal)} rows of {calibration_role}",
+        split_hash=None if splits is None else splits.split_hash,
+        noise_seed=noise_seed,
+        overwrite=overwrite,
+        metadata=metadata,
+    )
+
+
 def cli_main(argv: list[str]) -> int:
     """``python -m nvmpriv export``.
 
@@ -967,23 +1005,15 @@ def cli_main(argv: list[str]) -> int:
         raise ExportError(f"--calibration-samples={args.calibration_samples} must be >= 1")
     config = load_crossbar(args.crossbar)
     net, dm = load_run(args.config, args.ckpt_path)
-    x_cal, _ = dm.arrays(args.calibration_role)
-    x_cal = x_cal[: args.calibration_samples]
-    name = f"{Path(args.config).stem}_{args.crossbar if config is None else config.name}"
-    if config is not None:
-        name += f"_seed{args.seed}"
-    out = resolve_output(args.output, Path(name).stem)
-    splits = getattr(dm, "splits", None)
-    path = export_model(
+    name = export_stem(Path(args.config).stem, config, args.seed)
+    path = export_run(
         net,
+        dm,
         config,
-        out,
-        input_shape=list(x_cal.shape[1:]),
-        num_classes=getattr(dm, "num_classes", None) or None,
+        resolve_output(args.output, name),
         chip_seed=args.seed,
-        calibration=x_cal,
-        calibration_note=f"first {len(x_cal)} rows of {args.calibration_role}",
-        split_hash=None if splits is None else splits.split_hash,
+        calibration_samples=args.calibration_samples,
+        calibration_role=args.calibration_role,
         noise_seed=args.noise_seed,
         overwrite=args.overwrite,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from nvmpriv.export import DIGITAL, export_model, load_crossbar
+from nvmpriv.export import DIGITAL, export_run, export_stem, load_crossbar
 
 __all__ = ["ExportOnnx"]
 
@@ -79,24 +79,15 @@ class ExportOnnx(Callback):
         dm: Any = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "arrays"):
             raise ValueError("ExportOnnx needs an nvmpriv MembershipDataModule (nvmpriv.data.*)")
-        x_cal, _ = dm.arrays("target_train")
-        x_cal = x_cal[: self.calibration_samples]
-        splits = getattr(dm, "splits", None)
         run = self._run_name(trainer)
         for label, cfg in self.configs.items():
-            stem = f"{run}_{DIGITAL if cfg is None else cfg.name}"
-            if cfg is not None:
-                stem += f"_seed{self.chip_seed}"
-            path = export_model(
+            path = export_run(
                 pl_module.net,  # type: ignore[arg-type]
+                dm,
                 cfg,
-                self.folder / f"{stem}.onnx",
-                input_shape=list(x_cal.shape[1:]),
-                num_classes=getattr(dm, "num_classes", None) or None,
+                self.folder / f"{export_stem(run, cfg, self.chip_seed)}.onnx",
                 chip_seed=self.chip_seed,
-                calibration=x_cal,
-                calibration_note=f"first {len(x_cal)} rows of target_train",
-                split_hash=None if splits is None else splits.split_hash,
+                calibration_samples=self.calibration_samples,
                 overwrite=self.overwrite,
                 metadata={"nvmpriv.run": run, "nvmpriv.crossbar_spec": label},
             )
