@@ -171,7 +171,29 @@ class QuantAct(nn.Module):
         return f"bits={self.bits if self.bits is not None else FULL_PRECISION_BITS}"
 
 
-class QuantLinear(nn.Linear):
+class _DoReFaWeights(nn.Module):
+    """What QuantLinear and QuantConv2d share: quantized effective weights and bit widths."""
+
+    weight: Tensor
+    weight_bits: int | None
+    act_bits: int | None
+
+    @property
+    def effective_weight(self) -> Tensor:
+        """The quantized weight used in ``forward`` (differentiable w.r.t. ``self.weight``)."""
+        return dorefa_weight(self.weight, self.weight_bits)
+
+    def _copy_state(self, module: nn.Module) -> None:
+        """Take ``module``'s parameters and training mode (after construction)."""
+        self.load_state_dict(module.state_dict())
+        self.train(module.training)
+
+    def extra_repr(self) -> str:
+        """Show the bit widths in ``print(model)``."""
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+
+
+class QuantLinear(_DoReFaWeights, nn.Linear):
     """``nn.Linear`` whose weights (and optionally inputs) are DoReFa-quantized in ``forward``.
 
     ``self.weight`` stays the float master weight that the optimizer updates;
@@ -204,11 +226,6 @@ class QuantLinear(nn.Linear):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.act_bits = check_bits(act_bits, "act_bits")
 
-    @property
-    def effective_weight(self) -> Tensor:
-        """The quantized weight used in ``forward`` (differentiable w.r.t. ``self.weight``)."""
-        return dorefa_weight(self.weight, self.weight_bits)
-
     def forward(self, x: Tensor) -> Tensor:
         """Return ``linear(quant_act(x), quant_weight, bias)``."""
         return F.linear(dorefa_activation(x, self.act_bits), self.effective_weight, self.bias)
@@ -236,16 +253,11 @@ class QuantLinear(nn.Linear):
             device=module.weight.device,
             dtype=module.weight.dtype,
         )
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
+        new._copy_state(module)
         return new
 
-    def extra_repr(self) -> str:
-        """Show the bit widths in ``print(model)``."""
-        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
 
-
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_DoReFaWeights, nn.Conv2d):
     """``nn.Conv2d`` whose weights (and optionally inputs) are DoReFa-quantized in ``forward``.
 
     Same constructor as :class:`torch.nn.Conv2d` plus the keyword-only ``weight_bits`` and
@@ -303,11 +315,6 @@ class QuantConv2d(nn.Conv2d):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.act_bits = check_bits(act_bits, "act_bits")
 
-    @property
-    def effective_weight(self) -> Tensor:
-        """The quantized weight used in ``forward`` (differentiable w.r.t. ``self.weight``)."""
-        return dorefa_weight(self.weight, self.weight_bits)
-
     def forward(self, x: Tensor) -> Tensor:
         """Return ``conv2d(quant_act(x), quant_weight, bias)``."""
         return self._conv_forward(
@@ -343,13 +350,8 @@ class QuantConv2d(nn.Conv2d):
             device=module.weight.device,
             dtype=module.weight.dtype,
         )
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
+        new._copy_state(module)
         return new
-
-    def extra_repr(self) -> str:
-        """Show the bit widths in ``print(model)``."""
-        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
