@@ -552,10 +552,10 @@ def _thin_roc(roc: Any, points: int = 200) -> dict[str, list[float]]:
 
 
 def _cv_accuracy(result: mia.AttackResult, inputs: mia.AttackInputs, name: str) -> float:
-    """Balanced accuracy with the threshold chosen by 2-fold cross-validation on the target.
+    """Held-out accuracy of a threshold attack without a shadow model (2-fold cross-validation).
 
-    Half of the members and non-members choose the threshold, the other half is scored, and the
-    roles swap; unlike the best threshold on all samples this is not an optimistic estimate.
+    Attacks with no single score (none of the audit's defaults) fall back to the labelled upper
+    bound.
     """
     from nvmpriv.attacks.threshold import SCORE_FUNCTIONS
 
@@ -563,16 +563,7 @@ def _cv_accuracy(result: mia.AttackResult, inputs: mia.AttackInputs, name: str) 
     if score is None:
         return float(result.accuracy_upper_bound)
     fn = SCORE_FUNCTIONS[score]
-    s_in, s_out = fn(inputs.split("member")), fn(inputs.split("nonmember"))
-    accs = []
-    for fold in (0, 1):
-        fit_in, fit_out = s_in[fold::2], s_out[fold::2]
-        ev_in, ev_out = s_in[1 - fold :: 2], s_out[1 - fold :: 2]
-        if len(ev_in) == 0 or len(ev_out) == 0:
-            continue
-        threshold, _ = mia.best_threshold(fit_in, fit_out)
-        accs.append(mia.balanced_accuracy_at(threshold, ev_in, ev_out))
-    return float(np.mean(accs)) if accs else float(result.accuracy_upper_bound)
+    return mia.cross_validated_accuracy(fn(inputs.split("member")), fn(inputs.split("nonmember")))
 
 
 def format_table(payload: dict[str, Any]) -> str:

@@ -490,3 +490,26 @@ def test_bad_metric_inputs() -> None:
             [1, 0],
             reference=ReferenceScores(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3), bool)),
         )
+
+
+def test_cross_validated_accuracy_matches_a_brute_force_fold_loop() -> None:
+    rng = np.random.default_rng(5)
+    s_in, s_out = rng.normal(0.4, 1, 301), rng.normal(0, 1, 257)
+
+    def brute(folds: int) -> float:
+        accs = []
+        for k in range(folds):
+            fit_in = np.array([v for i, v in enumerate(s_in) if i % folds != k])
+            fit_out = np.array([v for i, v in enumerate(s_out) if i % folds != k])
+            cands = np.concatenate([fit_in, fit_out, [np.inf]])
+            best = max(cands, key=lambda t: ((fit_in >= t).mean() + (fit_out < t).mean(), t))
+            ev_in, ev_out = s_in[k::folds], s_out[k::folds]
+            accs.append(((ev_in >= best).mean() + (ev_out < best).mean()) / 2)
+        return float(np.mean(accs))
+
+    for folds in (2, 3):
+        assert A.cross_validated_accuracy(s_in, s_out, folds) == pytest.approx(
+            brute(folds), abs=1e-12
+        )
+    with pytest.raises(A.AttackInputError, match="folds"):
+        A.cross_validated_accuracy([0.1], [0.2, 0.3])

@@ -18,6 +18,7 @@ from nvmpriv.attacks.inputs import AttackInputs, ReferenceScores, SplitOutputs
 from nvmpriv.attacks.metrics import (
     balanced_accuracy_at,
     best_threshold,
+    cross_validated_accuracy,
     decision_metrics,
     precision_recall_f1,
     roc_auc,
@@ -82,6 +83,7 @@ __all__ = [
     "class_threshold_attack",
     "confidence_scores",
     "correctness_scores",
+    "cross_validated_accuracy",
     "decision_metrics",
     "entropy_scores",
     "gap_attack",
