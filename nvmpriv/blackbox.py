@@ -161,12 +161,10 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
         dm = _datamodule_from_yaml(yaml.safe_load(cfg_file.read_text()), str(path))
     else:
         dm = _datamodule_from_yaml(yaml.safe_load(path.read_text()) or {}, None)
-    members: tuple[np.ndarray, np.ndarray] = dm.arrays("target_train")
-    nonmembers: tuple[np.ndarray, np.ndarray] = dm.arrays("target_test")
-    mx, my = _cap(members[0], members[1], max_samples)
-    nx, ny = _cap(nonmembers[0], nonmembers[1], max_samples)
-    sx = np.concatenate([dm.arrays("shadow_train")[0], dm.arrays("shadow_test")[0]])
-    sy = np.concatenate([dm.arrays("shadow_train")[1], dm.arrays("shadow_test")[1]])
+    mx, my = dm.arrays("target_train", limit=max_samples)
+    nx, ny = dm.arrays("target_test", limit=max_samples)
+    (stx, sty), (svx, svy) = dm.arrays("shadow_train"), dm.arrays("shadow_test")
+    sx, sy = np.concatenate([stx, svx]), np.concatenate([sty, svy])
     px, py = dm.arrays("population")
     return AttackData(
         mx,

@@ -258,12 +258,8 @@ class CrossbarAudit(Callback):
             ("shadow_members", "shadow_train"),
             ("shadow_nonmembers", "shadow_test"),
         ):
-            x, y = dm.arrays(role)
-            n = self._limits["samples"]
-            sets[key] = (x[:n], y[:n])
-        x, y = dm.arrays("target_train")
-        n = self._limits["calibration"]
-        sets["calibration"] = (x[:n], y[:n])
+            sets[key] = dm.arrays(role, limit=self._limits["samples"])
+        sets["calibration"] = dm.arrays("target_train", limit=self._limits["calibration"])
         return sets
 
     def _shadow(self, pl_module: pl.LightningModule, dm: Any, sets: dict[str, Any]) -> nn.Module:

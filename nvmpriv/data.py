@@ -464,16 +464,18 @@ class MembershipDataModule(pl.LightningDataModule):
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
         return TensorDataset(x, torch.as_tensor(labels))
 
-    def arrays(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, role: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Features as the model sees them (float32, no augmentation) and labels of a role.
 
         Args:
             role: One of :data:`ROLES`.
+            limit: Only the first ``limit`` samples of the role (converted alone, so an audit of
+                1,000 images does not convert the whole role).
 
         Returns:
             ``(x, y)`` numpy arrays; images come as ``[n, C, H, W]`` in [0, 1].
         """
-        idx = self.indices(role)
+        idx = self.indices(role)[:limit]
         return self._model_input(self.raw.features[idx]), self.raw.labels[idx]
 
     def _model_input(self, features: np.ndarray) -> np.ndarray:

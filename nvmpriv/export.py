@@ -970,7 +970,7 @@ def export_run(
     """
     if calibration_samples < 1:
         raise ExportError(f"calibration_samples={calibration_samples} must be >= 1")
-    x_cal = dm.arrays(calibration_role)[0][:calibration_samples]
+    x_cal = dm.arrays(calibration_role, limit=calibration_samples)[0]
     splits = getattr(dm, "splits", None)
     return export_model(
         net,
