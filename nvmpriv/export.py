@@ -285,17 +285,35 @@ def _shift_coeff(st: dict[str, Any]) -> np.ndarray:
     return (coeff * 2.0 ** -(st["input_frac_bits"] + st["weight_frac_bits"])).astype(np.float32)
 
 
-def _adc(b: _Body, p: str, st: dict[str, Any], axis: int, reciprocal: bool) -> str:
+def _code_sum(b: _Body, q: str, axis: int, n_r: int, m: int) -> str:
+    """Sum of integer ADC codes over the tile-row axis, as a MatMul with ones.
+
+    onnxruntime's ReduceSum over a leading axis is ~3x slower than this GEMM; the codes are
+    small integers, so every summation order gives the same exact result.
+
+    Args:
+        b: Body under construction.
+        q: Codes ``[n_r, B', m]`` (axis 0) or ``[B', G, n_r, m, HW]`` (axis 2).
+        axis: 0 or 2.
+        n_r: Tile rows.
+        m: Columns per tile row (``T*O``).
+    """
+    ones = b.const(np.ones((1, n_r), dtype=np.float32))
+    if axis == 0:
+        s = b.op("MatMul", [ones, b.op("Reshape", [q, b.ints([n_r, -1])])])  # [1, B'*m]
+        return b.op("Reshape", [s, b.ints([-1, m])])
+    s = b.op("MatMul", [ones, b.op("Reshape", [q, b.ints([0, 0, n_r, -1])])])  # [B', G, 1, m*HW]
+    return b.op("Reshape", [s, b.ints([0, 0, m, -1])])
+
+
+def _adc(b: _Body, p: str, st: dict[str, Any], axis: int, m: int) -> str:
     """Per-tile ADC codes, digital sum over the tile-row axis, times the step."""
     if not st["adc_bits"]:
         return b.op("ReduceSum", [p, b.ints([axis])], keepdims=0)
     step = st["adc_step32"]
-    if reciprocal:  # the simulator's eager Linear path multiplies by 1/step
-        scaled = b.op("Mul", [p, b.const(np.float32(1.0) / step)])
-    else:
-        scaled = b.op("Div", [p, b.const(step)])
+    scaled = b.op("Div", [p, b.const(step)])
     q = b.op("Clip", [b.op("Round", [scaled]), b.const(-st["adc_qmax"]), b.const(st["adc_qmax"])])
-    return b.op("Mul", [b.op("ReduceSum", [q, b.ints([axis])], keepdims=0), b.const(step)])
+    return b.op("Mul", [_code_sum(b, q, axis, st["n_row_tiles"], m), b.const(step)])
 
 
 def _noise(b: _Body, var: str, like: str, seed: int) -> str:
@@ -333,12 +351,48 @@ def _converted_input(b: _Body, st: dict[str, Any], tiled: bool) -> str:
     return _dac(b, x0, st)
 
 
+def _folded_input(b: _Body, st: dict[str, Any]) -> tuple[str, np.float32]:
+    """Noise-free ADC layers: the input as integer DAC codes (or digits) and the weight scale.
+
+    As the simulator's no-grad path does, the DAC step and the ADC step are folded into the
+    weights (``W * dac_step / adc_step``, constant-folded by onnxruntime), so the partial sums
+    come out in ADC steps and need only Round, Clip and the sum: two fewer passes over the
+    largest tensors of the graph.
+    """
+    x0 = _act(b, "X", st)
+    adc = float(st["adc_step32"])
+    if st["bit_slicing"]:
+        return _digits(b, x0, st), np.float32(1.0 / adc)
+    if not st["dac_bits"]:
+        return x0, np.float32(1.0 / adc)
+    step, qmax = st["dac_step32"], st["dac_qmax"]
+    codes = b.op("Round", [b.op("Div", [x0, b.const(step)])])
+    codes = b.op("Clip", [codes, b.const(_f32(-qmax)), b.const(_f32(qmax))])
+    return codes, np.float32(float(step) / adc)
+
+
+def _adc_folded(b: _Body, p: str, st: dict[str, Any], axis: int, m: int) -> str:
+    """Per-tile ADC of partial sums already in ADC steps, digital sum, times the step."""
+    qmax = st["adc_qmax"]
+    q = b.op("Clip", [b.op("Round", [p]), b.const(_f32(-qmax)), b.const(_f32(qmax))])
+    total = _code_sum(b, q, axis, st["n_row_tiles"], m)
+    return b.op("Mul", [total, b.const(st["adc_step32"])])
+
+
+def _scaled(b: _Body, w: str, scale: np.float32) -> str:
+    return w if scale == 1.0 else b.op("Mul", [w, b.const(scale)])
+
+
 def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _Body:
     b = _Body()
     n_r, n, k = st["n_row_tiles"], st["tile_size"], st["rows_per_group"]
     o, n_t = st["cols_per_group"], st["n_slices"]
     tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
-    xin = _converted_input(b, st, tiled)
+    folded = bool(st["adc_bits"]) and not noisy
+    if folded:
+        xin, scale = _folded_input(b, st)
+    else:
+        xin, scale = _converted_input(b, st, tiled), np.float32(1.0)
     if not tiled:
         wd = b.op("Reshape", [_dense_weight(b, "W", st), b.ints([k, o])])
         y = b.op("MatMul", [xin, wd])
@@ -352,14 +406,14 @@ def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _B
         if n_r * n > k:
             xp = b.op("Pad", [xin, b.ints([0, 0, 0, n_r * n - k])])
         xt = b.op("Transpose", [b.op("Reshape", [xp, b.ints([-1, n_r, n])])], perm=[1, 0, 2])
-        wt = b.op("Reshape", ["W", b.ints([n_r, n, n_t * o])])
+        wt = b.op("Reshape", [_scaled(b, "W", scale), b.ints([n_r, n, n_t * o])])
         p = b.op("MatMul", [xt, wt])  # [n_r, B', T*O]
         if noisy:
             nt = b.op("Reshape", ["NZ", b.ints([n_r, n, n_t * o])])
             var = b.op("MatMul", [b.op("Mul", [xt, xt]), nt])
             p = b.op("Add", [p, _noise(b, var, p, seed)])
-        reciprocal = not noisy and not st["bit_slicing"]
-        y = _adc(b, p, st, 0, reciprocal)  # [B', T*O]
+        # [B', T*O]
+        y = _adc_folded(b, p, st, 0, n_t * o) if folded else _adc(b, p, st, 0, n_t * o)
         if st["bit_slicing"]:
             y = b.op("Reshape", [y, b.ints([st["n_streams"], -1, n_t, o])])
             coeff = _shift_coeff(st).reshape(st["n_streams"], 1, n_t, 1)
@@ -412,7 +466,11 @@ def _conv_body(
     attrs = _conv_attrs(st)
     tiled = bool(st["adc_bits"]) or (st["bit_slicing"] and noisy)
     cin_g = layer.in_channels // g
-    xin = _converted_input(b, st, tiled)
+    folded = bool(st["adc_bits"]) and not noisy
+    if folded:
+        xin, scale = _folded_input(b, st)
+    else:
+        xin, scale = _converted_input(b, st, tiled), np.float32(1.0)
     if not tiled:
 
         def dense(w: str) -> str:  # [G, K, O] -> [G*O, Cin/G, kh, kw]
@@ -446,14 +504,15 @@ def _conv_body(
         (chan_index == np.arange(layer.in_channels)).all()
     )
     xg = xin if identity else b.op("Gather", [xin, b.ints(chan_index.tolist())], axis=1)
-    p4 = b.op("Conv", [xg, split("W")], group=g * n_r, **attrs)  # [B', G*n_r*M, Ho, Wo]
+    kernels = _scaled(b, split("W"), scale)
+    p4 = b.op("Conv", [xg, kernels], group=g * n_r, **attrs)  # [B', G*n_r*M, Ho, Wo]
     spatial = b.op("Slice", [b.op("Shape", [p4]), b.ints([2]), b.ints([4]), b.ints([0])])
     p = b.op("Reshape", [p4, b.ints([0, g, n_r, m_cols, -1])])
     if noisy:
         var4 = b.op("Conv", [b.op("Mul", [xg, xg]), split("NZ")], group=g * n_r, **attrs)
         var = b.op("Reshape", [var4, b.ints([0, g, n_r, m_cols, -1])])
         p = b.op("Add", [p, _noise(b, var, p, seed)])
-    y = _adc(b, p, st, 2, False)  # [B', G, M, HW]
+    y = _adc_folded(b, p, st, 2, m_cols) if folded else _adc(b, p, st, 2, m_cols)  # [B', G, M, HW]
     if st["bit_slicing"]:
         n_s = st["n_streams"]
         y = b.op("Reshape", [y, b.ints([0, g, n_t, o, -1])])  # [S*B, G, T, O, HW]

@@ -801,7 +801,7 @@ class CrossbarConv2d(CrossbarLayer):
         self.padding = padding if isinstance(padding, str) else tuple(padding)
         self.dilation = tuple(dilation)
         self._groups_init = groups
-        self._adc_t_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._adc_t_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         super().__init__(config, weight, bias, seed=seed, groups=groups, act_bits=act_bits)
 
     @classmethod
@@ -924,7 +924,14 @@ class CrossbarConv2d(CrossbarLayer):
         b = u.shape[0]
         step, qmax = self._adc_params()
         w_all, l1_all = self._adc_tiles(unit)
-        wt = self._adc_tiles_t(w_all)  # [G, n_r, M, N]
+        if n_r == 1 and not self.config.bit_slicing:
+            # One tile row: each partial sum is a whole output, so the digital conv kernel
+            # computes the partial sums directly (no gather needed).
+            p = self._conv(u, self._adc_layout(w_all)[1], n_g).round_()
+            if bool((l1_all * _abs_max(u) * (1 + 1e-5) > qmax + 0.25).any()):
+                p.clamp_(-qmax, qmax)
+            return p.mul_(step)
+        wt = self._adc_layout(w_all)[0]  # [G, n_r, M, N]
         m = wt.shape[2]
         xt, h_out, w_out = self._im2col_tiles(u)  # [G, n_r, N, B*L]
         big_l = h_out * w_out
@@ -995,13 +1002,21 @@ class CrossbarConv2d(CrossbarLayer):
             cols[:, k:].zero_()
         return cols.view(n_g, n_r, n, b * h_out * w_out), h_out, w_out
 
-    def _adc_tiles_t(self, w_all: torch.Tensor) -> torch.Tensor:
-        """``[G, n_r, N, M]`` scaled tiles as contiguous ``[G, n_r, M, N]`` (cached with them)."""
+    def _adc_layout(self, w_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled tiles ``[G, n_r, N, M]`` laid out for the conv fast path (cached with them).
+
+        Returns:
+            GEMM operands ``[G, n_r, M, N]`` (contiguous) and, for a single tile row, the same
+            weights as a conv kernel in the layer's weight shape (else an empty tensor).
+        """
         cache = self._adc_t_cache
         if cache is None or cache[0] is not w_all:
-            cache = (w_all, w_all.transpose(-1, -2).contiguous())
+            dense = torch.empty(0)
+            if self.n_row_tiles == 1 and not self.config.bit_slicing:
+                dense = self._dense_from_matrix(w_all[:, 0, : self.rows_per_group]).contiguous()
+            cache = (w_all, w_all.transpose(-1, -2).contiguous(), dense)
             self._adc_t_cache = cache
-        return cache[1]
+        return cache[1], cache[2]
 
     def _chip_nobias(self, x: torch.Tensor) -> torch.Tensor:
         y = super()._chip_nobias(x)
