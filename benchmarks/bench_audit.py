@@ -3,11 +3,12 @@
 Two set-ups, each trained once with the audit on every epoch so that every epoch's training time
 and every audit's time are measured in the same run:
 
-* quickstart: digits, ColumnFC, the quickstart audit (4 crossbar presets, 5 attacks, shadow model);
+* quickstart: digits, ColumnFC, the audit of lightning_configs/quickstart.yaml;
 * Texas-sized: synthetic binary data of Texas100's width (6,169 features, 100 classes), Nasr FC,
-  batch 128, the shipped texas.yaml audit (4 presets, 5 attacks, 1,000 samples per set).
+  batch 128, the audit of lightning_configs/texas.yaml.
 
-The fraction is audit seconds / (every_n_epochs x epoch seconds) with the shipped every_n_epochs.
+The audit settings (presets, attacks, sample cap, every_n_epochs) are read from those shipped
+configs. The fraction is audit seconds / (every_n_epochs x epoch seconds).
 
     python benchmarks/bench_audit.py [--texas-samples 20000] [--epochs 3]
 """
@@ -17,11 +18,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import yaml
 
 from nvmpriv.callbacks import CrossbarAudit
 from nvmpriv.data import Digits, MembershipDataModule
@@ -29,8 +32,7 @@ from nvmpriv.datasets import RawDataset, content_hash
 from nvmpriv.methods import StandardTraining
 from nvmpriv.nets import ColumnFC, NasrFC
 
-PRESETS = ["ideal", "32x32_100k", "64x64_100k", "128x128_100k"]
-ATTACKS = ["confidence", "loss", "entropy", "modified_entropy", "gap"]
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 
 
 class SyntheticTexas(MembershipDataModule):
@@ -108,6 +110,16 @@ def run(
     )
 
 
+def shipped_audit(config: str) -> tuple[dict[str, Any], int]:
+    """The CrossbarAudit settings of a shipped config (keyword arguments, every_n_epochs)."""
+    spec = yaml.safe_load((CONFIGS / config).read_text())
+    for cb in spec["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("CrossbarAudit"):
+            kwargs = dict(cb.get("init_args", {}))
+            return kwargs, int(kwargs.pop("every_n_epochs", 1))
+    raise SystemExit(f"{config} has no CrossbarAudit")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--texas-samples", type=int, default=20000)
@@ -116,20 +128,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pl.seed_everything(0)
+    quick, quick_every = shipped_audit("quickstart.yaml")
     run(
         "quickstart",
         StandardTraining(ColumnFC(64, 10), num_classes=10),
         Digits(batch_size=32),
-        {"crossbars": PRESETS, "attacks": ATTACKS, "shadow_epochs": 40},
-        every=10,
+        quick,
+        every=quick_every,
         epochs=max(args.epochs, 3),
     )
+    texas, texas_every = shipped_audit("texas.yaml")
     run(
         "texas-sized",
         StandardTraining(NasrFC(6169, 100), num_classes=100),
         SyntheticTexas(n=args.texas_samples, batch_size=128),
-        {"crossbars": PRESETS, "attacks": ATTACKS, "max_samples": 1000},
-        every=5,
+        texas,
+        every=texas_every,
         epochs=args.epochs,
     )
 

@@ -57,8 +57,8 @@ case "$job" in
     ;;
   lint)
     setup
-    "$VENV/bin/ruff" check nvmpriv tests benchmarks
-    "$VENV/bin/ruff" format --check nvmpriv tests benchmarks
+    "$VENV/bin/ruff" check nvmpriv tests benchmarks scripts
+    "$VENV/bin/ruff" format --check nvmpriv tests benchmarks scripts
     "$VENV/bin/mypy"
     "$VENV/bin/lint-imports"
     ;;

@@ -258,3 +258,19 @@ def test_bit_sliced_zero_streams_are_skipped_exactly():
         fast = layer(x)
     slow = layer(x.clone().requires_grad_()).detach()  # every stream, unfused reference path
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("preset", ["64x64_100k", "64x64_100k_bitsliced"])
+def test_fast_paths_follow_a_reloaded_chip(preset):
+    # the fused paths cache rescaled weights: loading another chip's state must invalidate them
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 6 * 6, 7))
+    x = torch.rand(4, 3, 8, 8)
+    cfg = PRESETS[preset].replace(tile_size=16, r_wire=0.0, r_source=0.0, r_sink=0.0)
+    a = convert(net, cfg, seed=0, calibration=x).eval()
+    other = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 6 * 6, 7))
+    b = convert(other, cfg, seed=1, calibration=x).eval()
+    with torch.no_grad():
+        a(x)  # fill the caches
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)

@@ -865,6 +865,7 @@ class CrossbarConv2d(CrossbarLayer):
         return self._conv(x, w, self.groups, bias)
 
     def _build_tiled(self) -> None:
+        self._adc_t_cache = None
         if not self.tiled_path:
             for name in ("chan_index", "w_split", "noise_split"):
                 self.register_buffer(name, torch.empty(0), False)

@@ -1,0 +1,149 @@
+"""PPB (Yuan & Zhang) vs plain fine-tuning of a pruned net on sklearn digits, several seeds.
+
+Measures, for the pruned ColumnFC fine-tuned with ``CE + lam * PPB`` (lam = 0 is plain
+fine-tuning), the sorted-posterior divergence between members and non-members, the best-threshold
+loss-attack accuracy and the test accuracy, under two protocols:
+
+* ``fixed``: a fixed number of fine-tuning epochs, last weights (as tests/test_methods_evidence.py);
+* ``paper``: Yuan & Zhang's protocol (mia_prune): Adam 1e-3 with weight decay 5e-4, early stopping
+  on validation accuracy (patience 5), the best-validation weights are the released model.
+
+    .venv/bin/python scripts/ppb_digits_study.py [--seeds 0 1 2] [--lams 0 4 16]
+
+Prints one line per run and a mean per (protocol, lam, sparsity). Single-threaded; about 4 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import tempfile
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+from nvmpriv.data import Digits
+from nvmpriv.methods import PPBFineTuning, StandardTraining
+from nvmpriv.methods._common import collect_logits, loss_threshold_attack_accuracy
+from nvmpriv.nets import ColumnFC
+
+
+class KeepBest(pl.Callback):
+    """Keeps the net weights of the best validation accuracy (mia_prune's best.pth)."""
+
+    def __init__(self) -> None:
+        self.best = -1.0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the weights if this epoch's validation accuracy is the best so far."""
+        acc = float(trainer.callback_metrics.get("val/acc", -1.0))
+        if acc > self.best:
+            self.best = acc
+            self.state = copy.deepcopy(pl_module.net.state_dict())  # type: ignore[union-attr]
+
+
+def make_trainer(root: Path, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A quiet CPU trainer without logger or checkpoints."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+
+
+def measure(net: torch.nn.Module, dm: Digits) -> tuple[float, float, float]:
+    """Sorted-posterior divergence (nats), best-threshold loss-attack accuracy, test accuracy."""
+    li, yi = collect_logits(net, dm.dataloader("target_train"))
+    lo, yo = collect_logits(net, dm.dataloader("target_test"))
+    p = li.softmax(1).sort(1, descending=True).values.mean(0)
+    q = lo.softmax(1).sort(1, descending=True).values.mean(0)
+    divergence = float((p * (p / q).log()).sum())
+    test_acc = float((lo.argmax(1) == yo).float().mean())
+    return divergence, loss_threshold_attack_accuracy(li, yi, lo, yo), test_acc
+
+
+def main() -> None:
+    """Run the study and print the table."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.0, 4.0, 16.0])
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for seed in args.seeds:
+            pl.seed_everything(seed, verbose=False)
+            # few members (about 180): the baseline overfits
+            dm = Digits(batch_size=32, seed=0, train_fraction=0.2, val_fraction=0.3)
+            source = StandardTraining(ColumnFC(64, 10, dropout=0.0), 10)
+            t = make_trainer(root / f"src{seed}", 60, [])
+            t.fit(source, datamodule=dm)
+            ckpt = root / f"src{seed}.ckpt"
+            t.save_checkpoint(ckpt)
+            for protocol in ("fixed", "paper"):
+                for lam in args.lams:
+                    pl.seed_everything(seed, verbose=False)
+                    kwargs: dict[str, Any] = {}
+                    callbacks: list[pl.Callback] = []
+                    keep = KeepBest()
+                    if protocol == "paper":
+                        kwargs["optimizer"] = lambda p: torch.optim.Adam(
+                            p, lr=1e-3, weight_decay=5e-4
+                        )
+                        callbacks = [
+                            EarlyStopping(monitor="val/acc", mode="max", patience=5),
+                            keep,
+                        ]
+                    model = PPBFineTuning(
+                        ColumnFC(64, 10, dropout=0.0),
+                        10,
+                        source_checkpoint=str(ckpt),
+                        sparsity=args.sparsity,
+                        lam=lam,
+                        **kwargs,
+                    )
+                    trainer = make_trainer(root / f"ft{seed}{protocol}{lam}", 30, callbacks)
+                    trainer.fit(model, datamodule=dm)
+                    if keep.state is not None:
+                        model.net.load_state_dict(keep.state)
+                    div, mia, acc = measure(model.net, dm)
+                    rows.append(
+                        dict(seed=seed, protocol=protocol, lam=lam, div=div, mia=mia, acc=acc)
+                    )
+                    print(
+                        f"seed {seed} {protocol:5s} lam {lam:5.1f}: divergence {div:.4f} "
+                        f"loss-attack acc {mia:.3f} test acc {acc:.3f}",
+                        flush=True,
+                    )
+    groups: dict[tuple[str, float], list[tuple[float, float, float]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["protocol"], r["lam"])].append((r["div"], r["mia"], r["acc"]))
+    print(f"\nmean over seeds {args.seeds}, sparsity {args.sparsity}:")
+    for (protocol, lam), vals in sorted(groups.items()):
+        d, m, a = np.mean(np.array(vals), axis=0)
+        print(
+            f"{protocol:5s} lam {lam:5.1f}: divergence {d:.4f} loss-attack acc {m:.3f} acc {a:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
