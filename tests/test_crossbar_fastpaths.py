@@ -274,3 +274,59 @@ def test_fast_paths_follow_a_reloaded_chip(preset):
         a(x)  # fill the caches
         a.load_state_dict(b.state_dict())
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def _input_grad(fn, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    xx = x.clone().requires_grad_()
+    y = fn(xx)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    (y * g).sum().backward()
+    assert xx.grad is not None
+    return y.detach(), xx.grad
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("range_factor", [1.5, 0.2])
+def test_ste_gradient_of_fused_path_equals_unfused_reference(kind, range_factor):
+    # 1.5: no partial sum clips, the fused value + dense STE gradient is used;
+    # 0.2: partial sums clip, the layer falls back to the unfused differentiable chip
+    torch.manual_seed(4)
+    if kind == "linear":
+        net: nn.Module = nn.Linear(150, 12)
+        x = torch.rand(6, 150)
+    else:
+        net = nn.Conv2d(9, 6, 3, padding=1)
+        x = torch.rand(3, 9, 7, 7)
+    cfg = PRESETS["64x64_100k"].replace(tile_size=32)
+    (layer,) = crossbar_layers(convert(nn.Sequential(net), cfg, seed=0, calibration=x)).values()
+    layer.adc_range.mul_(range_factor)
+    layer.weight.requires_grad_(False)
+    with torch.no_grad():
+        plain = layer(x)
+        codes, unit = layer._dac_codes(x)
+        assert bool(layer._fast_tiled(codes, unit, detect=True)[1]) == (range_factor < 1)
+    y_fast, g_fast = _input_grad(layer, x)
+    y_ref, g_ref = _input_grad(lambda t: layer._add_bias(layer._chip_reference(t)), x)
+    torch.testing.assert_close(y_fast, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_ref, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-7)
+    assert g_fast.abs().sum() > 0
+
+
+def test_bit_sliced_chip_passes_a_straight_through_input_gradient():
+    torch.manual_seed(5)
+    lin = nn.Linear(100, 8)
+    layer = CrossbarLinear.from_module(lin, PRESETS["64x64_100k_bitsliced"], seed=0).eval()
+    layer.weight.requires_grad_(False)
+    cfg = layer.config
+    x = torch.rand(4, 100) * 2 - 1
+    x[0, :3] = torch.tensor([9.0, -9.0, 20.0])  # outside the fixed-point range: no gradient
+    with torch.no_grad():
+        plain = layer(x)
+    y, g = _input_grad(layer, x, seed=1)
+    torch.testing.assert_close(y, plain, rtol=1e-6, atol=1e-6)
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    lim = (2 ** (cfg.input_bits - 1) - 1) * 2.0**-cfg.input_frac_bits
+    expected = (up @ layer.w_dense) * (x.abs() < lim)  # w_dense: effective [out, in] weight
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7)
+    assert bool((g[0, :3] == 0).all()) and g.abs().sum() > 0

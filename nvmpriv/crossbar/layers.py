@@ -76,6 +76,16 @@ def _abs_max(t: torch.Tensor) -> float:
     return max(-float(lo), float(hi))
 
 
+def _reaches(p: torch.Tensor, qmax: int) -> bool:
+    """Whether any partial sum (in ADC steps, before rounding) is at or past the clip level.
+
+    The unfused quantizer passes no gradient there; a relative margin of 1e-6 covers the float
+    difference between folded and unfolded scales.
+    """
+    lo, hi = torch.aminmax(p) if p.numel() else (torch.zeros(()), torch.zeros(()))
+    return max(-float(lo), float(hi)) >= qmax * (1 - 1e-6)
+
+
 def release_workspaces() -> None:
     """Free the scratch buffers the fast forward paths keep in this thread."""
     _WORKSPACES.pool = {}
@@ -179,7 +189,10 @@ class CrossbarLayer(nn.Module):
     Gradients: ``config.gradient == "ste"`` differentiates the simulated chip (effective weights;
     quantizers pass gradients inside their range) and sends the output gradient to ``weight``
     as if the effective weights were the weights; ``"digital"`` returns the chip output with the
-    digital layer's gradient.
+    digital layer's gradient. Without read noise the ``"ste"`` input gradient is computed as
+    the effective dense product's gradient minus, for the tiles whose partial sums reached the
+    ADC clip level, what their clipped quantizer blocks; bit-sliced layers pass the gradient of
+    their fixed-point input (digit extraction is piecewise constant, and their ADC never clips).
     """
 
     weight: nn.Parameter
@@ -421,13 +434,54 @@ class CrossbarLayer(nn.Module):
     def _chip_nobias(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         # the fused paths use scratch buffers and host-side decisions, which a tracer cannot record
-        fast = not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing()
-        noisy = cfg.has_read_noise
+        tracing = torch.jit.is_tracing()
+        grad = torch.is_grad_enabled() and x.requires_grad
         if cfg.bit_slicing:
-            return self._chip_sliced(x, fast)
-        if self.tiled_path and fast and not noisy and not self._calibrating:
-            codes, unit = self._dac_codes(x)
-            return self._fast_tiled(codes, unit)
+            if grad and not tracing:
+                return self._sliced_ste(x)
+            return self._chip_sliced(x, not grad and not tracing)
+        if self.tiled_path and not cfg.has_read_noise and not self._calibrating and not tracing:
+            with torch.no_grad():
+                codes, unit = self._dac_codes(x.detach())
+                y, reach = self._fast_tiled(codes, unit, detect=grad)
+            if not grad:
+                return y
+            if reach is not None:
+                # Straight-through gradient of the chip: the effective dense product's, minus,
+                # for the few tiles whose partial sums reached the ADC clip level, what their
+                # clipped quantizer does not pass (recomputed for those tiles only). The value
+                # is the fused chip output.
+                xq = self._dac(x)
+                z = self._dense_mvm(xq, self.w_dense)
+                if reach:
+                    z = z + self._clip_correction(xq, reach)
+                return z + (y - z).detach()
+        return self._chip_reference(x)
+
+    def _sliced_ste(self, x: torch.Tensor) -> torch.Tensor:
+        """Bit-sliced chip output with the straight-through gradient of its fixed-point input.
+
+        Digit extraction (floor / remainder) has no gradient, and the bit-sliced ADC step is
+        chosen so that no partial sum can clip; the gradient is therefore that of the
+        fixed-point input times the effective dense weight, 0 outside the input range.
+        """
+        cfg = self.config
+        with torch.no_grad():
+            y = self._chip_sliced(x.detach(), True)
+        qmax = 2 ** (cfg.input_bits - 1) - 1
+        xs = XF.quantize_ste(x, 2.0**-cfg.input_frac_bits, qmax)
+        y_lin = self._dense_mvm(xs, self.w_dense)
+        return y_lin + (y - y_lin).detach()
+
+    def _chip_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused, differentiable chip (non-bit-sliced): per-tile partial sums, noise, ADC.
+
+        Used for read noise, calibration, tracing and gradients when a partial sum clips; the
+        fused paths are checked against it.
+        """
+        cfg = self.config
+        fast = not (torch.is_grad_enabled() and x.requires_grad)
+        noisy = cfg.has_read_noise
         xq = self._dac(x)
         if not self.tiled_path:
             y = self._dense_mvm(xq, self.w_dense)
@@ -478,10 +532,26 @@ class CrossbarLayer(nn.Module):
             self._adc_cache = cache
         return cache[1], cache[2]
 
-    def _fast_tiled(self, u: torch.Tensor, unit: float) -> torch.Tensor:
-        """No-grad, noise-free per-tile ADC forward of input ``u`` given in ``unit``s."""
+    def _fast_tiled(
+        self, u: torch.Tensor, unit: float, detect: bool = False
+    ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """No-grad, noise-free per-tile ADC forward of input ``u`` given in ``unit``s.
+
+        Returns:
+            The output without bias, and with ``detect`` the ``(group, tile row)`` pairs whose
+            partial sums reached the ADC clip level (``None``: not tracked, use the reference
+            path for gradients); ``[]`` without ``detect``.
+        """
         p = self._tile_partial_sums(u * unit if unit != 1.0 else u, self.w_tiles)
-        return self._adc_reduce(p, True)
+        return self._adc_reduce(p, True), None if detect else []
+
+    def _clip_correction(self, xq: torch.Tensor, reach: list[tuple[int, int]]) -> torch.Tensor:
+        """``sum over reach of (ADC(P) - P)`` for the given tiles, differentiable in ``xq``.
+
+        Its gradient removes, for those tiles, the part of the output gradient that the
+        reference path's clipped quantizer does not pass.
+        """
+        raise NotImplementedError
 
     def _chip_sliced(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
         cfg = self.config
@@ -501,7 +571,7 @@ class CrossbarLayer(nn.Module):
         if fast and not cfg.has_read_noise and cfg.adc_bits is not None:
             # chunked, ADC fused in place; the codes are integers, so their float sums are
             # exact and the chunking does not change the result
-            y = self._fast_tiled(d, 1.0)
+            y = self._fast_tiled(d, 1.0)[0]
         else:
             p = self._tile_partial_sums(d, self.w_tiles)
             if cfg.has_read_noise:
@@ -701,7 +771,9 @@ class CrossbarLinear(CrossbarLayer):
         p = torch.bmm(xt, w[0])  # [n_r, B, T*O]
         return p.view(n_r, *lead, p.shape[-1])
 
-    def _fast_tiled(self, u: torch.Tensor, unit: float) -> torch.Tensor:
+    def _fast_tiled(
+        self, u: torch.Tensor, unit: float, detect: bool = False
+    ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         # Chunked over tile rows so that the partial sums stay in cache; the DAC and ADC scales
         # are folded into the weights, so each chunk needs only round (+ clamp) and a sum.
         n, n_r = self.config.tile_size, self.n_row_tiles
@@ -717,13 +789,18 @@ class CrossbarLinear(CrossbarLayer):
         b, m = xt.shape[1], w.shape[-1]
         # The clamp is an exact no-op for a tile row whose partial sums cannot reach the clip
         # level (bound: largest column L1 norm of the row x largest |input|).
-        clip = (l1_all[0] * _abs_max(u2) * (1 + 1e-5) > qmax + 0.25).tolist()
+        bound = l1_all[0] * _abs_max(u2) * (1 + 1e-5)
+        clip = (bound > qmax + 0.25).tolist()
+        check = (bound >= qmax * (1 - 1e-6)).tolist() if detect else [False] * n_r
+        reach: list[tuple[int, int]] = []
         chunk = max(1, min(n_r, _CHUNK_ELEMENTS // max(1, b * m)))
         buf = _workspace("psum", (chunk, b, m), u)
         y: torch.Tensor | None = None
         for r0 in range(0, n_r, chunk):
             r1 = min(n_r, r0 + chunk)
-            p = torch.bmm(xt[r0:r1], w[r0:r1], out=buf[: r1 - r0]).round_()
+            p = torch.bmm(xt[r0:r1], w[r0:r1], out=buf[: r1 - r0])
+            reach += [(0, r0 + i) for i in range(r1 - r0) if check[r0 + i] and _reaches(p[i], qmax)]
+            p.round_()
             rows = clip[r0:r1]
             if all(rows):
                 p.clamp_(-qmax, qmax)
@@ -737,7 +814,19 @@ class CrossbarLinear(CrossbarLayer):
                 y.add_(p[0] if r1 - r0 == 1 else p.sum(0))
         assert y is not None
         y = y.mul_(step) if not (isinstance(step, float) and step == 1.0) else y
-        return y.view(*lead, m)
+        return y.view(*lead, m), reach
+
+    def _clip_correction(self, xq: torch.Tensor, reach: list[tuple[int, int]]) -> torch.Tensor:
+        n, k = self.config.tile_size, self.in_features
+        step, qmax = self._adc_params()
+        x2 = xq.reshape(-1, k)
+        out = torch.zeros(x2.shape[0], self.out_features, dtype=xq.dtype, device=xq.device)
+        for _, r in reach:
+            rows = min(n, k - r * n)
+            # the reference path's partial sum of tile row r, by the same kind of GEMM
+            p = torch.bmm(x2[None, :, r * n : r * n + rows], self.w_tiles[0, r : r + 1, :rows])[0]
+            out = out + (XF.quantize_ste(p, step, qmax) - p)
+        return out.view(*xq.shape[:-1], self.out_features)
 
     def _shift_add(self, y: torch.Tensor, coeff: torch.Tensor, batch: int) -> torch.Tensor:
         n_s, n_t = coeff.shape
@@ -913,11 +1002,13 @@ class CrossbarConv2d(CrossbarLayer):
         y = self._conv(xg, split, n_g * n_r)  # [B, G*n_r*M, H, W]
         return y.view(y.shape[0], n_g, n_r, -1, *y.shape[2:])
 
-    def _fast_tiled(self, u: torch.Tensor, unit: float) -> torch.Tensor:
+    def _fast_tiled(
+        self, u: torch.Tensor, unit: float, detect: bool = False
+    ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         if isinstance(self.padding, str) or u.dim() != 4:
             p = self._tile_partial_sums(u * unit if unit != 1.0 else u, self.w_tiles)
             y = self._adc_reduce(p, True)  # [B, G, M, H, W]
-            return y.reshape(y.shape[0], -1, *y.shape[3:])
+            return y.reshape(y.shape[0], -1, *y.shape[3:]), None if detect else []
         # im2col: the (c, kh, kw) rows of the unfolded input are exactly the crossbar rows, so
         # each tile row is one GEMM [M, N] x [N, B*L]; chunked over tile rows with the DAC and
         # ADC scales folded into the weights (only round, clamp and a sum per chunk).
@@ -928,19 +1019,28 @@ class CrossbarConv2d(CrossbarLayer):
         if n_r == 1 and not self.config.bit_slicing:
             # One tile row: each partial sum is a whole output, so the digital conv kernel
             # computes the partial sums directly (no gather needed).
-            p = self._conv(u, self._adc_layout(w_all)[1], n_g).round_()
+            p = self._conv(u, self._adc_layout(w_all)[1], n_g)
+            m1 = p.shape[1] // n_g
+            reach = [
+                (g, 0) for g in range(n_g) if detect and _reaches(p[:, g * m1 : (g + 1) * m1], qmax)
+            ]
+            p.round_()
             if bool((l1_all * _abs_max(u) * (1 + 1e-5) > qmax + 0.25).any()):
                 p.clamp_(-qmax, qmax)
-            return p.mul_(step)
+            return p.mul_(step), reach
         wt = self._adc_layout(w_all)[0]  # [G, n_r, M, N]
         m = wt.shape[2]
         xt, h_out, w_out = self._im2col_tiles(u)  # [G, n_r, N, B*L]
         big_l = h_out * w_out
-        x_max = _abs_max(u)
-        clip = (l1_all * x_max * (1 + 1e-5) > qmax + 0.25).tolist()
+        bound = l1_all * _abs_max(u) * (1 + 1e-5)
+        clip = (bound > qmax + 0.25).tolist()
+        check = (bound >= qmax * (1 - 1e-6)).tolist() if detect else [[False] * n_r] * n_g
+        reach = []
         y = _workspace("acc", (n_g, m, b * big_l), u)
         if n_r == 1:  # one tile row per output: a single batched GEMM over the groups
-            p = torch.bmm(wt[:, 0], xt[:, 0], out=y).round_()
+            p = torch.bmm(wt[:, 0], xt[:, 0], out=y)
+            reach = [(g, 0) for g in range(n_g) if check[g][0] and _reaches(p[g], qmax)]
+            p.round_()
             if any(row[0] for row in clip):
                 p.clamp_(-qmax, qmax)
         else:
@@ -949,7 +1049,13 @@ class CrossbarConv2d(CrossbarLayer):
             for g in range(n_g):
                 for r0 in range(0, n_r, chunk):
                     r1 = min(n_r, r0 + chunk)
-                    p = torch.bmm(wt[g, r0:r1], xt[g, r0:r1], out=buf[: r1 - r0]).round_()
+                    p = torch.bmm(wt[g, r0:r1], xt[g, r0:r1], out=buf[: r1 - r0])
+                    reach += [
+                        (g, r0 + i)
+                        for i in range(r1 - r0)
+                        if check[g][r0 + i] and _reaches(p[i], qmax)
+                    ]
+                    p.round_()
                     rows = clip[g][r0:r1]
                     if all(rows):
                         p.clamp_(-qmax, qmax)
@@ -967,7 +1073,32 @@ class CrossbarConv2d(CrossbarLayer):
         # [G, M, B, L] -> [B, G*M, H', W'] (a fresh tensor: y is scratch space)
         out = torch.empty(b, n_g * m, h_out, w_out, dtype=u.dtype, device=u.device)
         out.view(b, n_g * m, big_l).copy_(y.view(n_g * m, b, big_l).transpose(0, 1))
-        return out
+        return out, reach
+
+    def _clip_correction(self, xq: torch.Tensor, reach: list[tuple[int, int]]) -> torch.Tensor:
+        step, qmax = self._adc_params()
+        n_g, n_r = self.groups, self.n_row_tiles
+        m = self.out_channels // n_g
+        chans = self.chan_index.view(n_g, n_r, -1)
+        kernels = self.w_split.view(n_g, n_r, m, *self.w_split.shape[1:])
+        parts: dict[int, torch.Tensor] = {}
+        for g, r in reach:
+            # the reference path's partial sum of tile row r of group g (its grouped conv,
+            # restricted to that one group of channels and kernel rows)
+            p = self._conv(xq.index_select(1, chans[g, r]), kernels[g, r], 1)
+            c = XF.quantize_ste(p, step, qmax) - p
+            parts[g] = c if g not in parts else parts[g] + c
+        zero: torch.Tensor | None = None
+        blocks = []
+        for g in range(n_g):
+            if g in parts:
+                blocks.append(parts[g])
+            else:
+                if zero is None:
+                    ref = next(iter(parts.values()))
+                    zero = torch.zeros_like(ref)
+                blocks.append(zero)
+        return torch.cat(blocks, 1)
 
     def _im2col_tiles(self, u: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Unfolded input as crossbar rows per tile: ``[G, n_r, N, B*H'*W']`` (one gather copy).
@@ -1019,8 +1150,8 @@ class CrossbarConv2d(CrossbarLayer):
             self._adc_t_cache = cache
         return cache[1], cache[2]
 
-    def _chip_nobias(self, x: torch.Tensor) -> torch.Tensor:
-        y = super()._chip_nobias(x)
+    def _chip_reference(self, x: torch.Tensor) -> torch.Tensor:
+        y = super()._chip_reference(x)
         if y.dim() == 5:  # [B, G, M, H, W] from the tiled path
             y = y.reshape(y.shape[0], -1, *y.shape[3:])
         return y
