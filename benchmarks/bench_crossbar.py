@@ -3,7 +3,8 @@
 Run: .venv/bin/python benchmarks/bench_crossbar.py [--threads 2] [--skip-resnet]
 
 Prints one table: for each case the digital and crossbar forward times (median of repeats,
-same thread count, same inputs, torch.no_grad), their ratio, the one-off programming time
+same thread count, same inputs, torch.no_grad), their ratio, forward + backward to the input
+(what a PGD attack needs; parameters frozen), the one-off programming time
 (effective matrices etc.; wall and CPU seconds, and wall time in units of one digital
 forward), and the peak of live tensor memory allocated by one forward
 (torch profiler memory events, chronological running sum).
@@ -83,6 +84,21 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
         m_dig = peak_mb(lambda: model(x))
         release_workspaces()  # count the fast path's scratch buffers in its peak memory
         m_xb = peak_mb(lambda: chip(x))
+    # Input gradient through each model (what a PGD attack needs; "ste" through the chip),
+    # parameters frozen on both sides so that only the input gradient is computed.
+    flags = [q.requires_grad for q in model.parameters()]
+    for net in (model, chip):
+        for q in net.parameters():
+            q.requires_grad_(False)
+
+    def fwd_bwd(net: nn.Module) -> None:
+        xx = x.clone().requires_grad_()
+        net(xx).logsumexp(1).sum().backward()
+
+    g_dig = timeit(lambda: fwd_bwd(model), max(2, repeats // 2))
+    g_xb = timeit(lambda: fwd_bwd(chip), max(2, repeats // 2))
+    for q, flag in zip(model.parameters(), flags, strict=True):
+        q.requires_grad_(flag)
     return {
         "case": name,
         "config": cfg_name,
@@ -94,6 +110,8 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
         "program_per_fwd": t_prog / t_dig,
         "mem_digital_mb": m_dig,
         "mem_crossbar_mb": m_xb,
+        "grad_digital_ms": 1e3 * g_dig,
+        "grad_crossbar_ms": 1e3 * g_xb,
     }
 
 
@@ -162,7 +180,7 @@ def main() -> None:
     hdr = (
         f"{'case':<16} {'config':<22} {'digital ms':>10} {'xbar ms':>9} {'ratio':>6} "
         f"{'program s':>9} {'prog cpu s':>10} {'prog/dig fwd':>12} {'mem dig MB':>10} "
-        f"{'mem xbar MB':>11}"
+        f"{'mem xbar MB':>11} {'grad dig ms':>11} {'grad xbar ms':>12} {'grad ratio':>10}"
     )
     print(hdr)
     for r in rows:
@@ -170,7 +188,8 @@ def main() -> None:
             f"{r['case']:<16} {r['config']:<22} {r['digital_ms']:>10.1f} {r['crossbar_ms']:>9.1f} "
             f"{r['ratio']:>6.2f} {r['program_s']:>9.1f} {r['program_cpu_s']:>10.1f} "
             f"{r['program_per_fwd']:>12.0f} {r['mem_digital_mb']:>10.1f} "
-            f"{r['mem_crossbar_mb']:>11.1f}"
+            f"{r['mem_crossbar_mb']:>11.1f} {r['grad_digital_ms']:>11.1f} "
+            f"{r['grad_crossbar_ms']:>12.1f} {r['grad_crossbar_ms'] / r['grad_digital_ms']:>10.2f}"
         )
     nv = nodal_vs_fast(args.repeats)
     print(
