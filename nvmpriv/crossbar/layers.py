@@ -86,6 +86,39 @@ def _reaches(p: torch.Tensor, qmax: int) -> bool:
     return max(-float(lo), float(hi)) >= qmax * (1 - 1e-6)
 
 
+def _row_flags(
+    l1: torch.Tensor, x_max: float, qmax: int, detect: bool
+) -> tuple[list[Any], list[Any]]:
+    """Per tile row (any leading shape of ``l1``): may the ADC clamp act, may gradients clip.
+
+    Bound of a row's partial sums (ADC steps): its largest column L1 norm times the largest
+    input magnitude. The clamp is an exact no-op below ``qmax + 1/4``; with ``detect`` the rows
+    whose bound reaches the clip level are marked for the exact check of :func:`_quantize_rows`.
+    """
+    bound = l1 * x_max * (1 + 1e-5)
+    check = bound >= qmax * (1 - 1e-6) if detect else torch.zeros_like(bound, dtype=torch.bool)
+    return (bound > qmax + 0.25).tolist(), check.tolist()
+
+
+def _quantize_rows(p: torch.Tensor, qmax: int, clip: list[bool], check: list[bool]) -> list[int]:
+    """ADC codes of partial sums ``p`` (``[rows, ...]``, ADC steps), in place.
+
+    Rounds, then clamps the rows whose flag in ``clip`` is set.
+
+    Returns:
+        The checked rows whose partial sums reached the clip level before rounding.
+    """
+    reach = [i for i, flag in enumerate(check) if flag and _reaches(p[i], qmax)]
+    p.round_()
+    if all(clip):
+        p.clamp_(-qmax, qmax)
+    elif any(clip):
+        for i, flag in enumerate(clip):
+            if flag:
+                p[i].clamp_(-qmax, qmax)
+    return reach
+
+
 def release_workspaces() -> None:
     """Free the scratch buffers the fast forward paths keep in this thread."""
     _WORKSPACES.pool = {}
@@ -787,11 +820,7 @@ class CrossbarLinear(CrossbarLayer):
         w_all, l1_all = self._adc_tiles(unit)
         w = w_all[0]
         b, m = xt.shape[1], w.shape[-1]
-        # The clamp is an exact no-op for a tile row whose partial sums cannot reach the clip
-        # level (bound: largest column L1 norm of the row x largest |input|).
-        bound = l1_all[0] * _abs_max(u2) * (1 + 1e-5)
-        clip = (bound > qmax + 0.25).tolist()
-        check = (bound >= qmax * (1 - 1e-6)).tolist() if detect else [False] * n_r
+        clip, check = _row_flags(l1_all[0], _abs_max(u2), qmax, detect)
         reach: list[tuple[int, int]] = []
         chunk = max(1, min(n_r, _CHUNK_ELEMENTS // max(1, b * m)))
         buf = _workspace("psum", (chunk, b, m), u)
@@ -799,15 +828,8 @@ class CrossbarLinear(CrossbarLayer):
         for r0 in range(0, n_r, chunk):
             r1 = min(n_r, r0 + chunk)
             p = torch.bmm(xt[r0:r1], w[r0:r1], out=buf[: r1 - r0])
-            reach += [(0, r0 + i) for i in range(r1 - r0) if check[r0 + i] and _reaches(p[i], qmax)]
-            p.round_()
-            rows = clip[r0:r1]
-            if all(rows):
-                p.clamp_(-qmax, qmax)
-            elif any(rows):
-                for i, flag in enumerate(rows):
-                    if flag:
-                        p[i].clamp_(-qmax, qmax)
+            rows = _quantize_rows(p, qmax, clip[r0:r1], check[r0:r1])
+            reach += [(0, r0 + i) for i in rows]
             if y is None:
                 y = p[0].clone() if r1 - r0 == 1 else p.sum(0)
             else:
@@ -1020,29 +1042,21 @@ class CrossbarConv2d(CrossbarLayer):
             # One tile row: each partial sum is a whole output, so the digital conv kernel
             # computes the partial sums directly (no gather needed).
             p = self._conv(u, self._adc_layout(w_all)[1], n_g)
-            m1 = p.shape[1] // n_g
-            reach = [
-                (g, 0) for g in range(n_g) if detect and _reaches(p[:, g * m1 : (g + 1) * m1], qmax)
-            ]
-            p.round_()
-            if bool((l1_all * _abs_max(u) * (1 + 1e-5) > qmax + 0.25).any()):
-                p.clamp_(-qmax, qmax)
+            clip, check = _row_flags(l1_all[:, 0], _abs_max(u), qmax, detect)
+            groups = p.view(b, n_g, -1).transpose(0, 1)  # [G, B, M*H*W] view
+            reach = [(g, 0) for g in _quantize_rows(groups, qmax, clip, check)]
             return p.mul_(step), reach
         wt = self._adc_layout(w_all)[0]  # [G, n_r, M, N]
         m = wt.shape[2]
         xt, h_out, w_out = self._im2col_tiles(u)  # [G, n_r, N, B*L]
         big_l = h_out * w_out
-        bound = l1_all * _abs_max(u) * (1 + 1e-5)
-        clip = (bound > qmax + 0.25).tolist()
-        check = (bound >= qmax * (1 - 1e-6)).tolist() if detect else [[False] * n_r] * n_g
+        clip, check = _row_flags(l1_all, _abs_max(u), qmax, detect)
         reach = []
         y = _workspace("acc", (n_g, m, b * big_l), u)
         if n_r == 1:  # one tile row per output: a single batched GEMM over the groups
             p = torch.bmm(wt[:, 0], xt[:, 0], out=y)
-            reach = [(g, 0) for g in range(n_g) if check[g][0] and _reaches(p[g], qmax)]
-            p.round_()
-            if any(row[0] for row in clip):
-                p.clamp_(-qmax, qmax)
+            rows = _quantize_rows(p, qmax, [c[0] for c in clip], [c[0] for c in check])
+            reach = [(g, 0) for g in rows]
         else:
             chunk = max(1, min(n_r, _CHUNK_ELEMENTS // max(1, m * b * big_l)))
             buf = _workspace("psum", (chunk, m, b * big_l), u)
@@ -1050,19 +1064,8 @@ class CrossbarConv2d(CrossbarLayer):
                 for r0 in range(0, n_r, chunk):
                     r1 = min(n_r, r0 + chunk)
                     p = torch.bmm(wt[g, r0:r1], xt[g, r0:r1], out=buf[: r1 - r0])
-                    reach += [
-                        (g, r0 + i)
-                        for i in range(r1 - r0)
-                        if check[g][r0 + i] and _reaches(p[i], qmax)
-                    ]
-                    p.round_()
-                    rows = clip[g][r0:r1]
-                    if all(rows):
-                        p.clamp_(-qmax, qmax)
-                    elif any(rows):
-                        for i, flag in enumerate(rows):
-                            if flag:
-                                p[i].clamp_(-qmax, qmax)
+                    rows = _quantize_rows(p, qmax, clip[g][r0:r1], check[g][r0:r1])
+                    reach += [(g, r0 + i) for i in rows]
                     part = p[0] if r1 - r0 == 1 else p.sum(0)
                     if r0 == 0:
                         y[g].copy_(part)
