@@ -338,13 +338,21 @@ def _code_sum(b: _Body, q: str, axis: int, n_r: int, m: int) -> str:
     return b.op("Reshape", [s, b.ints([0, 0, m, -1])])
 
 
-def _adc(b: _Body, p: str, st: dict[str, Any], axis: int, m: int) -> str:
-    """Per-tile ADC codes, digital sum over the tile-row axis, times the step."""
+def _adc(
+    b: _Body, p: str, st: dict[str, Any], axis: int, m: int, scale: np.float32 | None = None
+) -> str:
+    """Per-tile ADC codes, digital sum over the tile-row axis, times the step.
+
+    ``p`` are partial sums in weight units, or (``scale`` given) already in ADC steps from
+    weights folded by ``scale`` (see :func:`_folded_input`); then the Clip is left out where
+    :func:`_adc_can_clip` shows it cannot act.
+    """
     if not st["adc_bits"]:
         return b.op("ReduceSum", [p, b.ints([axis])], keepdims=0)
-    step = st["adc_step32"]
-    scaled = b.op("Div", [p, b.const(step)])
-    q = b.op("Clip", [b.op("Round", [scaled]), b.const(-st["adc_qmax"]), b.const(st["adc_qmax"])])
+    step, qmax = st["adc_step32"], st["adc_qmax"]
+    q = b.op("Round", [p if scale is not None else b.op("Div", [p, b.const(step)])])
+    if scale is None or _adc_can_clip(st, scale):
+        q = b.op("Clip", [q, b.const(_f32(-qmax)), b.const(_f32(qmax))])
     return b.op("Mul", [_code_sum(b, q, axis, st["n_row_tiles"], m), b.const(step)])
 
 
@@ -420,16 +428,6 @@ def _adc_can_clip(st: dict[str, Any], scale: np.float32) -> bool:
     return l1 * x_max * (1 + 1e-5) > st["adc_qmax"] + 0.25
 
 
-def _adc_folded(b: _Body, p: str, st: dict[str, Any], axis: int, m: int, scale: np.float32) -> str:
-    """Per-tile ADC of partial sums already in ADC steps, digital sum, times the step."""
-    qmax = st["adc_qmax"]
-    q = b.op("Round", [p])
-    if _adc_can_clip(st, scale):
-        q = b.op("Clip", [q, b.const(_f32(-qmax)), b.const(_f32(qmax))])
-    total = _code_sum(b, q, axis, st["n_row_tiles"], m)
-    return b.op("Mul", [total, b.const(st["adc_step32"])])
-
-
 def _scaled(b: _Body, w: str, scale: np.float32) -> str:
     return w if scale == 1.0 else b.op("Mul", [w, b.const(scale)])
 
@@ -464,7 +462,7 @@ def _gemm_body(st: dict[str, Any], has_bias: bool, noisy: bool, seed: int) -> _B
             var = b.op("MatMul", [b.op("Mul", [xt, xt]), nt])
             p = b.op("Add", [p, _noise(b, var, p, seed)])
         # [B', T*O]
-        y = _adc_folded(b, p, st, 0, n_t * o, scale) if folded else _adc(b, p, st, 0, n_t * o)
+        y = _adc(b, p, st, 0, n_t * o, scale if folded else None)
         if st["bit_slicing"]:
             coeff = _stream_coeff(b, st, [-1, 1, n_t, 1])  # [S', 1, T, 1]
             s_kept = b.op("Slice", [b.op("Shape", [coeff]), b.ints([0]), b.ints([1]), b.ints([0])])
@@ -565,9 +563,7 @@ def _conv_body(
         var4 = b.op("Conv", [b.op("Mul", [xg, xg]), split("NZ")], group=g * n_r, **attrs)
         var = b.op("Reshape", [var4, b.ints([0, g, n_r, m_cols, -1])])
         p = b.op("Add", [p, _noise(b, var, p, seed)])
-    y = (
-        _adc_folded(b, p, st, 2, m_cols, scale) if folded else _adc(b, p, st, 2, m_cols)
-    )  # [B', G, M, HW]
+    y = _adc(b, p, st, 2, m_cols, scale if folded else None)  # [B', G, M, HW]
     if st["bit_slicing"]:
         coeff = _stream_coeff(b, st, [-1, 1, 1, n_t, 1, 1])  # [S', 1, 1, T, 1, 1]
         s_kept = b.op("Slice", [b.op("Shape", [coeff]), b.ints([0]), b.ints([1]), b.ints([0])])

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from nvmpriv.data import Digits
 from nvmpriv.methods import PPBFineTuning, StandardTraining
 from nvmpriv.methods._common import collect_logits, loss_threshold_attack_accuracy
+from nvmpriv.methods.ppb import sorted_posterior_divergence
 from nvmpriv.nets import ColumnFC
 
 
@@ -69,9 +70,7 @@ def measure(net: torch.nn.Module, dm: Digits) -> tuple[float, float, float]:
     """Sorted-posterior divergence (nats), best-threshold loss-attack accuracy, test accuracy."""
     li, yi = collect_logits(net, dm.dataloader("target_train"))
     lo, yo = collect_logits(net, dm.dataloader("target_test"))
-    p = li.softmax(1).sort(1, descending=True).values.mean(0)
-    q = lo.softmax(1).sort(1, descending=True).values.mean(0)
-    divergence = float((p * (p / q).log()).sum())
+    divergence = sorted_posterior_divergence(li, lo)
     test_acc = float((lo.argmax(1) == yo).float().mean())
     return divergence, loss_threshold_attack_accuracy(li, yi, lo, yo), test_acc
 

@@ -19,7 +19,7 @@ from nvmpriv.methods import (
     PPBFineTuning,
 )
 from nvmpriv.methods._common import best_threshold_accuracy
-from nvmpriv.methods.ppb import ppb_penalty
+from nvmpriv.methods.ppb import ppb_penalty, sorted_posterior_divergence
 from nvmpriv.nets import ColumnFC, NasrFC
 
 
@@ -157,3 +157,17 @@ def test_pgd_loss_mixes_clean_and_adversarial() -> None:
     x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
     loss, _ = model.training_loss(x, y)
     torch.testing.assert_close(loss, F.cross_entropy(model.net(x), y))
+
+
+def test_sorted_posterior_divergence_matches_a_hand_computed_kl() -> None:
+    members = torch.tensor([[4.0, 0.0], [0.0, 2.0]])
+    nonmembers = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0]])
+
+    def mean_sorted(z: torch.Tensor) -> np.ndarray:
+        e = np.exp(z.numpy())
+        return np.sort(e / e.sum(1, keepdims=True), axis=1)[:, ::-1].mean(0)
+
+    p, q = mean_sorted(members), mean_sorted(nonmembers)
+    expected = float((p * np.log(p / q)).sum())
+    assert sorted_posterior_divergence(members, nonmembers) == pytest.approx(expected, rel=1e-5)
+    assert sorted_posterior_divergence(members, members.flip(1)) == pytest.approx(0.0, abs=1e-7)

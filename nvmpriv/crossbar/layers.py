@@ -82,8 +82,7 @@ def _reaches(p: torch.Tensor, qmax: int) -> bool:
     The unfused quantizer passes no gradient there; a relative margin of 1e-6 covers the float
     difference between folded and unfolded scales.
     """
-    lo, hi = torch.aminmax(p) if p.numel() else (torch.zeros(()), torch.zeros(()))
-    return max(-float(lo), float(hi)) >= qmax * (1 - 1e-6)
+    return _abs_max(p) >= qmax * (1 - 1e-6)
 
 
 def _row_flags(
@@ -1028,9 +1027,8 @@ class CrossbarConv2d(CrossbarLayer):
         self, u: torch.Tensor, unit: float, detect: bool = False
     ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         if isinstance(self.padding, str) or u.dim() != 4:
-            p = self._tile_partial_sums(u * unit if unit != 1.0 else u, self.w_tiles)
-            y = self._adc_reduce(p, True)  # [B, G, M, H, W]
-            return y.reshape(y.shape[0], -1, *y.shape[3:]), None if detect else []
+            y, reach = super()._fast_tiled(u, unit, detect)  # [B, G, M, H, W]
+            return y.reshape(y.shape[0], -1, *y.shape[3:]), reach
         # im2col: the (c, kh, kw) rows of the unfolded input are exactly the crossbar rows, so
         # each tile row is one GEMM [M, N] x [N, B*L]; chunked over tile rows with the DAC and
         # ADC scales folded into the weights (only round, clamp and a sum per chunk).
@@ -1091,17 +1089,8 @@ class CrossbarConv2d(CrossbarLayer):
             p = self._conv(xq.index_select(1, chans[g, r]), kernels[g, r], 1)
             c = XF.quantize_ste(p, step, qmax) - p
             parts[g] = c if g not in parts else parts[g] + c
-        zero: torch.Tensor | None = None
-        blocks = []
-        for g in range(n_g):
-            if g in parts:
-                blocks.append(parts[g])
-            else:
-                if zero is None:
-                    ref = next(iter(parts.values()))
-                    zero = torch.zeros_like(ref)
-                blocks.append(zero)
-        return torch.cat(blocks, 1)
+        zero = torch.zeros_like(next(iter(parts.values())))
+        return torch.cat([parts.get(g, zero) for g in range(n_g)], 1)
 
     def _im2col_tiles(self, u: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Unfolded input as crossbar rows per tile: ``[G, n_r, N, B*H'*W']`` (one gather copy).

@@ -36,7 +36,13 @@ from nvmpriv.pruning import (
     sparsity_report,
 )
 
-__all__ = ["PRUNE_METHODS", "PPBFineTuning", "ppb_penalty", "prune_masks"]
+__all__ = [
+    "PRUNE_METHODS",
+    "PPBFineTuning",
+    "ppb_penalty",
+    "prune_masks",
+    "sorted_posterior_divergence",
+]
 
 #: Allowed values of ``prune_method``.
 PRUNE_METHODS: tuple[str, ...] = ("magnitude", "l1_filter", "slimming")
@@ -64,6 +70,24 @@ def ppb_penalty(logits: Tensor) -> Tensor:
         reduction="batchmean",
         log_target=True,
     )
+
+
+def sorted_posterior_divergence(member_logits: Tensor, nonmember_logits: Tensor) -> float:
+    """Member/non-member divergence of sorted posteriors, the quantity PPB balances.
+
+    ``KL(p || q)`` between the mean descending-sorted softmax of the members (``p``) and of the
+    non-members (``q``); sorting drops the class identity, as in the PPB penalty.
+
+    Args:
+        member_logits: Logits of members ``[N, C]``.
+        nonmember_logits: Logits of non-members ``[M, C]``.
+
+    Returns:
+        The divergence (nats).
+    """
+    p = member_logits.softmax(1).sort(1, descending=True).values.mean(0)
+    q = nonmember_logits.softmax(1).sort(1, descending=True).values.mean(0)
+    return float((p * (p / q).log()).sum())
 
 
 def prune_masks(net: nn.Module, method: str, sparsity: float) -> Masks:
