@@ -1,6 +1,10 @@
 """ONNX export: onnxruntime throughput of the crossbar export vs the torch simulation and vs the
 digital export, export time and file size. One thread on every side.
 
+``floor`` is the same crossbar export with the ADC's Round and Clip left out (per-tile partial
+sums still computed and summed): a lower bound on what standard onnxruntime ops can reach for a
+per-tile ADC on this machine (its output is not the chip's).
+
     .venv/bin/python benchmarks/bench_export.py [--preset 64x64_100k] [--batch 256] [--reps 20]
 """
 
@@ -10,10 +14,13 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 
+from nvmpriv import export as export_module
 from nvmpriv import nets, runtime
 from nvmpriv.crossbar import convert, get_preset
 from nvmpriv.export import export_model
@@ -27,6 +34,18 @@ def _best(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def _adc_without_arithmetic(b: Any, p: str, st: dict, axis: int, m: int, scale: Any = None) -> str:
+    """``export._adc`` minus Round and Clip: partial sums only summed and scaled (the floor)."""
+    if not st["adc_bits"]:
+        return _ADC(b, p, st, axis, m, scale)
+    step = b.const(st["adc_step32"])
+    q = p if scale is not None else b.op("Div", [p, step])
+    return b.op("Mul", [export_module._code_sum(b, q, axis, st["n_row_tiles"], m), step])
+
+
+_ADC = export_module._adc
 
 
 def bench(
@@ -49,19 +68,26 @@ def bench(
     t = time.perf_counter()
     dig_file = export_model(net, None, folder / f"{name}_dig.onnx", input_shape=shape)
     t_export_dig = time.perf_counter() - t
+    with mock.patch.object(export_module, "_adc", _adc_without_arithmetic):
+        floor_file = export_model(
+            net, cfg, folder / f"{name}_floor.onnx", input_shape=shape, calibration=x[:256]
+        )
     chip = convert(net, cfg, seed=0, calibration=x[:256]).eval()
     xn = x.numpy()
     ort_chip, ort_dig = runtime.load(chip_file, threads=1), runtime.load(dig_file, threads=1)
+    ort_floor = runtime.load(floor_file, threads=1)
     with torch.no_grad():
         t_torch = _best(lambda: torch.softmax(chip(x), 1), reps)
     t_chip = _best(lambda: ort_chip.predict_proba(xn, batch_size=batch), reps)
     t_dig = _best(lambda: ort_dig.predict_proba(xn, batch_size=batch), reps)
+    t_floor = _best(lambda: ort_floor.predict_proba(xn, batch_size=batch), reps)
     size_c, size_d = chip_file.stat().st_size, dig_file.stat().st_size
     print(
         f"{name:10s} {preset:22s} batch {batch}: torch sim {batch / t_torch:9.0f}/s | "
         f"ORT chip {batch / t_chip:9.0f}/s | ORT digital {batch / t_dig:9.0f}/s | "
         f"ORT chip / torch = {t_torch / t_chip:.2f}x faster | "
-        f"ORT chip / ORT digital = {t_chip / t_dig:.2f}x slower"
+        f"ORT chip / ORT digital = {t_chip / t_dig:.2f}x slower "
+        f"(floor without Round/Clip {t_floor / t_dig:.2f}x)"
     )
     print(
         f"{'':10s} export {t_export:.2f} s (digital {t_export_dig:.2f} s); file "

@@ -415,6 +415,9 @@ class CrossbarLayer(nn.Module):
         if self._calibrating:
             self.dac_range.fill_(float(XF.percentile_abs(x, cfg.calibration_percentile)))
         step = torch.clamp(self.dac_range, min=1e-30) / qmax
+        if not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing():
+            # same codes as the straight-through form in four in-place passes instead of seven
+            return torch.div(x, step).round_().clamp_(-qmax, qmax).mul_(step)
         return XF.quantize_ste(x, step, qmax)
 
     def _adc_params(self) -> tuple[torch.Tensor | float, int]:
