@@ -146,6 +146,7 @@ class _LayerSpec:
 
 
 _ACTIVE: dict[str, _LayerSpec] = {}
+_OUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
 
 class _CrossbarOp(torch.autograd.Function):
@@ -160,7 +161,9 @@ class _CrossbarOp(torch.autograd.Function):
         noise: torch.Tensor | None,
         key: str,
     ) -> torch.Tensor:
-        return _ACTIVE[key].layer(x)
+        y = _ACTIVE[key].layer(x)
+        _OUT_SHAPES[key] = tuple(y.shape)
+        return y
 
     @staticmethod
     def symbolic(
@@ -176,7 +179,10 @@ class _CrossbarOp(torch.autograd.Function):
             inputs.append(bias)
         if noise is not None and not _is_none(noise):
             inputs.append(noise)
-        return g.op(f"{DOMAIN}::CrossbarPending", *inputs, layer_s=key)
+        out = g.op(f"{DOMAIN}::CrossbarPending", *inputs, layer_s=key)
+        # the traced output shape, so the exporter's shape inference need not guess (and warn)
+        out.setType(x.type().with_sizes([None, *_OUT_SHAPES[key][1:]]))  # batch stays dynamic
+        return out
 
 
 def _is_none(value: Any) -> bool:
@@ -926,11 +932,12 @@ def export_bytes(
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=OPSET,
-                custom_opsets={DOMAIN: DOMAIN_VERSION},
+                custom_opsets={DOMAIN: DOMAIN_VERSION} if specs else None,
                 do_constant_folding=True,
             )
     finally:
         _ACTIVE.clear()
+        _OUT_SHAPES.clear()
     model = onnx.load_from_string(buffer.getvalue())
     if specs:
         crossbar_functions(model, specs)

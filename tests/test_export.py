@@ -54,6 +54,11 @@ def test_graph_nodes_initializers_and_checker(exported: tuple[Path, Path]) -> No
     assert attrs["dac_step"] > 0 and attrs["adc_step"] > 0
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # dynamic batch
+    # every recorded intermediate and output keeps the batch dynamic (a traced size of 2 here
+    # would make onnxruntime warn on every other batch size)
+    for v in [*model.graph.value_info, *model.graph.output]:
+        d0 = v.type.tensor_type.shape.dim[0]
+        assert d0.dim_param and not d0.dim_value, v.name
     assert model.graph.input[0].name == "input" and model.graph.output[0].name == "probabilities"
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("nvmpriv", 1)}
 
