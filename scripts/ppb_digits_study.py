@@ -8,9 +8,16 @@ loss-attack accuracy and the test accuracy, under two protocols:
 * ``paper``: Yuan & Zhang's protocol (mia_prune): Adam 1e-3 with weight decay 5e-4, early stopping
   on validation accuracy (patience 5), the best-validation weights are the released model.
 
-    .venv/bin/python scripts/ppb_digits_study.py [--seeds 0 1 2] [--lams 0 4 16]
+With ``--attacks`` it also runs, on every fine-tuned model, the best-threshold confidence, entropy
+and modified-entropy attacks and the learned black-box attacks of the paper's evaluation: SAMIA
+(Yuan & Zhang) and the Shokri et al. shadow-model MLP, with 5 shadow ColumnFCs trained normally on
+the attacker's half (the attacker does not know the defense; the shadows are the same for every
+target of a seed).
 
-Prints one line per run and a mean per (protocol, lam, sparsity). Single-threaded; about 4 min.
+    .venv/bin/python scripts/ppb_digits_study.py [--seeds 0 1 2] [--lams 0 4 16] [--attacks]
+
+Prints one line per run and a mean per (protocol, lam, sparsity). Single-threaded; about 4 min
+(about 12 min with ``--attacks``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,19 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
+from nvmpriv.attack_models import (
+    MembershipSplit,
+    TrainConfig,
+    nn_shadow_attack,
+    predict_proba_fn,
+    samia_attack,
+)
+from nvmpriv.attacks import (
+    best_threshold,
+    confidence_scores,
+    entropy_scores,
+    modified_entropy_scores,
+)
 from nvmpriv.data import Digits
 from nvmpriv.methods import PPBFineTuning, StandardTraining
 from nvmpriv.methods._common import collect_logits, loss_threshold_attack_accuracy
@@ -75,12 +95,42 @@ def measure(net: torch.nn.Module, dm: Digits) -> tuple[float, float, float]:
     return divergence, loss_threshold_attack_accuracy(li, yi, lo, yo), test_acc
 
 
+def attack_accuracies(net: torch.nn.Module, dm: Digits, seed: int) -> dict[str, float]:
+    """Threshold and learned (SAMIA, shadow MLP) attack accuracies on the fine-tuned ``net``."""
+    mx, my = dm.arrays("target_train")
+    nx, ny = dm.arrays("target_test")
+    px, py = dm.arrays("population")  # the attacker's half
+    query = predict_proba_fn(net)
+    p_in, p_out = query(mx), query(nx)
+    out = {
+        name: best_threshold(fn(p_in, my), fn(p_out, ny))[1]
+        for name, fn in (
+            ("confidence", confidence_scores),
+            ("entropy", entropy_scores),
+            ("modified_entropy", modified_entropy_scores),
+        )
+    }
+    split = MembershipSplit(mx, my, nx, ny)
+    train = TrainConfig(epochs=60, lr=1e-3, batch_size=32)
+
+    def factory() -> torch.nn.Module:
+        return ColumnFC(64, 10, dropout=0.0)
+
+    for name, attack in (("samia", samia_attack), ("nn_shadow", nn_shadow_attack)):
+        result = attack(query, split, px, py, factory, n_shadow=5, train=train, seed=seed)
+        assert result.accuracy is not None  # learned attacks decide at p >= 0.5
+        out[name] = result.accuracy
+        out[f"{name}_auc"] = result.auc
+    return out
+
+
 def main() -> None:
     """Run the study and print the table."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lams", type=float, nargs="+", default=[0.0, 4.0, 16.0])
     parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--attacks", action="store_true", help="add threshold and learned attacks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -125,22 +175,29 @@ def main() -> None:
                     if keep.state is not None:
                         model.net.load_state_dict(keep.state)
                     div, mia, acc = measure(model.net, dm)
+                    extra = attack_accuracies(model.net, dm, seed) if args.attacks else {}
                     rows.append(
                         dict(seed=seed, protocol=protocol, lam=lam, div=div, mia=mia, acc=acc)
+                        | extra
                     )
                     print(
                         f"seed {seed} {protocol:5s} lam {lam:5.1f}: divergence {div:.4f} "
-                        f"loss-attack acc {mia:.3f} test acc {acc:.3f}",
+                        f"loss-attack acc {mia:.3f} test acc {acc:.3f}"
+                        + "".join(f" {k} {v:.3f}" for k, v in extra.items()),
                         flush=True,
                     )
-    groups: dict[tuple[str, float], list[tuple[float, float, float]]] = defaultdict(list)
+    keys = [k for k in rows[0] if k not in ("seed", "protocol", "lam")]
+    groups: dict[tuple[str, float], list[list[float]]] = defaultdict(list)
     for r in rows:
-        groups[(r["protocol"], r["lam"])].append((r["div"], r["mia"], r["acc"]))
-    print(f"\nmean over seeds {args.seeds}, sparsity {args.sparsity}:")
+        groups[(r["protocol"], r["lam"])].append([r[k] for k in keys])
+    print(
+        f"\nmean over seeds {args.seeds}, sparsity {args.sparsity} (div: divergence, mia: loss attack):"
+    )
     for (protocol, lam), vals in sorted(groups.items()):
-        d, m, a = np.mean(np.array(vals), axis=0)
+        means = np.mean(np.array(vals), axis=0)
         print(
-            f"{protocol:5s} lam {lam:5.1f}: divergence {d:.4f} loss-attack acc {m:.3f} acc {a:.3f}"
+            f"{protocol:5s} lam {lam:5.1f}: "
+            + " ".join(f"{k} {v:.3f}" for k, v in zip(keys, means, strict=True))
         )
 
 
