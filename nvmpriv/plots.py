@@ -101,11 +101,15 @@ def layer_metrics_figure(layers: dict[str, dict[str, float]], title: str) -> Fig
     """
     names = list(layers)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
-    a1.bar(range(len(names)), [layers[n]["snr_db"] for n in names])
-    a1.set(ylabel="SNR (dB)")
-    a2.bar(range(len(names)), [layers[n]["ns"] for n in names])
-    a2.set(ylabel="noise sensitivity")
-    for ax in (a1, a2):
+    for ax, key, label in ((a1, "snr_db", "SNR (dB)"), (a2, "ns", "noise sensitivity")):
+        values = np.array([layers[n][key] for n in names], dtype=float)
+        finite = np.isfinite(values)
+        # an exact layer has an infinite SNR: a bar cannot show it (matplotlib warns on inf)
+        ax.bar(np.flatnonzero(finite), values[finite])
+        for i in np.flatnonzero(~finite):
+            text = "exact" if values[i] == np.inf else "n/a"
+            ax.annotate(text, (i, 0), ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.set(ylabel=label)
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=6, ha="right")
     fig.suptitle(f"layers: {title}")
     fig.tight_layout()
