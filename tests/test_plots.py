@@ -21,8 +21,8 @@ def test_layer_figure_shows_exact_layers_without_warnings() -> None:
         fig = layer_metrics_figure(layers, "ideal")
         fig.canvas.draw()
     snr_ax, ns_ax = fig.axes
-    assert [round(b.get_height(), 2) for b in snr_ax.patches] == [21.5]
-    assert [round(b.get_height(), 2) for b in ns_ax.patches] == [0.0, 0.08]
+    assert [round(b.get_height(), 2) for b in snr_ax.containers[0]] == [21.5]
+    assert [round(b.get_height(), 2) for b in ns_ax.containers[0]] == [0.0, 0.08]
     assert [t.get_text() for t in snr_ax.texts] == ["exact", "n/a"]
     assert [t.get_text() for t in ns_ax.texts] == ["n/a"]
     assert np.isfinite(snr_ax.get_ylim()).all()
