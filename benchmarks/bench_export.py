@@ -6,6 +6,7 @@ sums still computed and summed): a lower bound on what standard onnxruntime ops 
 per-tile ADC on this machine (its output is not the chip's).
 
     .venv/bin/python benchmarks/bench_export.py [--preset 64x64_100k] [--batch 256] [--reps 20]
+        [--resnet]  # also CIFAR ResNet-18 at batch 32 (about 1 min more)
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--preset", default="64x64_100k")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--resnet", action="store_true", help="also CIFAR ResNet-18 (batch 32)")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +133,16 @@ def main() -> None:
             max(3, args.reps // 4),
             folder,
         )
+        if args.resnet:
+            bench(
+                "ResNet18",
+                nets.ResNet18(num_classes=10).eval(),
+                [3, 32, 32],
+                args.preset,
+                32,
+                3,
+                folder,
+            )
 
 
 if __name__ == "__main__":
