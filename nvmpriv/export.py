@@ -143,10 +143,11 @@ class _LayerSpec:
     layer: CrossbarLayer
     state: dict[str, Any]
     noise_seed: int
+    out_shape: tuple[int, ...] = ()
+    """The layer's output shape in the trace (set by the traced forward)."""
 
 
 _ACTIVE: dict[str, _LayerSpec] = {}
-_OUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
 
 class _CrossbarOp(torch.autograd.Function):
@@ -161,8 +162,9 @@ class _CrossbarOp(torch.autograd.Function):
         noise: torch.Tensor | None,
         key: str,
     ) -> torch.Tensor:
-        y = _ACTIVE[key].layer(x)
-        _OUT_SHAPES[key] = tuple(y.shape)
+        spec = _ACTIVE[key]
+        y = spec.layer(x)
+        spec.out_shape = tuple(y.shape)
         return y
 
     @staticmethod
@@ -181,7 +183,7 @@ class _CrossbarOp(torch.autograd.Function):
             inputs.append(noise)
         out = g.op(f"{DOMAIN}::CrossbarPending", *inputs, layer_s=key)
         # the traced output shape, so the exporter's shape inference need not guess (and warn)
-        out.setType(x.type().with_sizes([None, *_OUT_SHAPES[key][1:]]))  # batch stays dynamic
+        out.setType(x.type().with_sizes([None, *_ACTIVE[key].out_shape[1:]]))  # batch dynamic
         return out
 
 
@@ -937,7 +939,6 @@ def export_bytes(
             )
     finally:
         _ACTIVE.clear()
-        _OUT_SHAPES.clear()
     model = onnx.load_from_string(buffer.getvalue())
     if specs:
         crossbar_functions(model, specs)

@@ -414,10 +414,11 @@ class CrossbarLayer(nn.Module):
         qmax = 2 ** (cfg.dac_bits - 1) - 1
         if self._calibrating:
             self.dac_range.fill_(float(XF.percentile_abs(x, cfg.calibration_percentile)))
-        step = torch.clamp(self.dac_range, min=1e-30) / qmax
         if not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing():
             # same codes as the straight-through form in four in-place passes instead of seven
-            return torch.div(x, step).round_().clamp_(-qmax, qmax).mul_(step)
+            codes, unit = self._dac_codes(x)
+            return codes.mul_(unit)
+        step = torch.clamp(self.dac_range, min=1e-30) / qmax
         return XF.quantize_ste(x, step, qmax)
 
     def _adc_params(self) -> tuple[torch.Tensor | float, int]:
