@@ -120,9 +120,26 @@ def test_noisy_outputs_agree_in_distribution(tmp_path: Path) -> None:
         se = np.sqrt(t.var(0) / len(t) + got.var(0) / len(got))
         assert np.all(np.abs(got.mean(0) - t.mean(0)) < 5 * se + 1e-6)
         np.testing.assert_allclose(got.std(0), t.std(0), rtol=0.2, atol=1e-4)
-    # a new session replays the same sequence; another seed gives another one
-    np.testing.assert_array_equal(runtime.load(path).predict_proba(x.numpy()), a)
+    # a new session replays the same sequence (also with several threads: noisy files are not
+    # split into concurrent chunks); another seed gives another one
+    replay = runtime.load(path, threads=2)
+    assert replay._workers == 1
+    np.testing.assert_array_equal(replay.predict_proba(x.numpy()), a)
     assert not np.allclose(runtime.load(path, seed=99).predict_proba(x.numpy()), a)
+
+
+def test_concurrent_chunks_equal_one_thread(tmp_path: Path) -> None:
+    chip, x = _export(tmp_path, _tiny_cnn(), "64x64_100k", [3, 8, 8])
+    digital, _ = _export(tmp_path, _tiny_cnn(), "digital", [3, 8, 8])
+    xs = np.concatenate([x.numpy()] * 3)[:87]  # 87 rows: uneven chunks
+    one = runtime.load(chip, threads=1)
+    many = runtime.load(chip, threads=3)
+    assert (one._workers, many._workers) == (1, 3)
+    assert runtime.load(digital, threads=3)._workers == 1  # intra-op threads instead
+    expected = one.predict_proba(xs, batch_size=1000)
+    for batch_size in (1000, 10, 1):
+        np.testing.assert_array_equal(many.predict_proba(xs, batch_size=batch_size), expected)
+    assert many.queries == 3 * len(xs)
 
 
 @pytest.fixture(scope="module")
