@@ -168,6 +168,13 @@ def run_lightning_cli(args: list[str]) -> Any:
     """
     # Passing args explicitly (so tests can call main()) is intended; silence Lightning's warning.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    # Lightning's own pytree helper trips torch's LeafSpec deprecation on every batch transfer;
+    # nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
     try:
         return NvmprivCLI(
             MembershipModule,
