@@ -1,5 +1,6 @@
 """ONNX export: onnxruntime throughput of the crossbar export vs the torch simulation and vs the
-digital export, export time and file size. One thread on every side.
+digital export, export time and file size. The same number of threads on every side (one by
+default; ``--threads 2``: torch intra-op threads, and ``runtime.load``'s own policy for the files).
 
 ``floor`` is the same crossbar export with the ADC's Round and Clip left out (per-tile partial
 sums still computed and summed): a lower bound on what standard onnxruntime ops can reach for a
@@ -75,8 +76,10 @@ def bench(
         )
     chip = convert(net, cfg, seed=0, calibration=x[:256]).eval()
     xn = x.numpy()
-    ort_chip, ort_dig = runtime.load(chip_file, threads=1), runtime.load(dig_file, threads=1)
-    ort_floor = runtime.load(floor_file, threads=1)
+    threads = torch.get_num_threads()
+    ort_chip = runtime.load(chip_file, threads=threads)
+    ort_dig = runtime.load(dig_file, threads=threads)
+    ort_floor = runtime.load(floor_file, threads=threads)
     with torch.no_grad():
         t_torch = _best(lambda: torch.softmax(chip(x), 1), reps)
     t_chip = _best(lambda: ort_chip.predict_proba(xn, batch_size=batch), reps)
@@ -102,8 +105,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--resnet", action="store_true", help="also CIFAR ResNet-18 (batch 32)")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         bench(

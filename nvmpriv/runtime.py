@@ -21,8 +21,11 @@ same way (its default seed is fixed too). Pass ``seed=`` to :func:`load` for ano
 Threads. A deterministic crossbar file (no read noise) runs one query batch as several chunks
 concurrently, one onnxruntime thread each: its per-tile ADC passes (``Round``, ``Clip``) are
 single-threaded elementwise kernels that intra-op threads do not spread (measured on 2 cores:
-1.15-1.38x faster, bit-identical output). Digital files and files with per-query noise keep
-onnxruntime's intra-op threads (noise must be drawn in call order to replay per session).
+1.05-1.45x faster, bit-identical output). A chunk is at least ~5 ms of work (a probe at load
+time, on random inputs, times one row); the chunks run on a second, single-threaded session and
+batches too small to split run in one piece with intra-op threads. Digital files and files with
+per-query noise only use intra-op threads (noise must be drawn in call order to replay per
+session).
 
 Typical use::
 
@@ -34,7 +37,9 @@ Typical use::
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +70,8 @@ REQUIRED_METADATA = (
     "nvmpriv.input_shape",
     "nvmpriv.num_classes",
 )
+#: Least work (seconds, one thread) worth a concurrent chunk of a query batch.
+_MIN_CHUNK_SECONDS = 5e-3
 _FIX = "re-export it with `python -m nvmpriv export --config ... --ckpt_path ... --crossbar ...`"
 
 
@@ -352,7 +359,9 @@ class Predictor:
     _runner: Any = field(repr=False)
     _input_name: str = "input"
     _output_name: str = "probabilities"
+    _chunk_runner: Any = field(default=None, repr=False)
     _workers: int = 1
+    _min_rows: int = 1
     queries: int = 0
 
     @property
@@ -390,24 +399,27 @@ class Predictor:
         """
         arr = self._check(x)
         size = max(1, int(batch_size))
-        if self._workers > 1:  # at least one chunk per worker
-            size = min(size, max(1, -(-len(arr) // self._workers)))
-        chunks = [arr[start : start + size] for start in range(0, len(arr), size)]
-        if len(chunks) > 1 and self._workers > 1:
+        if self._chunk_runner is not None and len(arr) >= 2 * self._min_rows:
+            # one chunk per worker, each worth a thread, each on one onnxruntime thread
+            size = min(size, max(self._min_rows, -(-len(arr) // self._workers)))
+            chunks = [arr[start : start + size] for start in range(0, len(arr), size)]
             with ThreadPoolExecutor(min(self._workers, len(chunks))) as pool:
-                outs = list(pool.map(self._run, chunks))
+                outs = list(pool.map(self._run_chunk, chunks))
         else:
-            outs = [self._run(chunk) for chunk in chunks]
+            outs = [self._run(arr[start : start + size]) for start in range(0, len(arr), size)]
         self.queries += len(arr)
         probs = np.concatenate(outs) if outs else np.zeros((0, self.num_classes))
         return probs / probs.sum(axis=1, keepdims=True)
 
     __call__ = predict_proba
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
+    def _run(self, chunk: np.ndarray, runner: Any = None) -> np.ndarray:
         names = None if self.reference else [self._output_name]
-        (p,) = self._runner.run(names, {self._input_name: chunk})
+        (p,) = (runner or self._runner).run(names, {self._input_name: chunk})
         return np.asarray(p, dtype=np.float64)
+
+    def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        return self._run(chunk, self._chunk_runner)
 
 
 def _chunk_parallel(model: onnx.ModelProto) -> bool:
@@ -415,6 +427,22 @@ def _chunk_parallel(model: onnx.ModelProto) -> bool:
     crossbar = any(n.domain == "nvmpriv" for n in model.graph.node)
     noisy = any(n.op_type.startswith("Random") for f in model.functions for n in f.node)
     return crossbar and not noisy
+
+
+def _rows_per_chunk(run: Any, input_shape: tuple[int, ...]) -> int:
+    """Rows of about :data:`_MIN_CHUNK_SECONDS` of work, from timed single-threaded probes."""
+    rng = np.random.default_rng(0)
+    rows = 4
+    while True:
+        # random rather than zero inputs: all-zero bit-sliced input streams are skipped
+        probe = rng.random((rows, *input_shape), dtype=np.float32)
+        run(probe)  # warm-up (first-run allocations)
+        start = time.perf_counter()
+        run(probe)
+        seconds = time.perf_counter() - start
+        if seconds >= 1e-3 or rows >= 256:  # long enough to time per-call overhead away
+            return max(1, math.ceil(_MIN_CHUNK_SECONDS * rows / max(seconds, 1e-9)))
+        rows *= 4
 
 
 def load(
@@ -432,9 +460,9 @@ def load(
             instead of onnxruntime (slow; for cross-checks).
         seed: Re-seed the per-query read-noise generators (node ``i`` gets ``seed + i``);
             ``None`` keeps the seeds stored in the file.
-        threads: CPU threads to use (``None``: all available). A deterministic crossbar
-            file runs that many concurrent single-threaded chunks of a batch; other files use
-            them as onnxruntime intra-op threads (see the module docstring).
+        threads: CPU threads to use (``None``: all available): onnxruntime intra-op threads,
+            and for a deterministic crossbar file also the number of concurrent
+            single-threaded chunks a large batch is split into (see the module docstring).
 
     Returns:
         The predictor.
@@ -464,7 +492,7 @@ def load(
     if seed is not None:
         _reseed(model, int(seed))
     input_name, output_name = meta["nvmpriv.input_name"], meta["nvmpriv.output_name"]
-    workers = 1
+    workers, chunk_runner = 1, None
     if reference:
         from onnx.reference import ReferenceEvaluator
 
@@ -474,18 +502,23 @@ def load(
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         n_threads = max(1, int(threads) if threads is not None else (cores or 1))
-        workers, intra = (n_threads, 1) if _chunk_parallel(model) else (1, n_threads)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra
-        opts.inter_op_num_threads = 1
-        try:
-            runner = ort.InferenceSession(
-                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            first = str(exc).strip().splitlines()[0][:300]
-            raise _fail(file, f"onnxruntime cannot load it ({first})") from None
-    return Predictor(
+        data = model.SerializeToString()
+
+        def session(intra: int) -> Any:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = intra
+            opts.inter_op_num_threads = 1
+            try:
+                return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                first = str(exc).strip().splitlines()[0][:300]
+                raise _fail(file, f"onnxruntime cannot load it ({first})") from None
+
+        runner = session(n_threads)
+        if n_threads > 1 and _chunk_parallel(model):
+            # a second, single-threaded session runs the concurrent chunks of large batches
+            workers, chunk_runner = n_threads, session(1)
+    predictor = Predictor(
         path=file,
         metadata=meta,
         input_shape=input_shape,
@@ -494,5 +527,9 @@ def load(
         _runner=runner,
         _input_name=input_name,
         _output_name=output_name,
+        _chunk_runner=chunk_runner,
         _workers=workers,
     )
+    if chunk_runner is not None:
+        predictor._min_rows = _rows_per_chunk(predictor._run_chunk, input_shape)
+    return predictor

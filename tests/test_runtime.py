@@ -136,10 +136,14 @@ def test_concurrent_chunks_equal_one_thread(tmp_path: Path) -> None:
     many = runtime.load(chip, threads=3)
     assert (one._workers, many._workers) == (1, 3)
     assert runtime.load(digital, threads=3)._workers == 1  # intra-op threads instead
+    assert many._min_rows >= 1 and many.queries == 0  # the load-time probe is not a query
     expected = one.predict_proba(xs, batch_size=1000)
+    many._min_rows = 10**6  # unsplit: one piece on the 3-thread session
+    np.testing.assert_array_equal(many.predict_proba(xs), expected)
+    many._min_rows = 1  # split into concurrent chunks on the single-threaded session
     for batch_size in (1000, 10, 1):
         np.testing.assert_array_equal(many.predict_proba(xs, batch_size=batch_size), expected)
-    assert many.queries == 3 * len(xs)
+    assert many.queries == 4 * len(xs)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +200,21 @@ def test_runtime_and_score_attacks_import_no_torch(fc_file: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_rows_per_chunk_from_probe_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+
+    def run_at(seconds_per_row: float) -> object:
+        def run(x: np.ndarray) -> None:
+            clock[0] += seconds_per_row * len(x)
+
+        return run
+
+    # 0.1 ms a row: 4 rows (0.4 ms) are too short to time, 16 rows take 1.6 ms -> 5 ms = 50 rows
+    assert runtime._rows_per_chunk(run_at(1e-4), (3,)) in (50, 51)
+    # 1 us a row: probes grow to 256 rows (0.26 ms) and stop -> 5000 rows
+    assert runtime._rows_per_chunk(run_at(1e-6), (3,)) in (5000, 5001)
+    # 30 ms a row (a large conv net): every row is worth a chunk
+    assert runtime._rows_per_chunk(run_at(3e-2), (3,)) == 1
