@@ -21,7 +21,7 @@ same way (its default seed is fixed too). Pass ``seed=`` to :func:`load` for ano
 Threads. A deterministic crossbar file (no read noise) runs one query batch as several chunks
 concurrently, one onnxruntime thread each: its per-tile ADC passes (``Round``, ``Clip``) are
 single-threaded elementwise kernels that intra-op threads do not spread (measured on 2 cores:
-1.05-1.45x faster, bit-identical output). A chunk is at least ~5 ms of work (a probe at load
+1.03-1.36x faster, bit-identical output). A chunk is at least ~5 ms of work (a probe at load
 time, on random inputs, times one row); the chunks run on a second, single-threaded session and
 batches too small to split run in one piece with intra-op threads. Digital files and files with
 per-query noise only use intra-op threads (noise must be drawn in call order to replay per
