@@ -415,7 +415,7 @@ class Predictor:
 
     def _run(self, chunk: np.ndarray, runner: Any = None) -> np.ndarray:
         names = None if self.reference else [self._output_name]
-        (p,) = (runner or self._runner).run(names, {self._input_name: chunk})
+        (p,) = (self._runner if runner is None else runner).run(names, {self._input_name: chunk})
         return np.asarray(p, dtype=np.float64)
 
     def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
