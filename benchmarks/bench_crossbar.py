@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import time
 from collections.abc import Callable
 from unittest import mock
 
 import numpy as np
 import torch
+from timing import median_seconds
 from torch import nn
 
 from nvmpriv.crossbar import PRESETS, CrossbarLinear, convert
@@ -51,16 +51,6 @@ def resnet18() -> nn.Module:
     return ResNet18(num_classes=100)
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def peak_mb(fn: Callable[[], object]) -> float:
     """Peak of live tensor memory allocated during ``fn`` (MB), from the profiler's events."""
     with torch.profiler.profile(
@@ -84,12 +74,12 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
     t_prog = time.perf_counter() - t0
     c_prog = time.process_time() - c0  # CPU seconds, all threads: robust to a busy machine
     with torch.no_grad():
-        t_dig = timeit(lambda: model(x), repeats)
-        t_xb = timeit(lambda: chip(x), repeats)
+        t_dig = median_seconds(lambda: model(x), repeats)
+        t_xb = median_seconds(lambda: chip(x), repeats)
         # Lower bound of any per-tile-ADC forward in eager torch: the same chunked loop with the
         # ADC's round and clamp removed (per-tile partial sums still materialized and summed).
         with mock.patch.object(xbar_layers, "_quantize_rows", lambda p, qmax, clip, check: []):
-            t_floor = timeit(lambda: chip(x), repeats)
+            t_floor = median_seconds(lambda: chip(x), repeats)
         m_dig = peak_mb(lambda: model(x))
         release_workspaces()  # count the fast path's scratch buffers in its peak memory
         m_xb = peak_mb(lambda: chip(x))
@@ -104,8 +94,8 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
         xx = x.clone().requires_grad_()
         net(xx).logsumexp(1).sum().backward()
 
-    g_dig = timeit(lambda: fwd_bwd(model), max(2, repeats // 2))
-    g_xb = timeit(lambda: fwd_bwd(chip), max(2, repeats // 2))
+    g_dig = median_seconds(lambda: fwd_bwd(model), max(2, repeats // 2))
+    g_xb = median_seconds(lambda: fwd_bwd(chip), max(2, repeats // 2))
     for q, flag in zip(model.parameters(), flags, strict=True):
         q.requires_grad_(flag)
     return {
@@ -150,10 +140,10 @@ def nodal_vs_fast(repeats: int) -> dict:
         return y.T + lin.bias.detach().double().numpy()
 
     with torch.no_grad():
-        t_fast = timeit(lambda: layer(x), max(repeats, 20))
+        t_fast = median_seconds(lambda: layer(x), max(repeats, 20))
         ref = per_forward_solve()
         err = float(np.abs(layer(x).double().numpy() - ref).max() / np.abs(ref).max())
-    t_slow = timeit(per_forward_solve, 1)
+    t_slow = median_seconds(per_forward_solve, 1)
     return {
         "case": "Linear 128x128, B=16, per-forward nodal solve vs fast path",
         "config": "64x64_100k (IR drop only)",

@@ -19,23 +19,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import numpy as np
 import torch
+from timing import median_seconds
 
 from nvmpriv import export as export_module
 from nvmpriv import nets, runtime
 from nvmpriv.crossbar import convert, get_preset
 from nvmpriv.export import export_model
-
-
-def _best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _adc_without_arithmetic(b: Any, p: str, st: dict, axis: int, m: int, scale: Any = None) -> str:
@@ -81,10 +71,10 @@ def bench(
     ort_dig = runtime.load(dig_file, threads=threads)
     ort_floor = runtime.load(floor_file, threads=threads)
     with torch.no_grad():
-        t_torch = _best(lambda: torch.softmax(chip(x), 1), reps)
-    t_chip = _best(lambda: ort_chip.predict_proba(xn, batch_size=batch), reps)
-    t_dig = _best(lambda: ort_dig.predict_proba(xn, batch_size=batch), reps)
-    t_floor = _best(lambda: ort_floor.predict_proba(xn, batch_size=batch), reps)
+        t_torch = median_seconds(lambda: torch.softmax(chip(x), 1), reps)
+    t_chip = median_seconds(lambda: ort_chip.predict_proba(xn, batch_size=batch), reps)
+    t_dig = median_seconds(lambda: ort_dig.predict_proba(xn, batch_size=batch), reps)
+    t_floor = median_seconds(lambda: ort_floor.predict_proba(xn, batch_size=batch), reps)
     size_c, size_d = chip_file.stat().st_size, dig_file.stat().st_size
     print(
         f"{name:10s} {preset:22s} batch {batch}: torch sim {batch / t_torch:9.0f}/s | "

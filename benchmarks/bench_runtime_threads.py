@@ -12,29 +12,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from timing import median_seconds
 
 from nvmpriv import nets, runtime
 from nvmpriv.crossbar import get_preset
 from nvmpriv.export import export_model
-
-
-def _median(fn: Callable[[], object], reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,8 +61,8 @@ def main() -> None:
                     str(path), opts, providers=["CPUExecutionProvider"]
                 )
                 same = np.array_equal(chunks.predict_proba(xn), intra.predict_proba(xn))
-                t_chunks = _median(functools.partial(chunks.predict_proba, xn))
-                t_intra = _median(functools.partial(intra.predict_proba, xn))
+                t_chunks = median_seconds(functools.partial(chunks.predict_proba, xn), 3)
+                t_intra = median_seconds(functools.partial(intra.predict_proba, xn), 3)
                 print(
                     f"{name:9s} {preset:21s} n={n:5d}: intra-op {t_intra * 1e3:8.1f} ms | "
                     f"{chunks._workers} concurrent chunks {t_chunks * 1e3:8.1f} ms | "
