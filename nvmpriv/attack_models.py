@@ -360,6 +360,33 @@ def train_shadow_models(
     ]
 
 
+def _shadow_subset(
+    shadows: Sequence[TrainedShadow] | None,
+    n_shadow: int,
+    net_factory: NetFactory,
+    x: np.ndarray,
+    y: np.ndarray,
+    train: TrainConfig | None,
+    seed: int,
+) -> list[TrainedShadow]:
+    """The first ``n_shadow`` of the given shadow models, or ``n_shadow`` newly trained ones."""
+    if shadows is None:
+        return train_shadow_models(net_factory, x, y, n_shadow, train=train, seed=seed)
+    if len(shadows) < n_shadow:
+        raise AttackInputError(
+            f"{len(shadows)} shadow models given but the attack uses n_shadow={n_shadow}; "
+            f"train at least {n_shadow} with train_shadow_models"
+        )
+    for sh in shadows[:n_shadow]:
+        top = max(int(sh.member_idx.max(initial=-1)), int(sh.nonmember_idx.max(initial=-1)))
+        if top >= len(x):
+            raise AttackInputError(
+                f"a shadow model's indices reach {top} but shadow_x has {len(x)} rows; pass the "
+                "shadow_x/shadow_y the shadow models were trained on"
+            )
+    return list(shadows[:n_shadow])
+
+
 # ----------------------------------------------------------------- inputs for score attacks
 def shadow_attack_inputs(
     query_fn: QueryFn,
@@ -370,6 +397,7 @@ def shadow_attack_inputs(
     *,
     train: TrainConfig | None = None,
     seed: int = 0,
+    shadow: TrainedShadow | None = None,
 ) -> AttackInputs:
     """Query the target and one shadow model: inputs for every threshold attack.
 
@@ -381,12 +409,19 @@ def shadow_attack_inputs(
         net_factory: Builds a network like the target's.
         train: Shadow training hyper-parameters.
         seed: Seed.
+        shadow: A shadow model already trained on ``shadow_x`` (e.g. the first of a set shared
+            with the learned attacks); ``None`` trains one.
 
     Returns:
         :class:`~nvmpriv.attacks.AttackInputs` with shadow outputs filled in.
+
+    Raises:
+        AttackInputError: If ``shadow``'s indices do not fit ``shadow_x``.
     """
     q = _CountingQuery(query_fn)
-    (sh,) = train_shadow_models(net_factory, shadow_x, shadow_y, 1, train=train, seed=seed)
+    (sh,) = _shadow_subset(
+        None if shadow is None else [shadow], 1, net_factory, shadow_x, shadow_y, train, seed
+    )
     return AttackInputs(
         q(target.member_x),
         target.member_y,
@@ -719,6 +754,7 @@ def _learned_attack(
     make_model: Callable[[int], nn.Module],
     *,
     n_shadow: int,
+    shadows: Sequence[TrainedShadow] | None,
     train: TrainConfig | None,
     attack_epochs: int,
     attack_lr: float,
@@ -728,9 +764,12 @@ def _learned_attack(
 ) -> AttackResult:
     t0 = time.perf_counter()
     shadow_y = np.asarray(shadow_y, dtype=np.int64)
-    shadows = train_shadow_models(net_factory, shadow_x, shadow_y, n_shadow, train=train, seed=seed)
-    feats, labels = _shadow_training_set(shadows, shadow_x, shadow_y, featurize)
-    n_classes = int(shadows[0].query(shadow_x[:1]).shape[1])
+    used = _shadow_subset(shadows, n_shadow, net_factory, shadow_x, shadow_y, train, seed)
+    feats, labels = _shadow_training_set(used, shadow_x, shadow_y, featurize)
+    n_classes = int(used[0].query(shadow_x[:1]).shape[1])
+    # Seeded here, not by whatever ran before: the attack model must not depend on whether the
+    # shadow models were trained just now or passed in.
+    torch.manual_seed(seed)
     score = _fit_binary(
         make_model(n_classes),
         feats,
@@ -770,6 +809,7 @@ def nn_shadow_attack(
     attack_epochs: int = 40,
     attack_lr: float = 1e-3,
     seed: int = 0,
+    shadows: Sequence[TrainedShadow] | None = None,
 ) -> AttackResult:
     """Shokri et al.'s shadow-model attack with one attack MLP on posteriors [+ one-hot label].
 
@@ -786,12 +826,15 @@ def nn_shadow_attack(
         attack_epochs: Attack-model epochs.
         attack_lr: Attack-model Adam learning rate.
         seed: Seed.
+        shadows: Shadow models already trained on ``shadow_x`` (see :func:`train_shadow_models`);
+            the first ``n_shadow`` are used, so one set serves several attacks. ``None`` trains
+            ``n_shadow`` new ones.
 
     Returns:
         Result named ``nn_shadow``.
 
     Raises:
-        AttackInputError: On an unknown classifier.
+        AttackInputError: On an unknown classifier, or fewer ``shadows`` than ``n_shadow``.
     """
 
     def featurize(q: QueryFn, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
@@ -800,7 +843,16 @@ def nn_shadow_attack(
 
     if classifier == "sklearn":
         return _sklearn_shadow_attack(
-            query_fn, target, shadow_x, shadow_y, net_factory, featurize, n_shadow, train, seed
+            query_fn,
+            target,
+            shadow_x,
+            shadow_y,
+            net_factory,
+            featurize,
+            n_shadow,
+            shadows,
+            train,
+            seed,
         )
     if classifier != "torch":
         raise AttackInputError(f"classifier must be 'torch' or 'sklearn', got {classifier!r}")
@@ -814,6 +866,7 @@ def nn_shadow_attack(
         featurize,
         lambda c: _Concat(_mlp(2 * c if use_label else c, (512, 256, 128))),
         n_shadow=n_shadow,
+        shadows=shadows,
         train=train,
         attack_epochs=attack_epochs,
         attack_lr=attack_lr,
@@ -831,6 +884,7 @@ def _sklearn_shadow_attack(
     net_factory: NetFactory,
     featurize: Callable[[QueryFn, np.ndarray, np.ndarray], list[np.ndarray]],
     n_shadow: int,
+    shadows: Sequence[TrainedShadow] | None,
     train: TrainConfig | None,
     seed: int,
 ) -> AttackResult:
@@ -838,8 +892,8 @@ def _sklearn_shadow_attack(
 
     t0 = time.perf_counter()
     shadow_y = np.asarray(shadow_y, dtype=np.int64)
-    shadows = train_shadow_models(net_factory, shadow_x, shadow_y, n_shadow, train=train, seed=seed)
-    (feats,), labels = _shadow_training_set(shadows, shadow_x, shadow_y, featurize)
+    used = _shadow_subset(shadows, n_shadow, net_factory, shadow_x, shadow_y, train, seed)
+    (feats,), labels = _shadow_training_set(used, shadow_x, shadow_y, featurize)
     clf = MLPClassifier((64, 64), max_iter=300, random_state=seed).fit(feats, labels)
     q = _CountingQuery(query_fn)
 
@@ -871,6 +925,7 @@ def ml_leaks_attack(
     attack_epochs: int = 40,
     attack_lr: float = 1e-3,
     seed: int = 0,
+    shadows: Sequence[TrainedShadow] | None = None,
 ) -> AttackResult:
     """ML-Leaks (Salem et al.): one shadow model, attack MLP on the sorted top-k posteriors.
 
@@ -885,9 +940,14 @@ def ml_leaks_attack(
         attack_epochs: Attack-model epochs.
         attack_lr: Attack-model learning rate.
         seed: Seed.
+        shadows: Shadow models already trained on ``shadow_x``; the first ``n_shadow`` are used
+            (``None`` trains new ones).
 
     Returns:
         Result named ``ml_leaks``.
+
+    Raises:
+        AttackInputError: If ``shadows`` holds fewer models than the attack uses.
     """
 
     def featurize(q: QueryFn, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
@@ -904,6 +964,7 @@ def ml_leaks_attack(
         featurize,
         lambda c: _Concat(_mlp(min(top_k, c), (64, 64))),
         n_shadow=1,
+        shadows=shadows,
         train=train,
         attack_epochs=attack_epochs,
         attack_lr=attack_lr,
@@ -926,6 +987,7 @@ def nasr_attack(
     attack_epochs: int = 40,
     attack_lr: float = 1e-3,
     seed: int = 0,
+    shadows: Sequence[TrainedShadow] | None = None,
 ) -> AttackResult:
     """Nasr et al.'s black-box inference model on logits and the one-hot label.
 
@@ -944,9 +1006,14 @@ def nasr_attack(
         attack_epochs: Attack-model epochs.
         attack_lr: Attack-model learning rate.
         seed: Seed.
+        shadows: Shadow models already trained on ``shadow_x``; the first ``n_shadow`` are used
+            (``None`` trains new ones).
 
     Returns:
         Result named ``nasr``.
+
+    Raises:
+        AttackInputError: If ``shadows`` holds fewer models than the attack uses.
     """
 
     def featurize(q: QueryFn, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
@@ -964,6 +1031,7 @@ def nasr_attack(
         featurize,
         lambda c: NasrAttackModel(c, widths),
         n_shadow=n_shadow,
+        shadows=shadows,
         train=train,
         attack_epochs=attack_epochs,
         attack_lr=attack_lr,
@@ -1023,6 +1091,7 @@ def samia_attack(
     attack_epochs: int = 40,
     attack_lr: float = 1e-3,
     seed: int = 0,
+    shadows: Sequence[TrainedShadow] | None = None,
 ) -> AttackResult:
     """SAMIA (Yuan & Zhang): sensitivity tokens and a small Transformer, black-box.
 
@@ -1039,9 +1108,14 @@ def samia_attack(
         attack_epochs: Attack-model epochs.
         attack_lr: Attack-model learning rate.
         seed: Seed.
+        shadows: Shadow models already trained on ``shadow_x``; the first ``n_shadow`` are used
+            (``None`` trains new ones).
 
     Returns:
         Result named ``samia``; ``queries`` counts the ``m + 1`` queries per sample.
+
+    Raises:
+        AttackInputError: If ``shadows`` holds fewer models than the attack uses.
     """
 
     def featurize(q: QueryFn, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
@@ -1058,6 +1132,7 @@ def samia_attack(
         featurize,
         SamiaAttackModel,
         n_shadow=n_shadow,
+        shadows=shadows,
         train=train,
         attack_epochs=attack_epochs,
         attack_lr=attack_lr,

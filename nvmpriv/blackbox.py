@@ -196,6 +196,12 @@ def _class_factory(
     return lambda: cls(**kwargs)
 
 
+def _shadows_used(attack: Callable[..., Any]) -> int:
+    """How many shadow models a learned attack uses by default (1 if it has no ``n_shadow``)."""
+    param = inspect.signature(attack).parameters.get("n_shadow")
+    return 1 if param is None else int(param.default)
+
+
 def _parse_attacks(spec: str | Sequence[str]) -> list[str]:
     from nvmpriv.attack_models import LEARNED_ATTACKS
 
@@ -253,7 +259,10 @@ def attack_model(
 
     Returns:
         The report: ``attacks`` (per attack: ``accuracy``, ``accuracy_upper_bound``, ``auc``,
-        ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``queries``, ``seconds``, ...), metadata and
+        ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``queries``, ``seconds``, ...),
+        ``shadow_models`` (``n``, ``epochs``, ``seconds``: one shadow set trained once and shared
+        by the score and learned attacks, each using its first ``n_shadow``; its training time is
+        not in the attacks' ``seconds``), metadata and
         the ROC arrays under ``_roc`` (not JSON; dropped by the CLI).
 
     Raises:
@@ -267,6 +276,7 @@ def attack_model(
         reference_attack_inputs,
         run_learned_attack,
         shadow_attack_inputs,
+        train_shadow_models,
     )
 
     if int(queries) < 1:
@@ -297,12 +307,27 @@ def attack_model(
     results: dict[str, mia.AttackResult] = {}
     timing: dict[str, float] = {}
     score_names = [n for n in names if n in mia.SCORE_ATTACKS and n not in _REFERENCE]
+    learned_names = [n for n in names if n in LEARNED_ATTACKS]
+    # One shadow set serves every attack (each uses its first n_shadow models), so a suite of
+    # several shadow-based attacks trains the attacker's models once.
+    n_shadow = max(
+        [1 if score_names else 0] + [_shadows_used(LEARNED_ATTACKS[n]) for n in learned_names]
+    )
+    shadows: list[Any] = []
+    shadow_seconds = 0.0
+    if n_shadow:
+        assert data.shadow_x is not None and data.shadow_y is not None
+        t0 = time.perf_counter()
+        shadows = train_shadow_models(
+            factory, data.shadow_x, data.shadow_y, n_shadow, train=train, seed=seed
+        )
+        shadow_seconds = time.perf_counter() - t0
     if score_names:
         q = _Counting(predictor, int(queries))
         t0 = time.perf_counter()
         assert data.shadow_x is not None and data.shadow_y is not None
         inputs = shadow_attack_inputs(
-            q, target, data.shadow_x, data.shadow_y, factory, train=train, seed=seed
+            q, target, data.shadow_x, data.shadow_y, factory, shadow=shadows[0]
         )
         prep = time.perf_counter() - t0
         for name in score_names:
@@ -326,12 +351,12 @@ def attack_model(
             t1 = time.perf_counter()
             results[name] = _with(mia.run_attack(name, inputs), queries=q.count)
             timing[name] = prep + time.perf_counter() - t1
-    for name in [n for n in names if n in LEARNED_ATTACKS]:
+    for name in learned_names:
         q = _Counting(predictor, int(queries))
         t0 = time.perf_counter()
         assert data.shadow_x is not None and data.shadow_y is not None
         r = run_learned_attack(
-            name, q, target, data.shadow_x, data.shadow_y, factory, train=train, seed=seed
+            name, q, target, data.shadow_x, data.shadow_y, factory, seed=seed, shadows=shadows
         )
         results[name] = _with(r, queries=q.count)
         timing[name] = time.perf_counter() - t0
@@ -345,6 +370,7 @@ def attack_model(
         "n_members": len(data.member_y),
         "n_nonmembers": len(data.nonmember_y),
         "shadow_net": shadow_net or "default (nvmpriv.attack_models.default_shadow_net)",
+        "shadow_models": {"n": n_shadow, "epochs": int(shadow_epochs), "seconds": shadow_seconds},
         "attacks": {},
     }
     for name in names:

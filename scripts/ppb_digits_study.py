@@ -11,14 +11,15 @@ loss-attack accuracy and the test accuracy, under two protocols:
 With ``--attacks`` it also runs, on every fine-tuned model, the best-threshold confidence, entropy
 and modified-entropy attacks and the learned black-box attacks of the paper's evaluation: SAMIA
 (Yuan & Zhang) and the Shokri et al. shadow-model MLP, with 5 shadow ColumnFCs trained normally on
-the attacker's half (the attacker does not know the defense). Each learned attack trains its own
-shadows from the seed, so they are the same for every target of a seed but trained again per
-target and attack (the attack functions take no pre-trained shadows).
+the attacker's half (the attacker does not know the defense). The shadows depend only on the
+attacker's data and the seed, so they are trained once per seed and shared by every target and
+both attacks.
 
     .venv/bin/python scripts/ppb_digits_study.py [--seeds 0 1 2] [--lams 0 4 16] [--attacks]
+        [--protocols fixed paper]
 
-Prints one line per run and a mean per (protocol, lam, sparsity). Single-threaded; about 4 min
-(22 min measured with ``--attacks``, 3 seeds, 3 values of lam).
+Prints one line per run and a mean per (protocol, lam), with the per-seed difference to lam 0
+for each measure. Single-threaded; about 4 min (3 seeds, 3 values of lam, both protocols).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ from lightning.pytorch.callbacks import EarlyStopping
 from nvmpriv.attack_models import (
     MembershipSplit,
     TrainConfig,
+    TrainedShadow,
     nn_shadow_attack,
     predict_proba_fn,
     samia_attack,
+    train_shadow_models,
 )
 from nvmpriv.attacks import (
     best_threshold,
@@ -96,7 +99,21 @@ def measure(net: torch.nn.Module, dm: Digits) -> tuple[float, float, float]:
     return divergence, loss_threshold_attack_accuracy(li, yi, lo, yo), test_acc
 
 
-def attack_accuracies(net: torch.nn.Module, dm: Digits, seed: int) -> dict[str, float]:
+def shadow_net() -> torch.nn.Module:
+    """The attacker's shadow architecture: the target's, trained normally."""
+    return ColumnFC(64, 10, dropout=0.0)
+
+
+def attacker_shadows(dm: Digits, seed: int) -> list[TrainedShadow]:
+    """The 5 shadow models of the learned attacks, on the attacker's half (Yuan & Zhang: 5)."""
+    px, py = dm.arrays("population")
+    train = TrainConfig(epochs=60, lr=1e-3, batch_size=32)
+    return train_shadow_models(shadow_net, px, py, 5, train=train, seed=seed)
+
+
+def attack_accuracies(
+    net: torch.nn.Module, dm: Digits, seed: int, shadows: list[TrainedShadow]
+) -> dict[str, float]:
     """Threshold and learned (SAMIA, shadow MLP) attack accuracies on the fine-tuned ``net``."""
     mx, my = dm.arrays("target_train")
     nx, ny = dm.arrays("target_test")
@@ -112,13 +129,8 @@ def attack_accuracies(net: torch.nn.Module, dm: Digits, seed: int) -> dict[str, 
         )
     }
     split = MembershipSplit(mx, my, nx, ny)
-    train = TrainConfig(epochs=60, lr=1e-3, batch_size=32)
-
-    def factory() -> torch.nn.Module:
-        return ColumnFC(64, 10, dropout=0.0)
-
     for name, attack in (("samia", samia_attack), ("nn_shadow", nn_shadow_attack)):
-        result = attack(query, split, px, py, factory, n_shadow=5, train=train, seed=seed)
+        result = attack(query, split, px, py, shadow_net, n_shadow=5, seed=seed, shadows=shadows)
         assert result.accuracy is not None  # learned attacks decide at p >= 0.5
         out[name] = result.accuracy
         out[f"{name}_auc"] = result.auc
@@ -132,6 +144,9 @@ def main() -> None:
     parser.add_argument("--lams", type=float, nargs="+", default=[0.0, 4.0, 16.0])
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--attacks", action="store_true", help="add threshold and learned attacks")
+    parser.add_argument(
+        "--protocols", nargs="+", choices=("fixed", "paper"), default=["fixed", "paper"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -149,7 +164,8 @@ def main() -> None:
             t.fit(source, datamodule=dm)
             ckpt = root / f"src{seed}.ckpt"
             t.save_checkpoint(ckpt)
-            for protocol in ("fixed", "paper"):
+            shadows = attacker_shadows(dm, seed) if args.attacks else []
+            for protocol in args.protocols:
                 for lam in args.lams:
                     pl.seed_everything(seed, verbose=False)
                     kwargs: dict[str, Any] = {}
@@ -176,7 +192,7 @@ def main() -> None:
                     if keep.state is not None:
                         model.net.load_state_dict(keep.state)
                     div, mia, acc = measure(model.net, dm)
-                    extra = attack_accuracies(model.net, dm, seed) if args.attacks else {}
+                    extra = attack_accuracies(model.net, dm, seed, shadows) if args.attacks else {}
                     rows.append(
                         dict(seed=seed, protocol=protocol, lam=lam, div=div, mia=mia, acc=acc)
                         | extra
@@ -199,6 +215,19 @@ def main() -> None:
         print(
             f"{protocol:5s} lam {lam:5.1f}: "
             + " ".join(f"{k} {v:.3f}" for k, v in zip(keys, means, strict=True))
+        )
+    print("\nchange against lam 0 of the same seed and protocol (mean; seeds lower / seeds):")
+    for (protocol, lam), vals in sorted(groups.items()):
+        base = groups.get((protocol, 0.0))
+        if lam == 0.0 or base is None:
+            continue
+        delta = np.array(vals) - np.array(base)
+        print(
+            f"{protocol:5s} lam {lam:5.1f}: "
+            + " ".join(
+                f"{k} {d.mean():+.4f} ({int((d < 0).sum())}/{len(d)})"
+                for k, d in zip(keys, delta.T, strict=True)
+            )
         )
 
 

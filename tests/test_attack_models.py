@@ -171,6 +171,38 @@ def test_nasr_and_sklearn_variants_run(digits: dict) -> None:
     assert sk.auc > 0.55
 
 
+def test_shared_shadows_give_the_same_attack_without_retraining(
+    digits: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = (digits["query"], digits["split"], digits["pool_x"], digits["pool_y"], _fc)
+    own = M.nn_shadow_attack(*args, n_shadow=2, attack_epochs=5, train=CFG, seed=3)
+    shared = M.train_shadow_models(_fc, digits["pool_x"], digits["pool_y"], 3, train=CFG, seed=3)
+
+    def no_training(*a: object, **k: object) -> None:
+        raise AssertionError("shadow models were retrained")
+
+    monkeypatch.setattr(M, "train_shadow_models", no_training)
+    # the first two of a batched set of three are the two a 2-shadow attack trains itself
+    again = M.nn_shadow_attack(*args, n_shadow=2, attack_epochs=5, seed=3, shadows=shared)
+    assert (again.auc, again.accuracy) == (own.auc, own.accuracy)
+    assert again.extra["n_shadow"] == 2 and again.queries == own.queries
+    inputs = M.shadow_attack_inputs(*args, shadow=shared[0])
+    np.testing.assert_array_equal(
+        inputs.shadow_member_outputs, shared[0].query(digits["pool_x"][shared[0].member_idx])
+    )
+    with pytest.raises(AttackInputError, match="3 shadow models given but the attack uses"):
+        M.samia_attack(*args, shadows=shared, n_shadow=5)
+    with pytest.raises(AttackInputError, match="pass the shadow_x/shadow_y"):
+        M.ml_leaks_attack(
+            digits["query"],
+            digits["split"],
+            digits["pool_x"][:10],
+            digits["pool_y"][:10],
+            _fc,
+            shadows=shared,
+        )
+
+
 @pytest.mark.parametrize(
     "online", [pytest.param(False, id="offline"), pytest.param(True, id="online")]
 )

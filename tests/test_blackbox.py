@@ -183,3 +183,25 @@ def test_npz_data_and_errors(
         )
         == 2
     )
+
+
+def test_attacks_share_one_shadow_set(run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import nvmpriv.attack_models as M
+
+    calls: list[int] = []
+    real = M.train_shadow_models
+
+    def counted(*args: Any, **kwargs: Any) -> list[M.TrainedShadow]:
+        calls.append(int(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(M, "train_shadow_models", counted)
+    data = load_attack_data(run["run_dir"], max_samples=200)
+    report = attack_model(
+        run["digital"], data, ["confidence", "ml_leaks", "nn_shadow"], shadow_epochs=2
+    )
+    # nn_shadow uses 4 shadow models, ml_leaks and the thresholds the first of them
+    assert calls == [4]
+    assert report["shadow_models"]["n"] == 4 and report["shadow_models"]["seconds"] > 0
+    assert report["attacks"]["nn_shadow"]["extra"]["n_shadow"] == 4
+    assert report["attacks"]["ml_leaks"]["extra"]["n_shadow"] == 1
