@@ -15,12 +15,18 @@ non-member and shadow sets, scores the outputs with :mod:`nvmpriv.attacks` and l
 
 The model is left exactly as it was (weights, buffers, train/eval flags, RNG state), also when an
 attack raises. At the end of ``fit``/``validate``/``test`` it writes ``results.json`` (atomically)
-in the run folder and prints a table.
+in the run folder and prints a table; at the end of ``fit`` it audits again when the weights
+changed since its last audit (early stopping between audits, :class:`RestoreBestWeights`), so
+``results.json`` always describes the model that ``fit`` leaves behind (and the ONNX export).
+
+:class:`RestoreBestWeights` puts back the weights of the best validation epoch when training
+ends (Yuan & Zhang release the best-validation model of PPB fine-tuning).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -33,6 +39,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from nvmpriv import attacks as mia
@@ -40,10 +47,34 @@ from nvmpriv.atomic import atomic_write_text
 from nvmpriv.crossbar import CrossbarConfig, convert, get_preset
 from nvmpriv.crossbar.metrics import layer_noise, nonideality_factor
 
-__all__ = ["DIGITAL", "CrossbarAudit", "FiniteLossGuard", "atomic_write_text"]
+__all__ = [
+    "DIGITAL",
+    "CrossbarAudit",
+    "FiniteLossGuard",
+    "RestoreBestWeights",
+    "atomic_write_text",
+    "weights_fingerprint",
+]
 
 DIGITAL = "digital"
 DEFAULT_ATTACKS = ("confidence", "loss", "entropy", "modified_entropy", "gap")
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A digest of every parameter and buffer (names and exact bytes).
+
+    Args:
+        module: The model.
+
+    Returns:
+        Hex digest; equal digests mean bit-identical weights.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -160,6 +191,7 @@ class CrossbarAudit(Callback):
         self.results: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self._shadow_state: dict[str, torch.Tensor] | None = None
+        self._audited_weights: str | None = None
         self._nf_cache: dict[str, float] = {}
         self._limits = self._budget(quick=False)
 
@@ -188,8 +220,9 @@ class CrossbarAudit(Callback):
         self._finish(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write ``results.json`` and print the table."""
-        if not self.results:
+        """Audit the final weights if not done yet, write ``results.json``, print the table."""
+        net: nn.Module = pl_module.net  # type: ignore[assignment]
+        if not self.results or weights_fingerprint(net) != self._audited_weights:
             self.audit(trainer, pl_module)
         self._finish(trainer)
 
@@ -229,7 +262,11 @@ class CrossbarAudit(Callback):
         results["seconds"] = time.perf_counter() - start
         results["epoch"] = trainer.current_epoch
         results["global_step"] = trainer.global_step
+        restored = _restored_epoch(trainer)
+        if restored is not None:
+            results["restored_best_epoch"] = restored
         self.results = results
+        self._audited_weights = weights_fingerprint(net)
         self.history.append(
             {k: v for k, v in results.items() if k != "configs"}
             | {"summary": self._flat_metrics(results)}
@@ -607,3 +644,76 @@ class FiniteLossGuard(Callback):
                 f"{trainer.global_step}; lower the learning rate and resume from the last good "
                 f"checkpoint ({ckpt})"
             )
+
+
+def _restored_epoch(trainer: pl.Trainer) -> int | None:
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, RestoreBestWeights) and cb.restored:
+            return cb.best_epoch
+    return None
+
+
+class RestoreBestWeights(Callback):
+    """When training ends, load the weights of the epoch with the best monitored metric.
+
+    Like Keras' ``EarlyStopping(restore_best_weights=True)``; pair it with Lightning's
+    ``EarlyStopping``. It acts in ``on_train_end``, before the ``on_fit_end`` of the audit and the
+    ONNX export, so both see the restored model. ``last.ckpt`` still holds the last epoch's
+    weights; ``ModelCheckpoint(monitor=...)`` saves the best ones to disk.
+
+    Args:
+        monitor: Logged validation metric (``val/acc``, ``val/loss``, ...).
+        mode: ``"max"`` or ``"min"``.
+
+    Raises:
+        ValueError: On another ``mode``.
+    """
+
+    def __init__(self, monitor: str = "val/acc", mode: str = "max") -> None:
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode={mode!r} is invalid: choose 'max' or 'min'")
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.restored = False
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep a copy of the weights when the monitored metric improves (strictly)."""
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+            raise ValueError(
+                f"RestoreBestWeights: monitor {self.monitor!r} is not logged (logged: {logged}); "
+                "set monitor to one of them"
+            )
+        v = float(value)
+        better = self.best is None or (v > self.best if self.mode == "max" else v < self.best)
+        if better and math.isfinite(v):
+            self.best, self.best_epoch = v, trainer.current_epoch
+            self._state = {k: t.detach().cpu().clone() for k, t in pl_module.state_dict().items()}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load the best weights back into the model."""
+        if self._state is None:
+            return
+        pl_module.load_state_dict(self._state)
+        self.restored = True
+        rank_zero_info(
+            f"RestoreBestWeights: restored the weights of epoch {self.best_epoch} "
+            f"({self.monitor} {self.best:.4f})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Best value, epoch and weights, so a resumed run keeps its best so far."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self._state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.best = state_dict.get("best")
+        self.best_epoch = state_dict.get("best_epoch")
+        self._state = state_dict.get("weights")

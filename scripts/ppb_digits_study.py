@@ -13,10 +13,11 @@ and modified-entropy attacks and the learned black-box attacks of the paper's ev
 (Yuan & Zhang) and the Shokri et al. shadow-model MLP, with 5 shadow ColumnFCs trained normally on
 the attacker's half (the attacker does not know the defense). The shadows depend only on the
 attacker's data and the seed, so they are trained once per seed and shared by every target and
-both attacks.
+both attacks. With ``--pruned-shadows`` the attacker knows the pruning (not the defense): its
+shadows are pruned to the same sparsity and fine-tuned plainly, as in Yuan & Zhang's evaluation.
 
     .venv/bin/python scripts/ppb_digits_study.py [--seeds 0 1 2] [--lams 0 4 16] [--attacks]
-        [--protocols fixed paper]
+        [--protocols fixed paper] [--pruned-shadows]
 
 Prints one line per run and a mean per (protocol, lam), with the per-seed difference to lam 0
 for each measure. Single-threaded; about 4 min (3 seeds, 3 values of lam, both protocols).
@@ -25,7 +26,7 @@ for each measure. Single-threaded; about 4 min (3 seeds, 3 values of lam, both p
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import logging
 import tempfile
 import warnings
@@ -53,26 +54,13 @@ from nvmpriv.attacks import (
     entropy_scores,
     modified_entropy_scores,
 )
+from nvmpriv.callbacks import RestoreBestWeights
 from nvmpriv.data import Digits
 from nvmpriv.methods import PPBFineTuning, StandardTraining
 from nvmpriv.methods._common import collect_logits, loss_threshold_attack_accuracy
 from nvmpriv.methods.ppb import sorted_posterior_divergence
 from nvmpriv.nets import ColumnFC
-
-
-class KeepBest(pl.Callback):
-    """Keeps the net weights of the best validation accuracy (mia_prune's best.pth)."""
-
-    def __init__(self) -> None:
-        self.best = -1.0
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember the weights if this epoch's validation accuracy is the best so far."""
-        acc = float(trainer.callback_metrics.get("val/acc", -1.0))
-        if acc > self.best:
-            self.best = acc
-            self.state = copy.deepcopy(pl_module.net.state_dict())  # type: ignore[union-attr]
+from nvmpriv.pruning import apply_masks, magnitude_masks
 
 
 def make_trainer(root: Path, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
@@ -104,11 +92,39 @@ def shadow_net() -> torch.nn.Module:
     return ColumnFC(64, 10, dropout=0.0)
 
 
-def attacker_shadows(dm: Digits, seed: int) -> list[TrainedShadow]:
-    """The 5 shadow models of the learned attacks, on the attacker's half (Yuan & Zhang: 5)."""
+def attacker_shadows(dm: Digits, seed: int, pruned: float = 0.0) -> list[TrainedShadow]:
+    """The 5 shadow models of the learned attacks, on the attacker's half (Yuan & Zhang: 5).
+
+    With ``pruned > 0`` the attacker knows the pruning but not the defense: each shadow is
+    magnitude-pruned to that sparsity and fine-tuned plainly on its own members (Adam 1e-3,
+    weight decay 5e-4, 15 epochs, masks kept).
+    """
     px, py = dm.arrays("population")
     train = TrainConfig(epochs=60, lr=1e-3, batch_size=32)
-    return train_shadow_models(shadow_net, px, py, 5, train=train, seed=seed)
+    shadows = train_shadow_models(shadow_net, px, py, 5, train=train, seed=seed)
+    if pruned <= 0:
+        return shadows
+    out = []
+    for r, sh in enumerate(shadows):
+        net = sh.model
+        masks = magnitude_masks(net, pruned)
+        apply_masks(net, masks)
+        xs = torch.as_tensor(px[sh.member_idx], dtype=torch.float32)
+        ys = torch.as_tensor(py[sh.member_idx], dtype=torch.long)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(seed + r)
+        net.train()
+        for _ in range(15):
+            perm = torch.randperm(len(xs), generator=gen)
+            for i in range(0, len(xs), 32):
+                idx = perm[i : i + 32]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx]).backward()
+                opt.step()
+                apply_masks(net, masks)
+        net.eval()
+        out.append(dataclasses.replace(sh, query=predict_proba_fn(net)))
+    return out
 
 
 def attack_accuracies(
@@ -145,6 +161,11 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--attacks", action="store_true", help="add threshold and learned attacks")
     parser.add_argument(
+        "--pruned-shadows",
+        action="store_true",
+        help="the attacker's shadows are pruned like the target (and fine-tuned without PPB)",
+    )
+    parser.add_argument(
         "--protocols", nargs="+", choices=("fixed", "paper"), default=["fixed", "paper"]
     )
     args = parser.parse_args()
@@ -164,20 +185,23 @@ def main() -> None:
             t.fit(source, datamodule=dm)
             ckpt = root / f"src{seed}.ckpt"
             t.save_checkpoint(ckpt)
-            shadows = attacker_shadows(dm, seed) if args.attacks else []
+            shadows = (
+                attacker_shadows(dm, seed, args.sparsity if args.pruned_shadows else 0.0)
+                if args.attacks
+                else []
+            )
             for protocol in args.protocols:
                 for lam in args.lams:
                     pl.seed_everything(seed, verbose=False)
                     kwargs: dict[str, Any] = {}
                     callbacks: list[pl.Callback] = []
-                    keep = KeepBest()
                     if protocol == "paper":
                         kwargs["optimizer"] = lambda p: torch.optim.Adam(
                             p, lr=1e-3, weight_decay=5e-4
                         )
                         callbacks = [
                             EarlyStopping(monitor="val/acc", mode="max", patience=5),
-                            keep,
+                            RestoreBestWeights(monitor="val/acc", mode="max"),
                         ]
                     model = PPBFineTuning(
                         ColumnFC(64, 10, dropout=0.0),
@@ -189,8 +213,6 @@ def main() -> None:
                     )
                     trainer = make_trainer(root / f"ft{seed}{protocol}{lam}", 30, callbacks)
                     trainer.fit(model, datamodule=dm)
-                    if keep.state is not None:
-                        model.net.load_state_dict(keep.state)
                     div, mia, acc = measure(model.net, dm)
                     extra = attack_accuracies(model.net, dm, seed, shadows) if args.attacks else {}
                     rows.append(

@@ -15,7 +15,13 @@ import yaml
 from conftest import ROOT
 
 from nvmpriv import attacks as mia
-from nvmpriv.callbacks import CrossbarAudit, FiniteLossGuard, format_table
+from nvmpriv.callbacks import (
+    CrossbarAudit,
+    FiniteLossGuard,
+    RestoreBestWeights,
+    format_table,
+    weights_fingerprint,
+)
 from nvmpriv.data import Digits
 from nvmpriv.methods import StandardTraining
 from nvmpriv.nets import ColumnFC
@@ -264,3 +270,68 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
                     values[key], abs=1e-6
                 )
         assert two["configs"][cfg]["acc"] == pytest.approx(one["configs"][cfg]["acc"], abs=1e-9)
+
+
+class ScriptedMetric(pl.Callback):
+    """Logs a scripted ``val/score`` per epoch and records the weights each validation saw."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+        self.seen: list[str] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("val/score", self.values[trainer.current_epoch])
+        self.seen.append(weights_fingerprint(pl_module.net))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("mode", "best"), [("max", 1), ("min", 3)])
+def test_restore_best_weights_and_the_audit_sees_them(tmp_path: Path, mode: str, best: int) -> None:
+    pl.seed_everything(0)
+    script = ScriptedMetric([0.2, 0.9, 0.5, 0.1])
+    restore = RestoreBestWeights(monitor="val/score", mode=mode)
+    audit = CrossbarAudit(
+        crossbars=["ideal"],
+        attacks=["loss"],
+        max_samples=64,
+        layer_samples=0,
+        figures=False,
+        every_n_epochs=2,
+        print_table=False,
+    )
+    module = StandardTraining(ColumnFC(64, 10), num_classes=10)
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[script, audit, restore],
+    )
+    trainer.fit(module, datamodule=Digits(batch_size=32))
+    assert len(set(script.seen)) == 4  # the weights differ between epochs
+    assert weights_fingerprint(module.net) == script.seen[best]
+    assert restore.best_epoch == best
+    assert restore.best == pytest.approx([0.2, 0.9, 0.5, 0.1][best])
+    # The last scheduled audit (epoch 3) saw the last weights: unless they are the best ones, the
+    # fit-end audit runs again on the restored weights.
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results.get("restored_best_epoch") == (best if best != 3 else None)
+    assert audit._audited_weights == script.seen[best]
+
+
+def test_restore_best_weights_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose 'max' or 'min'"):
+        RestoreBestWeights(mode="highest")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[RestoreBestWeights(monitor="val/accuracy")],
+    )
+    with pytest.raises(ValueError, match="'val/accuracy' is not logged .*val/acc"):
+        trainer.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits())
