@@ -20,7 +20,9 @@ shadows are pruned to the same sparsity and fine-tuned plainly, as in Yuan & Zha
         [--protocols fixed paper] [--pruned-shadows]
 
 Prints one line per run and a mean per (protocol, lam), with the per-seed difference to lam 0
-for each measure. Single-threaded; about 4 min (3 seeds, 3 values of lam, both protocols).
+for each measure. Single-threaded; about 4 min (3 seeds, 3 values of lam, both protocols); with
+``--attacks`` about 25 min for 6 seeds, lam 0 and 4, the paper protocol only (SAMIA's
+Transformer dominates: ~65 s per attack on one thread).
 """
 
 from __future__ import annotations
