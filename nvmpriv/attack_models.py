@@ -10,10 +10,11 @@ are delegated to the torch-free :mod:`nvmpriv.attacks`, so every attack returns 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from nvmpriv.attacks import (
     result_from_scores,
 )
 from nvmpriv.attacks._validate import check_probabilities
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = [
     "LEARNED_ATTACKS",
@@ -134,6 +138,18 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float32)
 
 
+def _own_rng(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` on a forked CPU torch RNG: it seeds itself and leaves the caller's stream as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_own_rng
 def train_classifier(
     net_factory: NetFactory,
     x: np.ndarray,
@@ -154,7 +170,8 @@ def train_classifier(
         epochs: Passes over the data.
         lr: Adam learning rate.
         batch_size: Mini-batch size (samples).
-        seed: Seed of initialization and shuffling.
+        seed: Seed of initialization and shuffling (on a forked RNG: the caller's global torch
+            RNG is left as it was).
         weight_decay: Adam L2 coefficient.
 
     Returns:
@@ -185,6 +202,11 @@ def _has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
+def _has_dropout(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+
+
+@_own_rng
 def train_classifiers(
     net_factory: NetFactory,
     x: np.ndarray,
@@ -197,7 +219,11 @@ def train_classifiers(
 ) -> list[nn.Module]:
     """Train ``R`` models at once, model ``r`` on the samples where ``masks[r]`` is True.
 
-    With ``batched=True`` (and no BatchNorm) the ``R`` networks are stacked with ``torch.func``
+    Model ``r`` depends only on ``seed``, ``r`` and its mask, not on how many models are trained
+    together, so the first models of a shared set equal a smaller set's. Like
+    :func:`train_classifier` it runs on a forked RNG and leaves the caller's torch RNG untouched.
+
+    With ``batched=True`` (and no BatchNorm or dropout) the ``R`` networks are stacked with ``torch.func``
     and trained in one vectorized loop: every mini-batch is drawn from all samples and each
     model's loss is the mean over its own samples in it, so each model still sees each of its
     samples once per epoch; Adam's updates are per-parameter, hence independent across models.
@@ -226,7 +252,9 @@ def train_classifiers(
         )
     torch.manual_seed(seed)
     nets = [net_factory() for _ in range(masks.shape[0])]
-    if not batched or _has_batchnorm(nets[0]) or masks.shape[0] == 1:
+    # Dropout in a vmapped loop draws for all models from one stream, so model r would depend
+    # on how many are trained together; train those (and BatchNorm nets) one by one.
+    if not batched or _has_batchnorm(nets[0]) or _has_dropout(nets[0]):
         return [
             train_classifier(
                 net_factory,
@@ -743,6 +771,7 @@ def _shadow_training_set(
     return [np.concatenate(parts) for parts in zip(*feats, strict=True)], np.concatenate(labels)
 
 
+@_own_rng
 def _learned_attack(
     name: str,
     query_fn: QueryFn,
@@ -876,6 +905,7 @@ def nn_shadow_attack(
     )
 
 
+@_own_rng
 def _sklearn_shadow_attack(
     query_fn: QueryFn,
     target: MembershipSplit,

@@ -548,6 +548,63 @@ def _blackbox_reports(run_dir: Path, crossbars: Sequence[str]) -> dict[str, Path
     return {c: run_dir / "blackbox" / f"{c}.json" for c in crossbars}
 
 
+def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """``init_args`` of the first trainer callback whose class path ends with ``name``."""
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith(name):
+            return dict(cb.get("init_args") or {})
+    return None
+
+
+def _fit_exports(config: dict[str, Any], run_dir: Path, chip_seed: int) -> dict[str, Path]:
+    """ONNX files the run's ``ExportOnnx`` wrote at the end of ``fit``, by crossbar preset name.
+
+    Only the digital file and presets programmed with ``chip_seed`` (the audit's chip) count;
+    crossbars given as YAML files are left to the checkpoint export.
+    """
+    args = _callback_args(config, "ExportOnnx")
+    if args is None or args.get("enabled") is False:
+        return {}
+    folder = Path(args.get("folder", "exports"))
+    run = args.get("name") or f"{run_dir.parent.name}_{run_dir.name}"
+    seed = int(args.get("chip_seed", 0))
+    files = {}
+    for crossbar in args.get("crossbars", ["digital", "64x64_100k"]):
+        crossbar = str(crossbar)
+        if crossbar == "digital":
+            stem = f"{run}_digital"
+        elif seed == chip_seed and not crossbar.endswith((".yaml", ".yml", ".json")):
+            stem = f"{run}_{crossbar}_seed{seed}"
+        else:
+            continue
+        if (folder / f"{stem}.onnx").exists():
+            files[crossbar] = folder / f"{stem}.onnx"
+    return files
+
+
+def _export_checkpoint(run_dir: Path, config: dict[str, Any]) -> Path | None:
+    """The checkpoint whose weights are the model ``fit`` left behind.
+
+    ``last.ckpt``, except when ``RestoreBestWeights`` put back an earlier epoch: then the single
+    best checkpoint of a ``ModelCheckpoint`` that monitors the same metric the same way.
+    """
+    folder = run_dir / "checkpoints"
+    restore = _callback_args(config, "RestoreBestWeights")
+    keep = _callback_args(config, "ModelCheckpoint")
+    if restore is not None and keep is not None:
+        same = (keep.get("monitor"), keep.get("mode", "min")) == (
+            restore.get("monitor", "val/acc"),
+            restore.get("mode", "max"),
+        )
+        best = [p for p in folder.glob("*.ckpt") if not p.name.startswith("last")]
+        if same and len(best) == 1:
+            return best[0]
+    if (folder / "last.ckpt").exists():
+        return folder / "last.ckpt"
+    candidates = sorted(folder.glob("*.ckpt"))
+    return candidates[-1] if candidates else None
+
+
 def _error_line(log: Path) -> str:
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -639,20 +696,24 @@ def _run_blackbox(
     timeout: float | None,
     record: dict[str, Any],
 ) -> bool:
-    """Export each crossbar's model to ONNX and attack the file through ``nvmpriv attack``."""
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-        if not candidates:
-            record["error"] = f"no checkpoint in {run_dir / 'checkpoints'} to export"
-            return False
-        ckpt = candidates[-1]
+    """Attack each crossbar's ONNX model through ``nvmpriv attack``.
+
+    The files the fit's own ``ExportOnnx`` wrote (the model ``fit`` left behind, as audited) are
+    used where they cover the crossbar and the audit's chip seed; other crossbars are exported
+    from the checkpoint holding the same weights (see :func:`_export_checkpoint`).
+    """
+    fit_files = _fit_exports(task["config"], run_dir, int(task["chip_seed"]))
+    ckpt = None
     for crossbar, report in _blackbox_reports(run_dir, task["blackbox_crossbars"]).items():
         if report.exists():
             record["blackbox"][crossbar] = str(report)
             continue
-        model = run_dir / "exports" / f"{crossbar}.onnx"
+        model = fit_files.get(crossbar, run_dir / "exports" / f"{crossbar}.onnx")
         if not model.exists():
+            ckpt = ckpt or _export_checkpoint(run_dir, task["config"])
+            if ckpt is None:
+                record["error"] = f"no checkpoint in {run_dir / 'checkpoints'} to export"
+                return False
             cmd = [sys.executable, "-m", "nvmpriv", "export", "--config", str(paths["yaml"])]
             cmd += ["--ckpt_path", str(ckpt), "--seed", str(task["chip_seed"])]
             cmd += ["--output", str(model)]

@@ -171,6 +171,32 @@ def test_nasr_and_sklearn_variants_run(digits: dict) -> None:
     assert sk.auc > 0.55
 
 
+def _dropout_fc() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize(("factory", "sizes"), [(_fc, (1, 3)), (_dropout_fc, (2, 4))])
+def test_a_shadow_does_not_depend_on_the_set_size(
+    digits: dict, factory: M.NetFactory, sizes: tuple
+) -> None:
+    x, y = digits["pool_x"][:200], digits["pool_y"][:200]
+    cfg = M.TrainConfig(epochs=3, lr=3e-3, batch_size=50)
+    small, large = (M.train_shadow_models(factory, x, y, n, train=cfg, seed=7) for n in sizes)
+    for a, b in zip(small, large, strict=False):
+        np.testing.assert_array_equal(a.member_idx, b.member_idx)
+        for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_attacker_training_leaves_the_global_rng_alone(digits: dict) -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    M.train_classifier(_fc, digits["pool_x"][:50], digits["pool_y"][:50], epochs=1, seed=9)
+    M.train_shadow_models(_fc, digits["pool_x"][:50], digits["pool_y"][:50], 2, seed=9)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_shared_shadows_give_the_same_attack_without_retraining(
     digits: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

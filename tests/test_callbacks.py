@@ -333,5 +333,5 @@ def test_restore_best_weights_bad_input(tmp_path: Path) -> None:
         default_root_dir=str(tmp_path),
         callbacks=[RestoreBestWeights(monitor="val/accuracy")],
     )
-    with pytest.raises(ValueError, match="'val/accuracy' is not logged .*val/acc"):
+    with pytest.raises(ValueError, match=r"'val/accuracy' is not logged .*val/acc"):
         trainer.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits())

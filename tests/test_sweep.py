@@ -302,3 +302,47 @@ def test_blackbox_step(ran: tuple[Path, Path, int], tmp_path: Path) -> None:
             max(0.5, 0.5 + (float(row["train_acc"]) - float(row["acc"])) / 2), abs=0.05
         )
     assert sw.is_finished(spec, sw.expand_grid(spec)[0])
+
+
+def test_blackbox_attacks_the_model_fit_left_behind(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "cell-1" / "version_0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "epoch=3-step=40.ckpt"):
+        (run_dir / "checkpoints" / name).write_bytes(b"x")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    for stem in ("cell-1_version_0_digital", "cell-1_version_0_64x64_100k_seed0"):
+        (exports / f"{stem}.onnx").write_bytes(b"x")
+    callbacks: list[dict] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True},
+        },
+        {
+            "class_path": "nvmpriv.export_callback.ExportOnnx",
+            "init_args": {
+                "crossbars": ["digital", "64x64_100k"],
+                "chip_seed": 0,
+                "folder": str(exports),
+            },
+        },
+    ]
+    config = {"trainer": {"callbacks": callbacks}}
+    files = sw._fit_exports(config, run_dir, chip_seed=0)
+    assert files == {
+        "digital": exports / "cell-1_version_0_digital.onnx",
+        "64x64_100k": exports / "cell-1_version_0_64x64_100k_seed0.onnx",
+    }
+    # another audit chip: only the digital file is the same model
+    assert set(sw._fit_exports(config, run_dir, chip_seed=1)) == {"digital"}
+    # without RestoreBestWeights the last weights are the final model
+    assert sw._export_checkpoint(run_dir, config) == run_dir / "checkpoints" / "last.ckpt"
+    callbacks.append(
+        {
+            "class_path": "nvmpriv.callbacks.RestoreBestWeights",
+            "init_args": {"monitor": "val/acc", "mode": "max"},
+        }
+    )
+    assert sw._export_checkpoint(run_dir, config).name == "epoch=3-step=40.ckpt"
+    callbacks[0]["init_args"]["monitor"] = "val/loss"  # best of another metric: not the same
+    assert sw._export_checkpoint(run_dir, config).name == "last.ckpt"
