@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -135,6 +136,9 @@ class CrossbarAudit(Callback):
             threshold by 2-fold cross-validation on the target's own scores instead (recorded as
             ``threshold_source`` in results.json).
         shadow_lr: Adam learning rate of the shadow model.
+        shadow_seed: Seed of the shadow model's initialization and shuffling; ``None`` takes the
+            run's ``seed_everything`` seed (0 without one). Independent of ``chip_seed``, so
+            another chip changes only the simulated entries.
         adversarial_eps: If non-empty, non-adaptive L-inf PGD (gradients of the digital model)
             at these eps values, evaluated digitally and on each crossbar.
         adversarial_steps: PGD steps.
@@ -154,6 +158,7 @@ class CrossbarAudit(Callback):
         layer_samples: int = 256,
         shadow_epochs: int | None = None,
         shadow_lr: float = 1e-3,
+        shadow_seed: int | None = None,
         adversarial_eps: Sequence[float] = (),
         adversarial_steps: int = 10,
         adversarial_samples: int = 256,
@@ -183,6 +188,7 @@ class CrossbarAudit(Callback):
         self.layer_samples = layer_samples
         self.shadow_epochs = shadow_epochs
         self.shadow_lr = shadow_lr
+        self.shadow_seed = shadow_seed
         self.adversarial_eps = tuple(float(e) for e in adversarial_eps)
         self.adversarial_steps = adversarial_steps
         self.adversarial_samples = adversarial_samples
@@ -315,13 +321,19 @@ class CrossbarAudit(Callback):
                     epochs=self._limits["shadow_epochs"],
                     lr=self.shadow_lr,
                     batch_size=int(getattr(dm, "batch_size", 64)),
-                    seed=self.chip_seed + 1,
+                    seed=self._shadow_seed(),
                 )
             self._shadow_state = {
                 k: v.detach().cpu().clone() for k, v in shadow.state_dict().items()
             }
         template.load_state_dict(self._shadow_state)
         return template.to(pl_module.device).eval()
+
+    def _shadow_seed(self) -> int:
+        if self.shadow_seed is not None:
+            return int(self.shadow_seed)
+        # Lightning's seed_everything records the run's seed here (also in DDP workers).
+        return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
     def _outputs(self, pl_module: pl.LightningModule, net: nn.Module, x: np.ndarray) -> np.ndarray:
         """Logits of ``net`` on ``x``, sharded over DDP ranks and gathered in sample order."""
