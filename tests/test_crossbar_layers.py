@@ -264,6 +264,28 @@ def test_uncalibrated_converters_raise():
     layer(torch.randn(1, 4))
 
 
+def test_noisy_calibration_depends_on_the_chip_seed_only():
+    cfg = CrossbarConfig(
+        tile_size=8, dac_bits=8, adc_bits=8, read_noise=True, read_noise_sigma=0.05
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.rand(64, 16)
+
+    def ranges(global_seed: int, chip_seed: int) -> list[float]:
+        torch.manual_seed(global_seed)
+        chip = convert(net, cfg, seed=chip_seed, calibration=x)
+        after = torch.rand(1)  # the caller's stream continues as if nothing had run
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))
+        return [
+            float(r) for m in chip if hasattr(m, "adc_range") for r in (m.dac_range, m.adc_range)
+        ]
+
+    assert ranges(1, 0) == ranges(2, 0)
+    assert ranges(1, 0) != ranges(1, 1)
+
+
 def test_gradients_ste_and_digital():
     torch.manual_seed(10)
     lin = nn.Linear(10, 5)

@@ -101,13 +101,13 @@ def convert(
     if _mappable(model):
         layer: nn.Module = _build(model, config, seed, 0)
         if calibration is not None:
-            calibrate(layer, calibration)
+            calibrate(layer, calibration, seed=seed)
         return layer
     model_copy = copy.deepcopy(model)
     mapping = {id(m): _build(m, config, seed, i) for i, (_, m) in enumerate(_targets(model_copy))}
     _replace_all(model_copy, mapping)
     if calibration is not None:
-        calibrate(model_copy, calibration)
+        calibrate(model_copy, calibration, seed=seed)
     return model_copy
 
 
@@ -146,7 +146,7 @@ def simulate(
     swapped = _replace_all(model, mapping)
     try:
         if calibration is not None:
-            calibrate(model, calibration)
+            calibrate(model, calibration, seed=seed)
         yield model
     finally:
         for parent, attr, original in reversed(swapped):
@@ -166,7 +166,7 @@ def crossbar_layers(model: nn.Module) -> dict[str, CrossbarLayer]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batch: Batch) -> nn.Module:
+def calibrate(model: nn.Module, batch: Batch, *, seed: int = 0) -> nn.Module:
     """Set every crossbar layer's DAC and ADC full scale from one calibration batch.
 
     Runs ``model(batch)`` once in eval mode (training flags are restored afterwards); each
@@ -174,9 +174,15 @@ def calibrate(model: nn.Module, batch: Batch) -> nn.Module:
     the percentile of ``|per-tile partial sums|`` of the DAC-quantized input, so downstream
     layers calibrate on the quantized outputs of upstream ones.
 
+    Read noise drawn during this pass comes from a forked RNG seeded with ``seed``, so the ranges
+    (and an exported file) depend on the chip seed only, not on what ran before; the caller's
+    RNG streams are left as they were.
+
     Args:
         model: A converted model (or a single crossbar layer).
         batch: A tensor, or a sequence of tensors passed as ``model(*batch)``.
+        seed: Seed of the read noise during calibration (:func:`convert` and :func:`simulate`
+            pass the chip seed).
 
     Returns:
         ``model`` (calibrated in place).
@@ -186,11 +192,15 @@ def calibrate(model: nn.Module, batch: Batch) -> nn.Module:
     model.eval()
     for layer in layers:
         layer._calibrating = True
+    first = batch if isinstance(batch, torch.Tensor) else batch[0]
+    cuda = [first.device.index or 0] if first.device.type == "cuda" else []
     try:
-        if isinstance(batch, torch.Tensor):
-            model(batch)
-        else:
-            model(*batch)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            if isinstance(batch, torch.Tensor):
+                model(batch)
+            else:
+                model(*batch)
         for layer in layers:
             layer.calibrated.fill_(True)
     finally:
