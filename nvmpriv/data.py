@@ -490,7 +490,10 @@ class MembershipDataModule(pl.LightningDataModule):
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # Workers are started (and seeded from the main RNG) at every epoch: persistent
+            # workers keep an RNG a checkpoint cannot hold, so a resumed run would augment and
+            # shuffle differently from an uninterrupted one.
+            persistent_workers=False,
         )
 
     def train_dataloader(self) -> DataLoader[Any]:

@@ -124,3 +124,19 @@ def test_image_module_augments_only_training(tmp_path: Path) -> None:
 def test_unknown_role() -> None:
     with pytest.raises(ValueError, match="unknown role"):
         Digits().indices("members")
+
+
+def test_worker_augmentation_replays_after_a_resume(tmp_path: Path) -> None:
+    """With worker processes, epoch 1 after restoring the epoch-0 RNG state equals epoch 1 of an
+    uninterrupted run (order and random crops/flips): nothing random lives only in a worker."""
+    write_cifar10(tmp_path, per_batch=40)
+    dm = CIFAR10(root=str(tmp_path), batch_size=8, num_workers=2)
+    dm.setup()
+    torch.manual_seed(0)
+    loader = dm.train_dataloader()
+    list(loader)  # epoch 0
+    state = torch.get_rng_state()  # what the checkpoint at the end of epoch 0 holds
+    uninterrupted = torch.cat([x for x, _ in loader])
+    torch.set_rng_state(state)
+    resumed = torch.cat([x for x, _ in dm.train_dataloader()])
+    assert torch.equal(uninterrupted, resumed)
