@@ -171,3 +171,31 @@ def test_sorted_posterior_divergence_matches_a_hand_computed_kl() -> None:
     expected = float((p * np.log(p / q)).sum())
     assert sorted_posterior_divergence(members, nonmembers) == pytest.approx(expected, rel=1e-5)
     assert sorted_posterior_divergence(members, members.flip(1)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_pgd_validation_does_not_shift_training(tmp_path: Path) -> None:
+    """val/pgd_acc draws its random starts from its own generator: how many validation batches
+    are attacked does not change the trained weights."""
+    import lightning.pytorch as pl
+
+    from nvmpriv.data import Digits
+    from nvmpriv.methods import PGDTraining
+
+    weights = []
+    for val_batches in (1, 3):
+        pl.seed_everything(0)
+        model = PGDTraining(net(), 10, eps=0.1, alpha=0.05, steps=2, val_batches=val_batches)
+        trainer = pl.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=str(tmp_path),
+            limit_train_batches=4,
+        )
+        trainer.fit(model, datamodule=Digits(batch_size=32, eval_batch_size=32))
+        weights.append(torch.cat([p.detach().flatten() for p in model.net.parameters()]))
+    assert torch.equal(weights[0], weights[1])

@@ -167,7 +167,13 @@ class PGDTraining(MembershipModule):
         self.val_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
 
-    def adversarial_examples(self, x: Tensor, y: Tensor, steps: int | None = None) -> Tensor:
+    def adversarial_examples(
+        self,
+        x: Tensor,
+        y: Tensor,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """PGD examples of ``(x, y)`` at the training budget (net in eval mode meanwhile).
 
         Args:
@@ -175,6 +181,7 @@ class PGDTraining(MembershipModule):
             y: Labels.
             steps: PGD steps (default: the training ``steps``); alpha is rescaled to keep
                 ``alpha * steps`` constant.
+            generator: Generator of the random start (``None``: the global RNG, as training).
 
         Returns:
             Detached adversarial inputs within ``eps`` of ``x`` and inside the valid range.
@@ -189,6 +196,7 @@ class PGDTraining(MembershipModule):
             steps=n,
             random_start=self.random_start,
             clamp=self.clamp,
+            generator=generator,
         )
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,7 +214,11 @@ class PGDTraining(MembershipModule):
         loss = super().validation_step(batch, batch_idx)
         if self.val_steps > 0 and batch_idx < self.val_batches:
             x, y = batch
-            x_adv = self.adversarial_examples(x, y, steps=self.val_steps)
+            # Own generator per (epoch, batch): validation settings must not shift the training
+            # RNG stream, and val/pgd_acc is reproducible on its own.
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(1_000_003 * self.current_epoch + batch_idx)
+            x_adv = self.adversarial_examples(x, y, steps=self.val_steps, generator=gen)
             self.val_pgd_acc(self._logits(x_adv), y)
             self.log("val/pgd_acc", self.val_pgd_acc, prog_bar=True)
         return loss
