@@ -199,3 +199,34 @@ def test_pgd_validation_does_not_shift_training(tmp_path: Path) -> None:
         trainer.fit(model, datamodule=Digits(batch_size=32, eval_batch_size=32))
         weights.append(torch.cat([p.detach().flatten() for p in model.net.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_minmax_resumes_exactly(tmp_path: Path) -> None:
+    """Two epochs in one go equal one epoch, a checkpoint, and a resumed second epoch (the
+    reference batches per epoch, 5, are not a multiple of the reference set's batches)."""
+    import lightning.pytorch as pl
+
+    from nvmpriv.data import Digits
+    from nvmpriv.methods import MinMaxTraining
+
+    def run(epochs: int, root: Path, ckpt: Path | None = None) -> torch.Tensor:
+        pl.seed_everything(0)
+        model = MinMaxTraining(net(), 10)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=str(root),
+            limit_train_batches=5,
+            callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(root), save_last=True)],
+        )
+        trainer.fit(model, datamodule=Digits(batch_size=16), ckpt_path=ckpt)
+        return torch.cat([p.detach().flatten() for p in model.net.parameters()])
+
+    whole = run(2, tmp_path / "whole")
+    run(1, tmp_path / "part")
+    resumed = run(2, tmp_path / "resumed", ckpt=tmp_path / "part" / "last.ckpt")
+    assert torch.equal(whole, resumed)

@@ -133,6 +133,16 @@ class MinMaxTraining(MembershipModule):
         self._reference_loader = dm.dataloader(self.reference_role, shuffle=True)
         self._reference_iter = None
 
+    def on_train_epoch_start(self) -> None:
+        """Start a fresh pass over the reference set.
+
+        Every epoch draws its reference order at the same point of the RNG stream, so a run
+        resumed from an epoch-end checkpoint sees the same reference batches as an uninterrupted
+        one (an iterator carried across epochs cannot be checkpointed).
+        """
+        super().on_train_epoch_start()
+        self._reference_iter = None
+
     def _next_reference(self) -> tuple[Tensor, Tensor]:
         if self._reference_loader is None:
             raise RuntimeError("the reference loader is built in on_fit_start; call trainer.fit")
