@@ -37,12 +37,24 @@ def _load_command(spec: str) -> Callable[[list[str]], int]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input rather than a bug in nvmpriv."""
     # FloatingPointError: FiniteLossGuard's stop (a diverging run: lower the LR and resume).
+    import pickle
+    import zipfile
+
+    import yaml
+
+    # OSError covers paths that are folders/files where the other is needed, permissions, bad
+    # gzip files; EOFError, BadZipFile and UnpicklingError truncated or corrupt archives.
     errors: list[type[BaseException]] = [
         ValueError,
-        FileNotFoundError,
+        OSError,
         KeyError,
         TypeError,
         FloatingPointError,
+        OverflowError,
+        EOFError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        yaml.YAMLError,
     ]
     try:
         from jsonargparse import ArgumentError
@@ -74,7 +86,8 @@ def one_line(exc: BaseException) -> str:
     Returns:
         Its informative lines joined by spaces.
     """
-    lines = [line.strip(" -") for line in str(exc).strip().splitlines()]
+    # Strip list bullets ("  - ") only: a leading "-" may belong to a flag or a number.
+    lines = [line.strip().removeprefix("- ").strip() for line in str(exc).strip().splitlines()]
     kept = [line for line in lines if line and not line.startswith(_NOISE)]
     return " ".join(kept) or type(exc).__name__
 
@@ -106,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"error: {one_line(exc)} (rerun with --debug for the traceback)\n")
         return 2
+    except Exception as exc:  # never a raw traceback for the user
+        if debug:
+            raise
+        sys.stderr.write(
+            f"error: {type(exc).__name__}: {one_line(exc)} (check the inputs named in the "
+            "command; rerun with --debug for the traceback)\n"
+        )
+        return 1
 
 
 if __name__ == "__main__":

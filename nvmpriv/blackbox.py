@@ -30,6 +30,7 @@ import argparse
 import inspect
 import json
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ import numpy as np
 from nvmpriv import attacks as mia
 from nvmpriv.classpath import import_object, instantiate
 from nvmpriv.runtime import Predictor, load
+from nvmpriv.yamlfile import read_yaml
 
 __all__ = [
     "ALL_ATTACKS",
@@ -82,6 +84,8 @@ class AttackData:
         population_x: Attacker's reference pool (``None``: the shadow data is used).
         population_y: Its labels.
         source: Where the arrays came from.
+        split_hash: Hash of the membership split the arrays come from (run folders and data
+            YAMLs; ``None`` for an ``.npz``).
     """
 
     member_x: np.ndarray
@@ -93,19 +97,28 @@ class AttackData:
     population_x: np.ndarray | None = None
     population_y: np.ndarray | None = None
     source: str = ""
+    split_hash: str | None = None
 
 
 def _cap(x: np.ndarray, y: np.ndarray, n: int | None) -> tuple[np.ndarray, np.ndarray]:
     return (x, y) if n is None else (x[:n], y[:n])
 
 
-def _datamodule_from_yaml(spec: dict[str, Any], splits_path: str | None) -> Any:
-    if "data" in spec and isinstance(spec["data"], dict):
+def _datamodule_from_yaml(spec: Any, splits_path: str | None) -> Any:
+    if isinstance(spec, dict) and isinstance(spec.get("data"), dict):
         spec = spec["data"]
-    if "class_path" not in spec:
+    if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError("--data YAML needs a 'data:' section or a 'class_path' of a DataModule")
+    if not isinstance(spec.get("init_args", {}), dict):
+        raise ValueError(
+            "--data YAML: data.init_args must be a mapping of the DataModule's arguments"
+        )
     extra = {} if splits_path is None else {"splits_path": splits_path}
     dm = instantiate(spec, **extra)
+    if not hasattr(dm, "arrays"):
+        raise ValueError(
+            f"--data YAML: {spec['class_path']} is not an nvmpriv DataModule (nvmpriv.data.*)"
+        )
     dm.setup()
     return dm
 
@@ -124,21 +137,33 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
     Raises:
         ValueError: On a missing path, a missing array or an unreadable file.
     """
-    import yaml
-
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"--data {path} not found; give a run folder, a data YAML or an .npz")
     if path.suffix == ".npz":
-        with np.load(path) as f:
-            need = ["member_x", "member_y", "nonmember_x", "nonmember_y"]
-            missing = [k for k in need if k not in f.files]
-            if missing:
-                raise ValueError(f"--data {path} lacks arrays {missing}; it holds {f.files}")
-            arrays = {k: f[k] for k in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                need = ["member_x", "member_y", "nonmember_x", "nonmember_y"]
+                missing = [k for k in need if k not in f.files]
+                if missing:
+                    raise ValueError(f"--data {path} lacks arrays {missing}; it holds {f.files}")
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(
+                f"--data {path} is not a readable .npz ({exc}); save it again with numpy.savez"
+            ) from None
+        except ValueError as exc:
+            if "lacks arrays" in str(exc):
+                raise
+            raise ValueError(
+                f"--data {path}: {exc}; save plain numeric arrays with numpy.savez"
+            ) from None
         for a, b in (("shadow_x", "shadow_y"), ("population_x", "population_y")):
             if (a in arrays) != (b in arrays):
                 raise ValueError(f"--data {path}: give {a} and {b} together")
+        for name, array in arrays.items():
+            _check_array(path, name, array)
+        _check_pairs(path, arrays)
         mx, my = _cap(arrays["member_x"], arrays["member_y"], max_samples)
         nx, ny = _cap(arrays["nonmember_x"], arrays["nonmember_y"], max_samples)
         return AttackData(
@@ -158,9 +183,9 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
             raise ValueError(
                 f"--data {path} is a folder without config.yaml and splits.npz; give a run folder"
             )
-        dm = _datamodule_from_yaml(yaml.safe_load(cfg_file.read_text()), str(path))
+        dm = _datamodule_from_yaml(read_yaml(cfg_file, "--data") or {}, str(path))
     else:
-        dm = _datamodule_from_yaml(yaml.safe_load(path.read_text()) or {}, None)
+        dm = _datamodule_from_yaml(read_yaml(path, "--data") or {}, None)
     mx, my = dm.arrays("target_train", limit=max_samples)
     nx, ny = dm.arrays("target_test", limit=max_samples)
     (stx, sty), (svx, svy) = dm.arrays("shadow_train"), dm.arrays("shadow_test")
@@ -174,7 +199,31 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
         *_cap(sx, sy.astype(np.int64), None if max_samples is None else 2 * max_samples),
         *_cap(px, py.astype(np.int64), None if max_samples is None else 2 * max_samples),
         source=str(path),
+        split_hash=getattr(getattr(dm, "splits", None), "split_hash", None),
     )
+
+
+def _check_array(path: Path, name: str, array: np.ndarray) -> None:
+    """Refuse arrays an ``astype`` would silently change: complex or fractional labels."""
+    if array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"--data {path}: {name} has dtype {array.dtype}; save real numbers (labels as integers)"
+        )
+    if name.endswith("_y"):
+        if array.ndim != 1:
+            raise ValueError(f"--data {path}: {name} must be 1-D labels, got shape {array.shape}")
+        if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+            raise ValueError(f"--data {path}: {name} holds non-integer labels; save class indices")
+
+
+def _check_pairs(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    for role in ("member", "nonmember", "shadow", "population"):
+        x, y = arrays.get(f"{role}_x"), arrays.get(f"{role}_y")
+        if x is not None and y is not None and len(x) != len(y):
+            raise ValueError(
+                f"--data {path}: {role}_x has {len(x)} rows but {role}_y {len(y)} labels; "
+                "save one label per sample"
+            )
 
 
 def _opt_int(y: np.ndarray | None) -> np.ndarray | None:
@@ -284,6 +333,20 @@ def attack_model(
     predictor = model if isinstance(model, Predictor) else load(model)
     names = _parse_attacks(attacks)
     shape, n_classes = predictor.input_shape, predictor.num_classes
+    for field in ("member_y", "nonmember_y", "shadow_y", "population_y"):
+        labels = getattr(data, field)
+        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ValueError(
+                f"{field} holds labels {int(labels.min())}..{int(labels.max())} but "
+                f"{predictor.path.name} has {n_classes} classes; give labels in 0..{n_classes - 1}"
+            )
+    split = predictor.metadata.get("nvmpriv.split_hash")
+    if data.split_hash and split and data.split_hash != split:
+        raise ValueError(
+            f"{predictor.path.name} was trained on split {split[:12]} but --data {data.source} "
+            f"holds split {data.split_hash[:12]}: members would be mislabelled; give the run "
+            "folder (or data config and seed) the model was trained with"
+        )
     for field in ("member_x", "nonmember_x", "shadow_x", "population_x"):
         array = getattr(data, field)
         if array is not None and tuple(array.shape[1:]) != tuple(shape):
@@ -435,6 +498,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="all", help="'all' or comma-separated names")
     p.add_argument("--queries", type=int, default=1, help="queries averaged per sample (k)")
     p.add_argument("--output", default="report.json", help="report path (ROC PNG next to it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--shadow-net", default=None, help="class path of the attacker's net")
     p.add_argument("--shadow-epochs", type=int, default=30, help="attacker's training epochs")
     p.add_argument("--n-ref", type=int, default=4, help="reference models for LiRA/RMIA")
@@ -453,6 +517,7 @@ def cli_main(argv: list[str]) -> int:
         Exit code.
     """
     args = _parser().parse_args(argv)
+    _check_output(Path(args.output), args.overwrite)
     names = _parse_attacks(args.attacks)
     if args.shadow_epochs < 1 or args.n_ref < 1 or args.max_samples < 1:
         raise ValueError("--shadow-epochs, --n-ref and --max-samples must be >= 1")
@@ -471,6 +536,22 @@ def cli_main(argv: list[str]) -> int:
     write_report(report, args.output)
     print(format_report(report))
     return 0
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a report path that would replace or cannot hold the outputs."""
+    if out.suffix != ".json":
+        raise ValueError(f"--output {out} must be a .json path (the ROC PNG is written next to it)")
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a folder; give a file path such as {out}/report.json")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--output {out}: {parent} is a file, not a folder; choose another path")
+    taken = [p for p in (out, out.with_suffix(".png")) if p.exists()]
+    if taken and not overwrite:
+        raise ValueError(
+            f"--output {out}: {taken[0]} exists; pass --overwrite or choose another path"
+        )
 
 
 def write_report(report: dict[str, Any], output: str | Path) -> tuple[Path, Path]:

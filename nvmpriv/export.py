@@ -121,16 +121,20 @@ def load_crossbar(spec: str) -> CrossbarConfig | None:
     if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
         if not path.is_file():
             raise ExportError(f"--crossbar file {path} not found; give a preset name or a file")
-        import yaml
+        from nvmpriv.yamlfile import read_yaml
 
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path, "--crossbar")
         if isinstance(data, dict) and "crossbar" in data and isinstance(data["crossbar"], dict):
             data = data["crossbar"]
         if not isinstance(data, dict):
             raise ExportError(
                 f"--crossbar file {path} must hold a mapping of CrossbarConfig fields"
             )
-        return CrossbarConfig.from_dict(data)
+        cfg = CrossbarConfig.from_dict(data)
+        if "name" not in data and set(data) - {"preset"}:
+            # A preset with overrides is another chip: it must not take the preset's file name.
+            cfg = cfg.replace(name=path.stem)
+        return cfg
     return get_preset(spec)
 
 
@@ -982,17 +986,23 @@ def load_run(
     Raises:
         ExportError: On a missing or malformed file.
     """
-    import yaml
+    from nvmpriv.yamlfile import read_yaml
 
     cfg_file = Path(config_path)
     if not cfg_file.is_file():
         raise ExportError(f"--config {cfg_file} not found; give the training YAML")
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    if not isinstance(cfg, dict) or "model" not in cfg or "data" not in cfg:
+    cfg = read_yaml(cfg_file, "--config") or {}
+    if (
+        not isinstance(cfg, dict)
+        or not isinstance(cfg.get("model"), dict)
+        or not isinstance(cfg.get("data"), dict)
+    ):
         raise ExportError(f"--config {cfg_file} needs 'model' and 'data' sections (a fit config)")
     model_args = (cfg["model"] or {}).get("init_args") or {}
-    if "net" not in model_args:
-        raise ExportError(f"--config {cfg_file}: model.init_args.net is missing")
+    if not isinstance(model_args, dict) or not isinstance(model_args.get("net"), dict):
+        raise ExportError(
+            f"--config {cfg_file}: model.init_args.net is missing or not a class_path mapping"
+        )
     net: nn.Module = instantiate(model_args["net"])
     dm = instantiate(cfg["data"])
     if ckpt_path is not None:
@@ -1006,11 +1016,18 @@ def load_run(
                 f"{ckpt_file} is not a readable checkpoint ({type(exc).__name__}); give a "
                 "Lightning .ckpt written by nvmpriv"
             ) from exc
-        state = ckpt.get("state_dict", {})
+        state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
         net_state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         if not net_state:
             raise ExportError(f"{ckpt_file} has no 'net.*' weights; is it an nvmpriv checkpoint?")
-        net.load_state_dict(net_state)
+        try:
+            net.load_state_dict(net_state)
+        except RuntimeError as exc:
+            first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), "")
+            raise ExportError(
+                f"{ckpt_file} does not fit the net of --config {cfg_file} ({first}); give the "
+                "config the checkpoint was trained with"
+            ) from None
         dm_state = ckpt.get(type(dm).__qualname__)
         if dm_state is not None:
             dm.load_state_dict(dm_state)

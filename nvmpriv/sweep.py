@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from nvmpriv.atomic import atomic_write_text
+from nvmpriv.yamlfile import read_yaml
 
 __all__ = [
     "AUDIT_CLASS",
@@ -249,7 +250,7 @@ def load_sweep(path: str | Path, output: str | Path | None = None) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "sweep") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"sweep {path}: top level must be a mapping")
     unknown = sorted(set(raw) - _SWEEP_KEYS)
@@ -485,7 +486,9 @@ def cell_config(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
     Raises:
         ValueError: An override path does not fit the config, or the audit callback is missing.
     """
-    config = yaml.safe_load(cell.entry.path.read_text()) or {}
+    config = read_yaml(cell.entry.path, "sweep config entry") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"sweep config entry {cell.entry.path} must hold a mapping (a fit config)")
     for key, value in {**spec.overrides, **cell.entry.overrides}.items():
         set_dotted(config, key, value)
     for key, value in cell.values.items():
@@ -941,6 +944,15 @@ def run_sweep(
             _run_ray(todo, spec.ray, report)
         else:
             _run_local(todo, max_parallel or spec.max_parallel, report)
+    nothing_new = outcome.ran and len(outcome.failed) == len(outcome.ran) and not outcome.skipped
+    if nothing_new and (spec.output / "results.csv").exists():
+        # Typically a mistyped override or axis: every cell fails the same way. The tables of
+        # an earlier sweep into this folder are worth more than a table of failures.
+        log(
+            f"sweep {spec.name}: every cell failed; {spec.output / 'results.csv'} and "
+            "results.md are left as they were (errors in cells/<cell_id>.json and .log)"
+        )
+        return outcome
     rows = gather(spec, cells)
     outcome.files = write_outputs(spec, rows)
     return outcome

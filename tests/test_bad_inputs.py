@@ -284,6 +284,7 @@ def _attack(d: Path, model: Path, data: Path | None = None) -> list[str]:
         "1",
         "--output",
         str(d / "report.json"),
+        "--overwrite",  # the sentinel report must survive because the command fails
     ]
 
 
@@ -320,6 +321,84 @@ def attack_nan_input(d: Path) -> list[str]:
     return _attack(d, _onnx(d / "model.onnx"), _arrays(d / "nan.npz", nan=True))
 
 
+def attack_output_exists(d: Path) -> list[str]:
+    return _attack(d, _onnx(d / "model.onnx"))[:-1]  # no --overwrite
+
+
+def attack_output_not_json(d: Path) -> list[str]:
+    (d / "keep.txt").write_text("precious\n")
+    args = _attack(d, _onnx(d / "model.onnx"))
+    args[args.index("--output") + 1] = str(d / "keep.txt")
+    return args
+
+
+def _edited_arrays(path: Path, **changes: np.ndarray) -> Path:
+    with np.load(_arrays(path)) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays.update(changes)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def attack_fractional_labels(d: Path) -> list[str]:
+    frac = np.full(40, 0.5)
+    return _attack(d, _onnx(d / "model.onnx"), _edited_arrays(d / "frac.npz", member_y=frac))
+
+
+def attack_shadow_labels_out_of_range(d: Path) -> list[str]:
+    big = np.full(40, 12)
+    return _attack(d, _onnx(d / "model.onnx"), _edited_arrays(d / "big.npz", shadow_y=big))
+
+
+def attack_truncated_npz(d: Path) -> list[str]:
+    data = _arrays(d / "cut.npz")
+    data.write_bytes(data.read_bytes()[:200])
+    return _attack(d, _onnx(d / "model.onnx"), data)
+
+
+def attack_other_split(d: Path) -> list[str]:
+    import onnx
+
+    model = _onnx(d / "model.onnx")
+    proto = onnx.load(str(model))
+    onnx.helper.set_model_props(
+        proto,
+        {p.key: p.value for p in proto.metadata_props} | {"nvmpriv.split_hash": "0" * 64},
+    )
+    onnx.save(proto, str(model))
+    data = d / "digits.yaml"
+    data.write_text("data:\n  class_path: nvmpriv.data.Digits\n  init_args: {seed: 3}\n")
+    return _attack(d, model, data)
+
+
+def export_wrong_architecture(d: Path) -> list[str]:
+    ckpt = _checkpoint(d / "nasr.ckpt", "NasrFC")
+    out = d / "out.onnx"
+    return [
+        "export",
+        "--config",
+        str(_base_config(d)),
+        "--ckpt_path",
+        str(ckpt),
+        "--output",
+        str(out),
+    ]
+
+
+def export_yaml_syntax(d: Path) -> list[str]:
+    (d / "broken.yaml").write_text("model: [1\ndata: 2\n")
+    ckpt = d / "x.ckpt"
+    ckpt.write_bytes(b"x")
+    return ["export", "--config", str(d / "broken.yaml"), "--ckpt_path", str(ckpt)]
+
+
+def crossbar_bits_too_large(d: Path) -> list[str]:
+    (d / "xb.yaml").write_text("preset: 64x64_100k\nadc_bits: 200\n")
+    ckpt = _checkpoint(d / "good.ckpt", "ColumnFC")
+    cfg = str(_base_config(d))
+    return ["export", "--config", cfg, "--ckpt_path", str(ckpt), "--crossbar", str(d / "xb.yaml")]
+
+
 NO_BLACKBOX = (HAVE_BLACKBOX, "nvmpriv.blackbox (the attack subcommand) does not exist yet")
 
 CASES: dict[str, Case] = {
@@ -348,6 +427,15 @@ CASES: dict[str, Case] = {
     "onnx-wrong-input-width": Case(onnx_wrong_input_width, ("narrow.onnx", "10"), NO_BLACKBOX),
     "attack-empty-set": Case(attack_empty_set, ("empty",), needs=NO_BLACKBOX),
     "attack-nan-input": Case(attack_nan_input, ("NaN",), needs=NO_BLACKBOX),
+    "attack-output-exists": Case(attack_output_exists, ("report.json", "--overwrite")),
+    "attack-output-not-json": Case(attack_output_not_json, ("keep.txt", ".json")),
+    "attack-fractional-labels": Case(attack_fractional_labels, ("member_y", "non-integer")),
+    "attack-labels-out-of-range": Case(attack_shadow_labels_out_of_range, ("shadow_y", "10")),
+    "attack-truncated-npz": Case(attack_truncated_npz, ("cut.npz", "not a readable .npz")),
+    "attack-other-split": Case(attack_other_split, ("split", "run folder")),
+    "export-wrong-architecture": Case(export_wrong_architecture, ("nasr.ckpt", "does not fit")),
+    "export-yaml-syntax": Case(export_yaml_syntax, ("broken.yaml", "not valid YAML")),
+    "crossbar-bits-too-large": Case(crossbar_bits_too_large, ("adc_bits", "[2, 24]")),
 }
 
 
@@ -433,6 +521,34 @@ def test_one_line_condenses_multiline_messages() -> None:
 
     exc = ValueError("Problem with field x:\n  - Given value type: str\n  - expected int\n")
     assert one_line(exc) == "Problem with field x: expected int"
+
+
+def test_one_line_keeps_flags_and_negative_numbers() -> None:
+    from nvmpriv.__main__ import one_line
+
+    assert one_line(ValueError("--ckpt_path x not found")) == "--ckpt_path x not found"
+    assert (
+        one_line(ValueError("-1 is not in bounds\n  - use >= 0")) == "-1 is not in bounds use >= 0"
+    )
+
+
+def test_yaml_files_read_scientific_floats_and_name_syntax_errors(tmp_path: Path) -> None:
+    from nvmpriv.yamlfile import read_yaml
+
+    good = tmp_path / "xb.yaml"
+    good.write_text("g_max: 1e-5\nr_wire: 1.0e12\ntile_size: 64\nname: '1e3'\n")
+    assert read_yaml(good, "--crossbar") == {
+        "g_max": 1e-5,
+        "r_wire": 1e12,
+        "tile_size": 64,
+        "name": "1e3",
+    }
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1\nb: 2\n")
+    with pytest.raises(ValueError, match=r"--config .*bad.yaml is not valid YAML \(line 2"):
+        read_yaml(bad, "--config")
+    with pytest.raises(ValueError, match="is a folder"):
+        read_yaml(tmp_path, "--config")
 
 
 def test_case_catalogue_is_large_enough() -> None:

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import product
 from pathlib import Path
@@ -346,3 +347,24 @@ def test_blackbox_attacks_the_model_fit_left_behind(tmp_path: Path) -> None:
     assert sw._export_checkpoint(run_dir, config).name == "epoch=3-step=40.ckpt"
     callbacks[0]["init_args"]["monitor"] = "val/loss"  # best of another metric: not the same
     assert sw._export_checkpoint(run_dir, config).name == "last.ckpt"
+
+
+def test_a_sweep_whose_cells_all_fail_keeps_earlier_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = sw.load_sweep(write_sweep(tmp_path), output=tmp_path / "out")
+    spec = replace(spec, entries=spec.entries[1:], seeds=(0,))  # the broken cell only
+    (tmp_path / "out").mkdir()
+    earlier = {"results.csv": "cell_id,status\ngood,done\n", "results.md": "# earlier\n"}
+    for name, text in earlier.items():
+        (tmp_path / "out" / name).write_text(text)
+
+    def all_fail(tasks: list, max_parallel: int, report: Callable) -> None:
+        for task in tasks:
+            report({"cell_id": task["cell_id"], "status": "failed", "error": "bad override"})
+
+    monkeypatch.setattr(sw, "_run_local", all_fail)
+    outcome = sw.run_sweep(spec, log=lambda _: None)
+    assert outcome.failed and outcome.files == []
+    for name, text in earlier.items():
+        assert (tmp_path / "out" / name).read_text() == text

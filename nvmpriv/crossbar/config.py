@@ -260,13 +260,15 @@ def _fail(field_name: str, value: object, allowed: str, fix: str) -> CrossbarCon
     )
 
 
-def _check_bits(cfg: CrossbarConfig, name: str, minimum: int, optional: bool) -> None:
+def _check_bits(
+    cfg: CrossbarConfig, name: str, minimum: int, optional: bool, maximum: int = 32
+) -> None:
     value = getattr(cfg, name)
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
-        raise _fail(name, value, allowed, f"set {name} to a positive bit count")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        allowed = f"an integer in [{minimum}, {maximum}]" + (" or None" if optional else "")
+        raise _fail(name, value, allowed, f"set {name} to a bit count in that range")
 
 
 def _check_nonneg(cfg: CrossbarConfig, name: str, unit: str) -> None:
@@ -275,9 +277,19 @@ def _check_nonneg(cfg: CrossbarConfig, name: str, unit: str) -> None:
         raise _fail(name, value, f">= 0 {unit} (finite)", f"use a non-negative {name}")
 
 
+#: Largest tile edge accepted: the exact programming solves an N^2-node circuit per tile.
+_MAX_TILE = 1024
+
+
 def _validate(cfg: CrossbarConfig) -> None:
-    if isinstance(cfg.tile_size, bool) or not isinstance(cfg.tile_size, int) or cfg.tile_size < 1:
-        raise _fail("tile_size", cfg.tile_size, "an integer >= 1", "use e.g. 32, 64 or 128")
+    if (
+        isinstance(cfg.tile_size, bool)
+        or not isinstance(cfg.tile_size, int)
+        or not 1 <= cfg.tile_size <= _MAX_TILE
+    ):
+        raise _fail(
+            "tile_size", cfg.tile_size, f"an integer in [1, {_MAX_TILE}]", "use e.g. 32, 64 or 128"
+        )
     for name in ("g_max", "g_min"):
         _check_nonneg(cfg, name, "S")
     if cfg.g_max <= 0:
@@ -294,8 +306,9 @@ def _validate(cfg: CrossbarConfig) -> None:
         cfg.v_read > 0 and math.isfinite(cfg.v_read)
     ):
         raise _fail("v_read", cfg.v_read, "> 0 V", "use e.g. 0.25")
-    _check_bits(cfg, "dac_bits", 2, optional=True)
-    _check_bits(cfg, "adc_bits", 2, optional=True)
+    # Codes must stay exact in float32 (24-bit significand).
+    _check_bits(cfg, "dac_bits", 2, optional=True, maximum=24)
+    _check_bits(cfg, "adc_bits", 2, optional=True, maximum=24)
     p = cfg.calibration_percentile
     if not isinstance(p, (int, float)) or not (0 < p <= 100):
         raise _fail("calibration_percentile", p, "(0, 100] percent", "use 100 for max-abs")
@@ -326,6 +339,13 @@ def _validate(cfg: CrossbarConfig) -> None:
     for name in ("r_wire", "r_source", "r_sink"):
         _check_nonneg(cfg, name, "ohm")
     _check_nonneg(cfg, "variation_sigma", "(relative)")
+    if cfg.variation_sigma > 1.0:
+        raise _fail(
+            "variation_sigma",
+            cfg.variation_sigma,
+            "<= 1 (relative spread of the conductances)",
+            "use e.g. 0.02 to 0.3",
+        )
     if cfg.variation_model not in _VARIATION_MODELS:
         raise _fail("variation_model", cfg.variation_model, str(_VARIATION_MODELS), "pick one")
     for name in ("p_stuck_min", "p_stuck_max"):
