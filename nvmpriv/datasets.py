@@ -199,7 +199,13 @@ def _cached(
 ) -> RawDataset:
     """Load a tabular set from its compact cache, or parse the sources and write the cache."""
     cache = sources[0].with_name(sources[0].name + ".nvmpriv.npz")
-    stamp = np.array([f"{_CACHE_VERSION}:" + ";".join(f"{p.stat().st_size}" for p in sources)])
+    # Size and modification time: an edited file of the same size must not hit a stale cache.
+    stamp = np.array(
+        [
+            f"{_CACHE_VERSION}:"
+            + ";".join(f"{p.stat().st_size}@{p.stat().st_mtime_ns}" for p in sources)
+        ]
+    )
     if cache.exists():
         try:
             with np.load(cache) as stored:

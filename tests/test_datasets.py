@@ -34,6 +34,23 @@ def test_cache_is_used_and_identical(tmp_path: Path) -> None:
     np.testing.assert_array_equal(second.features, first.features)
 
 
+def test_same_size_edit_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    import os
+
+    write_purchase(tmp_path)
+    first = ds.load_purchase100(tmp_path)
+    path = tmp_path / "dataset_purchase"
+    raw = bytearray(path.read_bytes())
+    comma = raw.index(b",")  # the first feature of the first row: flip 0 <-> 1, same size
+    raw[comma + 1] = ord("1") if raw[comma + 1] == ord("0") else ord("0")
+    path.write_bytes(bytes(raw))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    second = ds.load_purchase100(tmp_path)
+    assert second.features[0, 0] == 1 - first.features[0, 0]
+    assert second.content_hash != first.content_hash
+
+
 @pytest.mark.parametrize("layout", ["texas/100", "dataset_texas"])
 def test_texas_both_layouts(tmp_path: Path, layout: str) -> None:
     sub = write_texas(tmp_path, layout=layout)
