@@ -458,14 +458,21 @@ def set_dotted(config: dict[str, Any], path: str, value: Any) -> None:
             node = node[part]
 
 
+def _find_callback(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The first trainer callback whose class path ends with ``name`` (the live mapping)."""
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith(name):
+            return cb
+    return None
+
+
 def _audit_args(config: dict[str, Any]) -> dict[str, Any]:
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    for cb in callbacks:
-        if isinstance(cb, dict) and cb.get("class_path") == AUDIT_CLASS:
-            args = cb.get("init_args")
-            if args is None:
-                args = cb["init_args"] = {}
-            return args  # the live mapping: callers edit it in place
+    cb = _find_callback(config, AUDIT_CLASS)
+    if cb is not None:
+        if cb.get("init_args") is None:
+            cb["init_args"] = {}
+        args: dict[str, Any] = cb["init_args"]
+        return args  # the live mapping: callers edit it in place
     raise ValueError(
         f"config has no {AUDIT_CLASS} callback under trainer.callbacks; every shipped config "
         "has one, add it so the cell writes results.json"
@@ -513,11 +520,11 @@ def cell_config(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
         if not (isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ProgressBar"))
     ]
     trainer["enable_progress_bar"] = False
-    for cb in trainer["callbacks"]:
+    export = _find_callback(config, "ExportOnnx")
+    if export is not None:
         # An ONNX export at fit end belongs with the sweep, not in the working directory.
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ExportOnnx"):
-            cb.setdefault("init_args", {})
-            cb["init_args"]["folder"] = str((spec.output / "exports").resolve())
+        export.setdefault("init_args", {})
+        export["init_args"]["folder"] = str((spec.output / "exports").resolve())
     audit = _audit_args(config)
     if spec.crossbars:
         audit["crossbars"] = list(spec.crossbars)
@@ -552,11 +559,9 @@ def _blackbox_reports(run_dir: Path, crossbars: Sequence[str]) -> dict[str, Path
 
 
 def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any] | None:
-    """``init_args`` of the first trainer callback whose class path ends with ``name``."""
-    for cb in (config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith(name):
-            return dict(cb.get("init_args") or {})
-    return None
+    """A copy of the ``init_args`` of the callback :func:`_find_callback` finds, or ``None``."""
+    cb = _find_callback(config, name)
+    return None if cb is None else dict(cb.get("init_args") or {})
 
 
 def _fit_exports(config: dict[str, Any], run_dir: Path, chip_seed: int) -> dict[str, Path]:
