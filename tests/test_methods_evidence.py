@@ -347,6 +347,7 @@ def _ppb_paper_protocol(source: Path, root: Path, lam: float) -> PPBFineTuning:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # ~15 min on an idle core (SAMIA's Transformer, 12 attacks)
 def test_ppb_lowers_samia_under_the_paper_protocol(tmp_path: Path) -> None:
     """PPB (lam 4) vs plain fine-tuning of the same pruned net, SAMIA with 5 normal shadows.
 
