@@ -143,24 +143,19 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as f:
-                need = ["member_x", "member_y", "nonmember_x", "nonmember_y"]
-                missing = [k for k in need if k not in f.files]
-                if missing:
-                    raise ValueError(f"--data {path} lacks arrays {missing}; it holds {f.files}")
                 arrays = {k: f[k] for k in f.files}
         except (OSError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(
                 f"--data {path} is not a readable .npz ({exc}); save it again with numpy.savez"
             ) from None
-        except ValueError as exc:
-            if "lacks arrays" in str(exc):
-                raise
+        except ValueError as exc:  # e.g. object arrays, which need pickle
             raise ValueError(
                 f"--data {path}: {exc}; save plain numeric arrays with numpy.savez"
             ) from None
-        for a, b in (("shadow_x", "shadow_y"), ("population_x", "population_y")):
-            if (a in arrays) != (b in arrays):
-                raise ValueError(f"--data {path}: give {a} and {b} together")
+        need = ["member_x", "member_y", "nonmember_x", "nonmember_y"]
+        missing = [k for k in need if k not in arrays]
+        if missing:
+            raise ValueError(f"--data {path} lacks arrays {missing}; it holds {sorted(arrays)}")
         for name, array in arrays.items():
             _check_array(path, name, array)
         _check_pairs(path, arrays)
@@ -219,6 +214,8 @@ def _check_array(path: Path, name: str, array: np.ndarray) -> None:
 def _check_pairs(path: Path, arrays: dict[str, np.ndarray]) -> None:
     for role in ("member", "nonmember", "shadow", "population"):
         x, y = arrays.get(f"{role}_x"), arrays.get(f"{role}_y")
+        if (x is None) != (y is None):
+            raise ValueError(f"--data {path}: give {role}_x and {role}_y together")
         if x is not None and y is not None and len(x) != len(y):
             raise ValueError(
                 f"--data {path}: {role}_x has {len(x)} rows but {role}_y {len(y)} labels; "

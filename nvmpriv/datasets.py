@@ -200,11 +200,9 @@ def _cached(
     """Load a tabular set from its compact cache, or parse the sources and write the cache."""
     cache = sources[0].with_name(sources[0].name + ".nvmpriv.npz")
     # Size and modification time: an edited file of the same size must not hit a stale cache.
+    stats = [p.stat() for p in sources]
     stamp = np.array(
-        [
-            f"{_CACHE_VERSION}:"
-            + ";".join(f"{p.stat().st_size}@{p.stat().st_mtime_ns}" for p in sources)
-        ]
+        [f"{_CACHE_VERSION}:" + ";".join(f"{st.st_size}@{st.st_mtime_ns}" for st in stats)]
     )
     if cache.exists():
         try:
