@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from nvmpriv.ckptfile import check_checkpoint_file
 from nvmpriv.data import MembershipDataModule
 from nvmpriv.methods.base import MembershipModule
 
@@ -59,40 +59,6 @@ def _logger_folder(config: Any) -> tuple[Any, str, str] | None:
 
 
 _KEYWORDS = ("last", "best", "hpc", "registry")
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Reject a ``--ckpt_path`` that is missing or not a torch checkpoint, before anything loads it.
-
-    ``torch.save`` writes a zip archive with a ``data.pkl`` record; a truncated file has lost the
-    archive's central directory, so both checks cost one directory read, not a load.
-
-    Args:
-        path: The checkpoint file.
-
-    Raises:
-        FileNotFoundError: No such file.
-        ValueError: Not a torch checkpoint, or truncated.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path {path}: checkpoint not found; pass an existing .ckpt file (e.g. "
-            "logs/<name>/version_N/checkpoints/last.ckpt) or --ckpt_path last"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(
-            f"--ckpt_path {path}: not a torch checkpoint, or truncated ({exc}); pass a .ckpt file "
-            "written by Lightning, or last.ckpt of an earlier run"
-        ) from exc
-    if not any(name.endswith("data.pkl") for name in names):
-        raise ValueError(
-            f"--ckpt_path {path}: a zip archive but not a torch checkpoint (no data.pkl); pass a "
-            ".ckpt file written by Lightning"
-        )
 
 
 class NvmprivCLI(LightningCLI):

@@ -26,8 +26,10 @@ The file's ``metadata_props`` hold ``nvmpriv.version``, ``nvmpriv.crossbar`` (JS
 :meth:`CrossbarConfig.to_dict` or ``"digital"``), ``nvmpriv.crossbar_name``, ``nvmpriv.chip_seed``,
 ``nvmpriv.split_hash``, ``nvmpriv.input_name``, ``nvmpriv.output_name``, ``nvmpriv.output``
 (``"probabilities"``), ``nvmpriv.input_shape`` (JSON, without the batch dimension),
-``nvmpriv.num_classes``, ``nvmpriv.opset`` and ``nvmpriv.calibration``. The graph's input is
-``input`` with a dynamic batch dimension, its output ``probabilities`` (softmax appended).
+``nvmpriv.num_classes``, ``nvmpriv.opset``, ``nvmpriv.calibration`` and
+``nvmpriv.content_sha256`` (:func:`nvmpriv.runtime.content_digest`, checked at load). The
+graph's input is ``input`` with a dynamic batch dimension, its output ``probabilities`` (softmax
+appended).
 
 CLI::
 
@@ -58,6 +60,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from nvmpriv import __version__
+from nvmpriv.ckptfile import check_checkpoint_file
 from nvmpriv.classpath import instantiate
 from nvmpriv.crossbar import (
     CrossbarConfig,
@@ -67,6 +70,7 @@ from nvmpriv.crossbar import (
     crossbar_layers,
     get_preset,
 )
+from nvmpriv.runtime import CONTENT_DIGEST_KEY, content_digest
 
 __all__ = [
     "DIGITAL",
@@ -964,6 +968,7 @@ def export_bytes(
         extra=metadata,
     )
     oh.set_model_props(model, meta)
+    oh.set_model_props(model, {**meta, CONTENT_DIGEST_KEY: content_digest(model)})
     if check:
         onnx.checker.check_model(model, full_check=True)
     return bytes(model.SerializeToString())
@@ -1007,8 +1012,10 @@ def load_run(
     dm = instantiate(cfg["data"])
     if ckpt_path is not None:
         ckpt_file = Path(ckpt_path)
-        if not ckpt_file.is_file():
-            raise ExportError(f"--ckpt_path {ckpt_file} not found; point at RUN/checkpoints/*.ckpt")
+        try:
+            check_checkpoint_file(ckpt_file)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ExportError(str(exc)) from None
         try:
             ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -36,6 +36,7 @@ Typical use::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -51,11 +52,13 @@ import onnx
 from onnx.reference.op_run import OpRun
 
 __all__ = [
+    "CONTENT_DIGEST_KEY",
     "REQUIRED_METADATA",
     "CrossbarConv",
     "CrossbarGemm",
     "OnnxModelError",
     "Predictor",
+    "content_digest",
     "load",
     "read_metadata",
 ]
@@ -70,6 +73,9 @@ REQUIRED_METADATA = (
     "nvmpriv.input_shape",
     "nvmpriv.num_classes",
 )
+#: metadata_props key of the SHA-256 digest over everything else in the file (see
+#: :func:`content_digest`); files written before it existed load without the check.
+CONTENT_DIGEST_KEY = "nvmpriv.content_sha256"
 #: Least work (seconds, one thread) worth a concurrent chunk of a query batch.
 _MIN_CHUNK_SECONDS = 5e-3
 _FIX = "re-export it with `python -m nvmpriv export --config ... --ckpt_path ... --crossbar ...`"
@@ -300,6 +306,41 @@ def _read_model(path: str | os.PathLike[str]) -> tuple[Path, onnx.ModelProto]:
     return file, model
 
 
+def content_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 over the model's content, excluding its ``nvmpriv.content_sha256`` entry.
+
+    Covers the IR version, opset imports, graph (nodes, initializers, inputs/outputs), the
+    ONNX functions of the crossbar nodes and every other ``metadata_props`` entry. ONNX files
+    carry no checksum of their own, and a weight byte flipped on disk still parses and runs;
+    :func:`export_model <nvmpriv.export.export_model>` stores this digest and :func:`load`
+    recomputes it. Protobuf writes the known fields of a parsed message in field-number order,
+    so the digest is stable across a write and a read with any protobuf version.
+
+    Args:
+        model: The parsed model.
+
+    Returns:
+        64 hex digits.
+    """
+    h = hashlib.sha256()
+
+    def part(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    part(str(model.ir_version).encode())
+    for opset in model.opset_import:
+        part(opset.SerializeToString())
+    part(model.graph.SerializeToString())
+    for fn in model.functions:
+        part(fn.SerializeToString())
+    for prop in sorted((p.key, p.value) for p in model.metadata_props):
+        if prop[0] != CONTENT_DIGEST_KEY:
+            part(prop[0].encode())
+            part(prop[1].encode())
+    return h.hexdigest()
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file (no validation beyond parsing).
 
@@ -484,6 +525,13 @@ def load(
         num_classes = int(meta["nvmpriv.num_classes"])
     except (ValueError, TypeError) as exc:
         raise _fail(file, f"malformed nvmpriv metadata ({exc})") from None
+    stored = meta.get(CONTENT_DIGEST_KEY)
+    if stored is not None and stored != content_digest(model):
+        raise _fail(
+            file,
+            "content does not match its nvmpriv.content_sha256 (modified or corrupted after "
+            "export)",
+        )
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:

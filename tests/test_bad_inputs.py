@@ -211,6 +211,35 @@ def truncated_checkpoint(d: Path) -> list[str]:
     return ["validate", "--config", str(_base_config(d)), f"--ckpt_path={ckpt}"]
 
 
+def _flip_tensor_byte(ckpt: Path) -> None:
+    """Flip one byte inside the largest tensor record (torch.load would not notice)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(ckpt) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(ckpt.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x40
+    ckpt.write_bytes(bytes(raw))
+
+
+def flipped_checkpoint(d: Path) -> list[str]:
+    _sentinel_run(d)
+    ckpt = _checkpoint(d / "good.ckpt", "ColumnFC")
+    _flip_tensor_byte(ckpt)
+    return ["validate", "--config", str(_base_config(d)), f"--ckpt_path={ckpt}"]
+
+
+def export_flipped_checkpoint(d: Path) -> list[str]:
+    ckpt = _checkpoint(d / "good.ckpt", "ColumnFC")
+    _flip_tensor_byte(ckpt)
+    cfg = str(_base_config(d))
+    return ["export", "--config", cfg, "--ckpt_path", str(ckpt), "--output", str(d / "o.onnx")]
+
+
 def wrong_architecture(d: Path) -> list[str]:
     _sentinel_run(d)
     ckpt = _checkpoint(d / "nasr.ckpt", "NasrFC")
@@ -356,15 +385,34 @@ def attack_truncated_npz(d: Path) -> list[str]:
     return _attack(d, _onnx(d / "model.onnx"), data)
 
 
-def attack_other_split(d: Path) -> list[str]:
+def onnx_flipped_weight(d: Path) -> list[str]:
     import onnx
+
+    from nvmpriv.runtime import CONTENT_DIGEST_KEY, content_digest
 
     model = _onnx(d / "model.onnx")
     proto = onnx.load(str(model))
-    onnx.helper.set_model_props(
-        proto,
-        {p.key: p.value for p in proto.metadata_props} | {"nvmpriv.split_hash": "0" * 64},
-    )
+    meta = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, meta | {CONTENT_DIGEST_KEY: content_digest(proto)})
+    onnx.save(proto, str(model))
+    raw = bytearray(model.read_bytes())
+    at = bytes(raw).index(proto.graph.initializer[0].raw_data[:64]) + 100
+    raw[at] ^= 0x40  # 0.01 becomes another finite float: the file still parses and runs
+    model.write_bytes(bytes(raw))
+    return _attack(d, model)
+
+
+def attack_other_split(d: Path) -> list[str]:
+    import onnx
+
+    from nvmpriv.runtime import CONTENT_DIGEST_KEY, content_digest
+
+    model = _onnx(d / "model.onnx")
+    proto = onnx.load(str(model))
+    meta = {p.key: p.value for p in proto.metadata_props} | {"nvmpriv.split_hash": "0" * 64}
+    onnx.helper.set_model_props(proto, meta)
+    # a genuine export of another split: its digest matches its content
+    onnx.helper.set_model_props(proto, meta | {CONTENT_DIGEST_KEY: content_digest(proto)})
     onnx.save(proto, str(model))
     data = d / "digits.yaml"
     data.write_text("data:\n  class_path: nvmpriv.data.Digits\n  init_args: {seed: 3}\n")
@@ -418,6 +466,8 @@ CASES: dict[str, Case] = {
     "ckpt-missing": Case(missing_checkpoint, ("gone.ckpt", "not found")),
     "ckpt-not-a-checkpoint": Case(non_checkpoint_file, ("notes.ckpt", "not a")),
     "ckpt-truncated": Case(truncated_checkpoint, ("good.ckpt", "truncated")),
+    "ckpt-flipped-byte": Case(flipped_checkpoint, ("good.ckpt", "CRC-32")),
+    "export-ckpt-flipped-byte": Case(export_flipped_checkpoint, ("good.ckpt", "CRC-32")),
     "ckpt-wrong-architecture": Case(wrong_architecture, ("nasr.ckpt", "does not fit")),
     "ckpt-last-without-checkpoint": Case(last_without_checkpoint, ("last", "last.ckpt")),
     "onnx-not-onnx": Case(onnx_not_onnx, ("model.onnx",), needs=NO_BLACKBOX),
@@ -432,6 +482,7 @@ CASES: dict[str, Case] = {
     "attack-fractional-labels": Case(attack_fractional_labels, ("member_y", "non-integer")),
     "attack-labels-out-of-range": Case(attack_shadow_labels_out_of_range, ("shadow_y", "10")),
     "attack-truncated-npz": Case(attack_truncated_npz, ("cut.npz", "not a readable .npz")),
+    "onnx-flipped-weight": Case(onnx_flipped_weight, ("model.onnx", "content does not match")),
     "attack-other-split": Case(attack_other_split, ("split", "run folder")),
     "export-wrong-architecture": Case(export_wrong_architecture, ("nasr.ckpt", "does not fit")),
     "export-yaml-syntax": Case(export_yaml_syntax, ("broken.yaml", "not valid YAML")),

@@ -230,3 +230,17 @@ def test_minmax_resumes_exactly(tmp_path: Path) -> None:
     run(1, tmp_path / "part")
     resumed = run(2, tmp_path / "resumed", ckpt=tmp_path / "part" / "last.ckpt")
     assert torch.equal(whole, resumed)
+
+
+def test_corrupted_source_checkpoint_is_refused(source: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+        start = info.header_offset + len(info.FileHeader())
+    raw = bytearray(source.read_bytes())
+    raw[start + info.file_size // 2] ^= 0x40
+    source.write_bytes(bytes(raw))
+    torch.load(source, weights_only=True)  # torch itself loads the damaged weights
+    with pytest.raises(ValueError, match=r"source_checkpoint .*src\.ckpt: corrupted .*CRC-32"):
+        PPBFineTuning(net(), 10, source_checkpoint=str(source))

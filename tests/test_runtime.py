@@ -185,6 +185,41 @@ def test_bad_files_give_clear_errors(tmp_path: Path, fc_file: Path) -> None:
         runtime.load(bare)
 
 
+def test_modified_or_corrupted_content_is_refused(tmp_path: Path, fc_file: Path) -> None:
+    model = onnx.load(fc_file)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta[runtime.CONTENT_DIGEST_KEY] == runtime.content_digest(model)
+    # one byte flipped inside the largest initializer still parses, checks and runs
+    data = bytearray(fc_file.read_bytes())
+    big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    at = bytes(data).index(big.raw_data[:64]) + len(big.raw_data) // 2
+    data[at] ^= 0x40
+    flipped = tmp_path / "flipped.onnx"
+    flipped.write_bytes(bytes(data))
+    parsed = onnx.load(flipped)
+    onnx.checker.check_model(parsed)
+    assert runtime.content_digest(parsed) != meta[runtime.CONTENT_DIGEST_KEY]
+    for reference in (False, True):
+        with pytest.raises(runtime.OnnxModelError, match=r"flipped\.onnx: content does not match"):
+            runtime.load(flipped, reference=reference)
+    # an edited metadata entry (here the crossbar name) is content too
+    for prop in model.metadata_props:
+        if prop.key == "nvmpriv.crossbar_name":
+            prop.value = "ideal"
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, edited)
+    with pytest.raises(runtime.OnnxModelError, match="modified or corrupted after export"):
+        runtime.load(edited)
+    # files written before the digest existed still load
+    for i, prop in enumerate(model.metadata_props):
+        if prop.key == runtime.CONTENT_DIGEST_KEY:
+            del model.metadata_props[i]
+            break
+    older = tmp_path / "older.onnx"
+    onnx.save(model, older)
+    assert runtime.load(older).predict_proba(np.zeros((2, 64), np.float32)).shape == (2, 10)
+
+
 def test_runtime_and_score_attacks_import_no_torch(fc_file: Path) -> None:
     code = (
         "import sys, numpy as np\n"

@@ -7,6 +7,7 @@ Everything here is small and torch-only; the methods' maths lives in :mod:`nvmpr
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from nvmpriv.ckptfile import check_checkpoint_file
 from nvmpriv.pruning import Masks, register_mask_hooks
 
 __all__ = [
@@ -91,6 +93,8 @@ def load_net_weights(net: nn.Module, path: str | Path, field: str = "source_chec
             f"{field}={str(path)!r} does not exist: train a model first (fit) and "
             "pass its checkpoint, e.g. logs/<run>/version_0/checkpoints/last.ckpt"
         )
+    if zipfile.is_zipfile(file):  # a plain pickled state_dict has no records to verify
+        check_checkpoint_file(file, field)
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
