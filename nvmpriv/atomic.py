@@ -6,6 +6,7 @@ so the torch-free black-box side and the sweep driver can use it too.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -13,7 +14,36 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_save_npz", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_save_npz", "atomic_write_bytes", "atomic_write_text", "mkstemp_beside"]
+
+
+@functools.cache
+def _new_file_mode() -> int:
+    # the process umask can only be read by setting it; read once, restore at once
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def mkstemp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """Create a hidden temporary file in ``path``'s folder, with a new file's usual permissions.
+
+    ``tempfile.mkstemp`` creates files readable by their owner only (0600) whatever the umask,
+    and the rename keeps that mode: results, exports and reports would be unreadable to the
+    other users of a shared or container-mounted folder. The file gets ``0666 & ~umask``
+    instead, as ``open()`` would give it.
+
+    Args:
+        path: The destination the temporary file will replace.
+        suffix: The temporary file's suffix (some writers choose the format from it).
+
+    Returns:
+        ``(fd, name)`` as from ``tempfile.mkstemp``.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, _new_file_mode())
+    return fd, tmp
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -28,7 +58,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -40,6 +40,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -52,6 +53,7 @@ __all__ = [
     "DIGITAL",
     "CrossbarAudit",
     "FiniteLossGuard",
+    "ModelCheckpoint",
     "RestoreBestWeights",
     "atomic_write_text",
     "weights_fingerprint",
@@ -179,6 +181,13 @@ class CrossbarAudit(Callback):
             raise ValueError(f"shadow_epochs={shadow_epochs} must be >= 1 or null")
         if any(e < 0 for e in adversarial_eps):
             raise ValueError(f"adversarial_eps={list(adversarial_eps)} must all be >= 0")
+        if adversarial_samples < 1 or adversarial_steps < 1:
+            raise ValueError(
+                f"adversarial_samples={adversarial_samples}, adversarial_steps="
+                f"{adversarial_steps}: both must be >= 1 (adversarial_eps: [] turns PGD off)"
+            )
+        if not shadow_lr > 0:
+            raise ValueError(f"shadow_lr={shadow_lr} must be > 0")
         self.configs = {name: _crossbar_config(name) for name in crossbars}
         self.attacks = tuple(attacks)
         self.every_n_epochs = every_n_epochs
@@ -729,3 +738,33 @@ class RestoreBestWeights(Callback):
         self.best = state_dict.get("best")
         self.best_epoch = state_dict.get("best_epoch")
         self._state = state_dict.get("weights")
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the latest epoch.
+
+    In Lightning 2.6.6 (the version installed here) ``ModelCheckpoint(monitor=...,
+    save_last=True)`` writes ``last.ckpt`` only in the epochs where a top-k checkpoint is saved,
+    i.e. when the monitored metric improves: ``last.ckpt`` then holds the best epoch, ``fit --ckpt_path last`` resumes from
+    there (retraining the later epochs), and an export of ``last.ckpt`` is not the model that
+    ``fit`` left. This subclass writes ``last.ckpt`` wherever the parent checks for a save (every
+    validation, or every training epoch end) even when no top-k file was written. All
+    arguments are Lightning's.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning's save, then ``last.ckpt`` if it was skipped."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_missed_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning's save, then ``last.ckpt`` if it was skipped."""
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_missed_last(trainer)
+
+    def _save_missed_last(self, trainer: pl.Trainer) -> None:
+        # _should_skip_saving_checkpoint is also true when a file was written at this step
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

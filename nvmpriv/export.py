@@ -45,7 +45,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from nvmpriv import __version__
+from nvmpriv.atomic import mkstemp_beside
 from nvmpriv.ckptfile import check_checkpoint_file
 from nvmpriv.classpath import instantiate
 from nvmpriv.crossbar import (
@@ -777,7 +777,7 @@ def _atomic_write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; pass --overwrite or choose another --output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -67,25 +67,45 @@ class ExportOnnx(Callback):
             return f"{logger.name}_{version}"
         return "run"
 
+    def _active(self, trainer: pl.Trainer) -> bool:
+        # fast_dev_run only checks that a run works; like Lightning's checkpoints, no files.
+        return (
+            self.enabled and trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False)
+        )
+
+    def _targets(self, trainer: pl.Trainer) -> dict[str, Path]:
+        run = self._run_name(trainer)
+        return {
+            label: self.folder / f"{export_stem(run, cfg, self.chip_seed)}.onnx"
+            for label, cfg in self.configs.items()
+        }
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse, before training, an output file that exists (unless ``overwrite``)."""
+        if stage != "fit" or self.overwrite or not self._active(trainer):
+            return
+        for path in self._targets(trainer).values():
+            if path.exists():
+                raise FileExistsError(
+                    f"ExportOnnx: {path} already exists; move it away, or set the callback's "
+                    "overwrite: true (or another folder/name)"
+                )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export every configured crossbar (rank 0 only)."""
-        # fast_dev_run only checks that a run works; like Lightning's checkpoints, no files.
-        if (
-            not self.enabled
-            or not trainer.is_global_zero
-            or getattr(trainer, "fast_dev_run", False)
-        ):
+        if not self._active(trainer):
             return
         dm: Any = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "arrays"):
             raise ValueError("ExportOnnx needs an nvmpriv MembershipDataModule (nvmpriv.data.*)")
         run = self._run_name(trainer)
+        targets = self._targets(trainer)
         for label, cfg in self.configs.items():
             path = export_run(
                 pl_module.net,  # type: ignore[arg-type]
                 dm,
                 cfg,
-                self.folder / f"{export_stem(run, cfg, self.chip_seed)}.onnx",
+                targets[label],
                 chip_seed=self.chip_seed,
                 calibration_samples=self.calibration_samples,
                 overwrite=self.overwrite,

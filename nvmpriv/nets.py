@@ -23,6 +23,10 @@ layer outputs) see that layer's output unchanged by the following nonlinearity.
 
 from __future__ import annotations
 
+import inspect
+import math
+
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "MobileNetV2",
     "NasrFC",
     "ResNet18",
+    "check_accepts_inputs",
     "resnet10w1",
     "resnet10w4",
     "resnet20w1",
@@ -46,6 +51,46 @@ __all__ = [
 def _check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
+
+
+def check_accepts_inputs(net: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run ``net`` once on two zero inputs of ``input_shape`` and name the fix if it fails.
+
+    Without it a net built for another data set fails inside the first training step with
+    torch's shape message (``mat1 and mat2 shapes cannot be multiplied``), which names neither
+    the config field nor the value it needs. The probe runs in eval mode without gradients, so
+    no BatchNorm statistic, dropout draw or parameter changes.
+
+    Args:
+        net: The classifier.
+        input_shape: One sample's shape, without the batch dimension.
+
+    Raises:
+        ValueError: If the forward pass fails; the message names the constructor argument to
+            change (``in_features``, ``in_channels``, ``input_size``) and its value.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, *input_shape))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        params = inspect.signature(type(net)).parameters
+        if "in_features" in params:
+            fix = f"set the net's in_features to {math.prod(input_shape)}"
+        elif "in_channels" in params and len(input_shape) == 3:
+            fix = f"set the net's in_channels to {input_shape[0]}"
+            if "input_size" in params:
+                fix += f" and input_size to {input_shape[-1]}"
+        else:
+            fix = "choose a net built for these inputs"
+        raise ValueError(
+            f"{type(net).__name__} does not accept the data's inputs of shape "
+            f"{tuple(input_shape)} ({first}); {fix} (model.init_args.net.init_args)"
+        ) from None
+    finally:
+        net.train(was_training)
 
 
 # --------------------------------------------------------------------------- fully connected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+
+from nvmpriv.atomic import mkstemp_beside
 
 __all__ = ["confidence_figure", "layer_metrics_figure", "roc_figure", "save_figure"]
 
@@ -30,7 +31,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = mkstemp_beside(path, suffix=path.suffix)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)

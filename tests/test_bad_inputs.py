@@ -128,6 +128,23 @@ def wrong_type(d: Path) -> list[str]:
     return _fit(d, "--trainer.max_epochs=abc")
 
 
+def net_input_width(d: Path) -> list[str]:
+    return _fit(d, "--model.init_args.net.init_args.in_features=32")
+
+
+def export_callback_output_exists(d: Path) -> list[str]:
+    args = _fit(d)  # the sentinel run is version_0, so this fit would be version_1
+    (d / "exports").mkdir()
+    (d / "exports" / "quickstart_version_1_digital.onnx").write_text(SENTINEL)
+    return args
+
+
+def audit_no_adversarial_samples(d: Path) -> list[str]:
+    audit = {"crossbars": ["ideal"], "adversarial_eps": [0.1], "adversarial_samples": 0}
+    _sentinel_run(d)
+    return ["fit", "--config", str(_base_config(d, audit=audit))]
+
+
 def unknown_class_path(d: Path) -> list[str]:
     return _fit(d, "--data=nvmpriv.data.Nope")
 
@@ -452,6 +469,9 @@ NO_BLACKBOX = (HAVE_BLACKBOX, "nvmpriv.blackbox (the attack subcommand) does not
 CASES: dict[str, Case] = {
     "config-unknown-key": Case(unknown_key, ("bogus", "not accepted")),
     "config-wrong-type": Case(wrong_type, ("trainer.max_epochs", "Given value: abc")),
+    "config-net-input-width": Case(net_input_width, ("ColumnFC", "in_features to 64")),
+    "config-export-exists": Case(export_callback_output_exists, ("version_1_digital", "overwrite")),
+    "config-audit-no-samples": Case(audit_no_adversarial_samples, ("adversarial_samples=0",)),
     "config-unknown-class-path": Case(unknown_class_path, ("Nope",)),
     "config-unknown-crossbar-preset": Case(unknown_crossbar_preset, ("64x64_nope",)),
     "config-invalid-crossbar-field": Case(invalid_crossbar_field, ("no_such_chip",)),

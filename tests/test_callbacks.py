@@ -18,6 +18,7 @@ from nvmpriv import attacks as mia
 from nvmpriv.callbacks import (
     CrossbarAudit,
     FiniteLossGuard,
+    ModelCheckpoint,
     RestoreBestWeights,
     format_table,
     weights_fingerprint,
@@ -335,3 +336,28 @@ def test_restore_best_weights_bad_input(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"'val/accuracy' is not logged .*val/acc"):
         trainer.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits())
+
+
+def test_last_checkpoint_is_the_last_epoch_when_the_metric_stops_improving(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    script = ScriptedMetric([0.2, 0.9, 0.5, 0.1])  # best at epoch 1, then worse
+    ckpt = ModelCheckpoint(monitor="val/score", mode="max", save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[script, ckpt],
+    )
+    module = StandardTraining(ColumnFC(64, 10), num_classes=10)
+    trainer.fit(module, datamodule=Digits(batch_size=32))
+    last = torch.load(ckpt.last_model_path, weights_only=True)
+    best = torch.load(ckpt.best_model_path, weights_only=True)
+    assert (last["epoch"], best["epoch"]) == (3, 1)
+    final = {k: v for k, v in module.state_dict().items()}
+    for key, value in last["state_dict"].items():
+        assert torch.equal(value, final[key]), key
+    assert len(list(Path(ckpt.dirpath).glob("*.ckpt"))) == 2  # best + last, nothing else

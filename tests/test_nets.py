@@ -19,6 +19,7 @@ from nvmpriv.nets import (
     MobileNetV2,
     NasrFC,
     ResNet18,
+    check_accepts_inputs,
     resnet10w1,
     resnet10w4,
     resnet20w1,
@@ -202,3 +203,16 @@ def test_modules_are_pure_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_input_check_names_the_argument_and_changes_nothing() -> None:
+    with pytest.raises(ValueError, match=r"ColumnFC .* shape \(64,\) .*in_features to 64"):
+        check_accepts_inputs(ColumnFC(32, 10), (64,))
+    with pytest.raises(ValueError, match="in_channels to 3 and input_size to 32"):
+        check_accepts_inputs(LeNet5(1, 10, 28), (3, 32, 32))
+    net = ResNet18(10, in_channels=1).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    check_accepts_inputs(net, (1, 28, 28))
+    assert net.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key  # BatchNorm statistics untouched

@@ -43,7 +43,7 @@ def write_config(folder: Path, *, chip_seed: int = 0, epochs: int = 4) -> Path:
     trainer["logger"]["init_args"]["name"] = "rel"
     trainer["callbacks"] = [
         {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "class_path": "nvmpriv.callbacks.ModelCheckpoint",
             "init_args": {"save_last": True, "every_n_epochs": 1, "save_top_k": -1},
         },
         {"class_path": "nvmpriv.callbacks.FiniteLossGuard"},
@@ -222,3 +222,31 @@ def test_non_finite_loss_stops_with_epoch_step_and_checkpoint(tmp_path: Path) ->
     assert all(
         torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point()
     )
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_outputs_get_the_umask_mode(tmp_path: Path, umask: int, mode: int) -> None:
+    import os
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from nvmpriv import atomic
+    from nvmpriv.export import _atomic_write_bytes
+    from nvmpriv.plots import save_figure
+
+    old = os.umask(umask)
+    atomic._new_file_mode.cache_clear()
+    try:
+        written = [
+            atomic.atomic_write_text(tmp_path / "results.json", "{}"),
+            atomic.atomic_save_npz(tmp_path / "splits.npz", a=np.zeros(3)),
+            save_figure(plt.figure(), tmp_path / "report.png"),
+        ]
+        _atomic_write_bytes(tmp_path / "model.onnx", b"x", overwrite=False)
+        written.append(tmp_path / "model.onnx")
+        for path in written:
+            assert path.stat().st_mode & 0o777 == mode, path.name
+    finally:
+        os.umask(old)
+        atomic._new_file_mode.cache_clear()

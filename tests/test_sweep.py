@@ -316,7 +316,7 @@ def test_blackbox_attacks_the_model_fit_left_behind(tmp_path: Path) -> None:
         (exports / f"{stem}.onnx").write_bytes(b"x")
     callbacks: list[dict] = [
         {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "class_path": "nvmpriv.callbacks.ModelCheckpoint",
             "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True},
         },
         {

@@ -15,6 +15,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from nvmpriv.nets import check_accepts_inputs
+
 __all__ = ["MembershipModule"]
 
 
@@ -50,6 +52,14 @@ class MembershipModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        """Check, before any step runs, that the net accepts the data module's inputs."""
+        super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        shape = tuple(getattr(datamodule, "input_shape", ()) or ())
+        if shape:
+            check_accepts_inputs(self.net, shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the net."""
