@@ -74,6 +74,13 @@ _NOISE = (
     "Errors:",
     "Given value type:",
     "Does not validate",
+    # jsonargparse's explanation of the subclass syntax, after the callee's own message
+    "Not a valid subclass of",
+    "Subclass types expect one of",
+    "a class path (str)",
+    "a dict with class_path entry",
+    "a dict without class_path",
+    "a dict with parameters accepted",
 )
 
 
@@ -88,7 +95,14 @@ def one_line(exc: BaseException) -> str:
     """
     # Strip list bullets ("  - ") only: a leading "-" may belong to a flag or a number.
     lines = [line.strip().removeprefix("- ").strip() for line in str(exc).strip().splitlines()]
-    kept = [line for line in lines if line and not line.startswith(_NOISE)]
+    kept = [
+        line
+        for line in lines
+        if line
+        and not line.startswith(_NOISE)
+        # a dump of already-built objects ("Given value: [<... object at 0x...>, ...]")
+        and not (line.startswith("Given value:") and " object at 0x" in line)
+    ]
     return " ".join(kept) or type(exc).__name__
 
 

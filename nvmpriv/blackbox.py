@@ -26,7 +26,6 @@ threshold from one shadow model; ``lira_offline``/``rmia_offline`` use reference
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import time
@@ -40,6 +39,7 @@ import numpy as np
 
 from nvmpriv import attacks as mia
 from nvmpriv.classpath import import_object, instantiate
+from nvmpriv.cliargs import CommandParser, nonnegative_int, positive_int
 from nvmpriv.runtime import Predictor, load
 from nvmpriv.yamlfile import read_yaml
 
@@ -174,13 +174,22 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
         )
     if path.is_dir():
         cfg_file = path / "config.yaml"
-        if not cfg_file.is_file() or not (path / "splits.npz").is_file():
+        missing = [f for f in ("config.yaml", "splits.npz") if not (path / f).is_file()]
+        if missing:
             raise ValueError(
-                f"--data {path} is a folder without config.yaml and splits.npz; give a run folder"
+                f"--data {path} is a folder without {' and '.join(missing)}; give a run folder "
+                "(logs/<name>/version_N), a data config YAML or an .npz of arrays"
             )
-        dm = _datamodule_from_yaml(read_yaml(cfg_file, "--data") or {}, str(path))
+        yaml_file, splits = cfg_file, str(path)
     else:
-        dm = _datamodule_from_yaml(read_yaml(path, "--data") or {}, None)
+        yaml_file, splits = path, None
+    try:
+        dm = _datamodule_from_yaml(read_yaml(yaml_file, "--data") or {}, splits)
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(
+            message if message.startswith(str(yaml_file)) else f"{yaml_file}: {message}"
+        ) from None
     mx, my = dm.arrays("target_train", limit=max_samples)
     nx, ny = dm.arrays("target_test", limit=max_samples)
     (stx, sty), (svx, svy) = dm.arrays("shadow_train"), dm.arrays("shadow_test")
@@ -485,22 +494,28 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> CommandParser:
+    p = CommandParser(
         prog="python -m nvmpriv attack",
         description="Membership inference against an exported ONNX model (queries only).",
     )
     p.add_argument("--model", required=True, help="exported .onnx file")
     p.add_argument("--data", required=True, help="run folder, data config YAML, or .npz")
     p.add_argument("--attacks", default="all", help="'all' or comma-separated names")
-    p.add_argument("--queries", type=int, default=1, help="queries averaged per sample (k)")
+    p.add_argument(
+        "--queries", type=positive_int, default=1, help="queries averaged per sample (k)"
+    )
     p.add_argument("--output", default="report.json", help="report path (ROC PNG next to it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--shadow-net", default=None, help="class path of the attacker's net")
-    p.add_argument("--shadow-epochs", type=int, default=30, help="attacker's training epochs")
-    p.add_argument("--n-ref", type=int, default=4, help="reference models for LiRA/RMIA")
-    p.add_argument("--max-samples", type=int, default=1000, help="cap per candidate set")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacker's training")
+    p.add_argument(
+        "--shadow-epochs", type=positive_int, default=30, help="attacker's training epochs"
+    )
+    p.add_argument("--n-ref", type=positive_int, default=4, help="reference models for LiRA/RMIA")
+    p.add_argument("--max-samples", type=positive_int, default=1000, help="cap per candidate set")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the attacker's training"
+    )
     return p
 
 

@@ -7,9 +7,13 @@ so that an unknown class path is one clear error everywhere. No torch import of 
 from __future__ import annotations
 
 import importlib
+import inspect
+import typing
 from typing import Any
 
 __all__ = ["import_object", "instantiate"]
+
+_UnionType = type(int | None)
 
 
 def import_object(class_path: str, *, what: str = "class_path") -> Any:
@@ -35,6 +39,51 @@ def import_object(class_path: str, *, what: str = "class_path") -> Any:
         ) from None
 
 
+_SIMPLE = (bool, int, float, str)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` fits a simple annotation (unknown annotations accept anything)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else ()
+    if options:
+        return any(_accepts(o, value) for o in options)
+    if hint is type(None):
+        return value is None
+    if hint not in _SIMPLE:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> None:
+    """Unknown argument names, and values that do not fit a simple annotation, name the class."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(
+                f"{class_path}: unknown init_args {unknown}; it accepts "
+                f"{', '.join(n for n in params if n != 'self')}"
+            )
+    try:
+        init = target.__init__ if inspect.isclass(target) else target
+        hints = typing.get_type_hints(init)
+    except Exception:  # unresolvable annotations: leave the checks to the callee
+        return
+    for name, value in kwargs.items():
+        if name in hints and not _accepts(hints[name], value):
+            raise ValueError(
+                f"{class_path}: init_args {name}={value!r} is a {type(value).__name__}, "
+                f"expected {getattr(hints[name], '__name__', hints[name])}"
+            )
+
+
 def instantiate(spec: Any, **overrides: Any) -> Any:
     """Build ``{class_path, init_args}`` recursively (lists and plain mappings are walked).
 
@@ -50,8 +99,18 @@ def instantiate(spec: Any, **overrides: Any) -> Any:
     """
     if isinstance(spec, dict) and "class_path" in spec:
         target = import_object(spec["class_path"])
-        kwargs = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
-        return target(**(kwargs | overrides))
+        init_args = spec.get("init_args") or {}
+        if not isinstance(init_args, dict):
+            raise ValueError(
+                f"{spec['class_path']}: init_args must be a mapping of argument: value, got "
+                f"{type(init_args).__name__}"
+            )
+        kwargs = {k: instantiate(v) for k, v in init_args.items()} | overrides
+        _check_arguments(spec["class_path"], target, kwargs)
+        try:
+            return target(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{spec['class_path']} with init_args {init_args}: {exc}") from None
     if isinstance(spec, dict):
         return {k: instantiate(v) for k, v in spec.items()}
     if isinstance(spec, list):

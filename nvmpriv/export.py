@@ -39,7 +39,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
@@ -62,6 +61,7 @@ from nvmpriv import __version__
 from nvmpriv.atomic import mkstemp_beside
 from nvmpriv.ckptfile import check_checkpoint_file
 from nvmpriv.classpath import instantiate
+from nvmpriv.cliargs import CommandParser, nonnegative_int, positive_int
 from nvmpriv.crossbar import (
     CrossbarConfig,
     CrossbarConv2d,
@@ -70,7 +70,7 @@ from nvmpriv.crossbar import (
     crossbar_layers,
     get_preset,
 )
-from nvmpriv.runtime import CONTENT_DIGEST_KEY, content_digest
+from nvmpriv.runtime import CONTENT_DIGEST_KEY, DOMAIN_VERSION, content_digest
 
 __all__ = [
     "DIGITAL",
@@ -89,9 +89,8 @@ __all__ = [
 
 #: Standard ONNX opset of the exported graphs and of the ``nvmpriv`` function bodies.
 OPSET = 18
-#: Custom domain of the crossbar nodes and its version.
+#: Custom domain of the crossbar nodes (its version, DOMAIN_VERSION, is the evaluator's).
 DOMAIN = "nvmpriv"
-DOMAIN_VERSION = 1
 #: IR version 10 is the first with function overloads (one specialised body per layer).
 IR_VERSION = 10
 INPUT_NAME = "input"
@@ -1042,8 +1041,8 @@ def load_run(
     return net, dm
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> CommandParser:
+    p = CommandParser(
         prog="python -m nvmpriv export",
         description="Export a trained model (digital or on a simulated crossbar chip) to ONNX.",
     )
@@ -1052,11 +1051,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crossbar", default=DIGITAL, help="'digital', a preset name or a YAML of config fields"
     )
-    p.add_argument("--seed", type=int, default=0, help="chip seed (default 0)")
-    p.add_argument("--noise-seed", type=int, default=None, help="base seed of per-query read noise")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="chip seed (default 0)")
+    p.add_argument(
+        "--noise-seed", type=nonnegative_int, default=None, help="base seed of per-query read noise"
+    )
     p.add_argument(
         "--calibration-samples",
-        type=int,
+        type=positive_int,
         default=256,
         help="rows of target_train that calibrate DAC/ADC (default 256, as CrossbarAudit)",
     )
@@ -1144,6 +1145,13 @@ def cli_main(argv: list[str]) -> int:
     config = load_crossbar(args.crossbar)
     net, dm = load_run(args.config, args.ckpt_path)
     name = export_stem(Path(args.config).stem, config, args.seed)
+    ckpt = Path(args.ckpt_path)
+    # logs/<name>/version_N/checkpoints/x.ckpt names its run as the ExportOnnx callback does
+    run = (
+        f"{ckpt.parents[2].name}_{ckpt.parents[1].name}"
+        if len(ckpt.parents) > 2 and ckpt.parent.name == "checkpoints"
+        else Path(args.config).stem
+    )
     path = export_run(
         net,
         dm,
@@ -1154,6 +1162,8 @@ def cli_main(argv: list[str]) -> int:
         calibration_role=args.calibration_role,
         noise_seed=args.noise_seed,
         overwrite=args.overwrite,
+        metadata={"nvmpriv.run": run, "nvmpriv.crossbar_spec": args.crossbar},
     )
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, crossbar {name})")
+    chip = DIGITAL if config is None else f"{config.name}, chip seed {args.seed}"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, crossbar {chip})")
     return 0

@@ -53,6 +53,7 @@ from onnx.reference.op_run import OpRun
 
 __all__ = [
     "CONTENT_DIGEST_KEY",
+    "DOMAIN_VERSION",
     "REQUIRED_METADATA",
     "CrossbarConv",
     "CrossbarGemm",
@@ -73,6 +74,9 @@ REQUIRED_METADATA = (
     "nvmpriv.input_shape",
     "nvmpriv.num_classes",
 )
+#: Version of the ``nvmpriv`` crossbar-op domain this evaluator implements; files of a later
+#: version (a newer nvmpriv's export) are refused rather than misread.
+DOMAIN_VERSION = 1
 #: metadata_props key of the SHA-256 digest over everything else in the file (see
 #: :func:`content_digest`); files written before it existed load without the check.
 CONTENT_DIGEST_KEY = "nvmpriv.content_sha256"
@@ -523,8 +527,22 @@ def load(
     try:
         input_shape = tuple(int(d) for d in json.loads(meta["nvmpriv.input_shape"]))
         num_classes = int(meta["nvmpriv.num_classes"])
+        domain_version = int(meta.get("nvmpriv.domain_version") or DOMAIN_VERSION)
     except (ValueError, TypeError) as exc:
         raise _fail(file, f"malformed nvmpriv metadata ({exc})") from None
+    if domain_version > DOMAIN_VERSION:
+        raise _fail(
+            file,
+            f"written by a newer nvmpriv ({meta['nvmpriv.version']}, crossbar ops v"
+            f"{domain_version}; this evaluator knows v{DOMAIN_VERSION})",
+            "upgrade nvmpriv, or re-export with this version",
+        )
+    if meta["nvmpriv.output"] != "probabilities":
+        raise _fail(
+            file,
+            f"its output is {meta['nvmpriv.output']!r}, not 'probabilities' (the attacks query "
+            "class probabilities)",
+        )
     stored = meta.get(CONTENT_DIGEST_KEY)
     if stored is not None and stored != content_digest(model):
         raise _fail(

@@ -23,7 +23,6 @@ needs Ray (``pip install 'nvmpriv[ray]'``) and a file system shared by the drive
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import hashlib
@@ -46,6 +45,7 @@ from typing import Any
 import yaml
 
 from nvmpriv.atomic import atomic_write_text
+from nvmpriv.cliargs import CommandParser, nonnegative_int, positive_int
 from nvmpriv.yamlfile import read_yaml
 
 __all__ = [
@@ -1424,18 +1424,26 @@ def write_outputs(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- command line
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> CommandParser:
+    parser = CommandParser(
         prog="python -m nvmpriv sweep",
         description="Run a grid of fit runs (resumable) and gather results.csv, results.md, plots.",
     )
     parser.add_argument("--config", required=True, help="sweep YAML (lightning_configs/sweeps/)")
     parser.add_argument("--output", help="sweep folder (default results/<name>)")
-    parser.add_argument("--max-cells", type=int, help="run only the first N cells of the grid")
-    parser.add_argument("--epochs", type=int, help="override trainer.max_epochs of every cell")
-    parser.add_argument("--seeds", type=int, nargs="+", help="replace the sweep's seeds")
+    parser.add_argument(
+        "--max-cells", type=positive_int, help="run only the first N cells of the grid"
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, help="override trainer.max_epochs of every cell"
+    )
+    parser.add_argument(
+        "--seeds", type=nonnegative_int, nargs="+", help="replace the sweep's seeds"
+    )
     parser.add_argument("--executor", choices=EXECUTORS, help="override the sweep's executor")
-    parser.add_argument("--max-parallel", type=int, help="cells at a time (local executor)")
+    parser.add_argument(
+        "--max-parallel", type=positive_int, help="cells at a time (local executor)"
+    )
     parser.add_argument(
         "--set",
         action="append",

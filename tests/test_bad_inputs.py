@@ -145,6 +145,12 @@ def audit_no_adversarial_samples(d: Path) -> list[str]:
     return ["fit", "--config", str(_base_config(d, audit=audit))]
 
 
+def callback_bad_argument(d: Path) -> list[str]:
+    _sentinel_run(d)
+    audit = {"crossbars": ["ideal"], "every_n_epochs": 0}
+    return ["fit", "--config", str(_base_config(d, audit=audit))]
+
+
 def unknown_class_path(d: Path) -> list[str]:
     return _fit(d, "--data=nvmpriv.data.Nope")
 
@@ -419,6 +425,30 @@ def onnx_flipped_weight(d: Path) -> list[str]:
     return _attack(d, model)
 
 
+def attack_negative_seed(d: Path) -> list[str]:
+    return [*_attack(d, _onnx(d / "model.onnx")), "--seed", "-1"]
+
+
+def attack_unknown_option(d: Path) -> list[str]:
+    return [*_attack(d, _onnx(d / "model.onnx")), "--epochs", "3"]
+
+
+def crossbar_without_preset(d: Path) -> list[str]:
+    return ["crossbar"]
+
+
+def attack_data_yaml_unknown_key(d: Path) -> list[str]:
+    data = d / "digits.yaml"
+    data.write_text("data:\n  class_path: nvmpriv.data.Digits\n  init_args: {sed: 3}\n")
+    return _attack(d, _onnx(d / "model.onnx"), data)
+
+
+def attack_data_yaml_wrong_type(d: Path) -> list[str]:
+    data = d / "digits.yaml"
+    data.write_text("data:\n  class_path: nvmpriv.data.Digits\n  init_args: {seed: abc}\n")
+    return _attack(d, _onnx(d / "model.onnx"), data)
+
+
 def attack_other_split(d: Path) -> list[str]:
     import onnx
 
@@ -472,6 +502,7 @@ CASES: dict[str, Case] = {
     "config-net-input-width": Case(net_input_width, ("ColumnFC", "in_features to 64")),
     "config-export-exists": Case(export_callback_output_exists, ("version_1_digital", "overwrite")),
     "config-audit-no-samples": Case(audit_no_adversarial_samples, ("adversarial_samples=0",)),
+    "config-callback-bad-argument": Case(callback_bad_argument, ("every_n_epochs=0",)),
     "config-unknown-class-path": Case(unknown_class_path, ("Nope",)),
     "config-unknown-crossbar-preset": Case(unknown_crossbar_preset, ("64x64_nope",)),
     "config-invalid-crossbar-field": Case(invalid_crossbar_field, ("no_such_chip",)),
@@ -503,6 +534,13 @@ CASES: dict[str, Case] = {
     "attack-labels-out-of-range": Case(attack_shadow_labels_out_of_range, ("shadow_y", "10")),
     "attack-truncated-npz": Case(attack_truncated_npz, ("cut.npz", "not a readable .npz")),
     "onnx-flipped-weight": Case(onnx_flipped_weight, ("model.onnx", "content does not match")),
+    "attack-negative-seed": Case(attack_negative_seed, ("--seed", "integer >= 0")),
+    "attack-unknown-option": Case(
+        attack_unknown_option, ("unrecognized arguments: --epochs 3", "--help")
+    ),
+    "crossbar-without-preset": Case(crossbar_without_preset, ("--preset NAME", "--list")),
+    "attack-data-unknown-key": Case(attack_data_yaml_unknown_key, ("digits.yaml", "['sed']")),
+    "attack-data-wrong-type": Case(attack_data_yaml_wrong_type, ("digits.yaml", "seed='abc'")),
     "attack-other-split": Case(attack_other_split, ("split", "run folder")),
     "export-wrong-architecture": Case(export_wrong_architecture, ("nasr.ckpt", "does not fit")),
     "export-yaml-syntax": Case(export_yaml_syntax, ("broken.yaml", "not valid YAML")),
@@ -573,6 +611,7 @@ def test_bad_input_gives_one_line_and_keeps_outputs(name: str, results: dict[str
     assert len(errors) == 1, report
     for needle in case.needles:
         assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    assert " object at 0x" not in errors[0], errors[0]  # no dumps of built objects
     after = _snapshot(case.folder)
     changed = [path for path, digest in case.before.items() if after.get(path) != digest]
     assert not changed, f"existing files changed or removed: {changed}"

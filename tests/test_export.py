@@ -124,9 +124,13 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
         str(out),
     ]
     assert main(args) == 0
+    assert f"wrote {out} (" in (printed := capsys.readouterr().out)
+    assert "crossbar 32x32_100k, chip seed 3)" in printed
     model = runtime.load(out)
     assert model.metadata["nvmpriv.chip_seed"] == "3" and model.num_classes == 10
     assert model.metadata["nvmpriv.split_hash"]
+    assert model.metadata["nvmpriv.crossbar_spec"] == "32x32_100k"
+    assert model.metadata["nvmpriv.run"] == "tiny"  # not under logs/<name>/version_N
     assert main(args) == 2  # exists: refused with a one-line error
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0

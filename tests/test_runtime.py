@@ -253,3 +253,25 @@ def test_rows_per_chunk_from_probe_timing(monkeypatch: pytest.MonkeyPatch) -> No
     assert runtime._rows_per_chunk(run_at(1e-6), (3,)) in (5000, 5001)
     # 30 ms a row (a large conv net): every row is worth a chunk
     assert runtime._rows_per_chunk(run_at(3e-2), (3,)) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("nvmpriv.domain_version", "7", r"newer nvmpriv .*v7; this evaluator knows v1.*upgrade"),
+        ("nvmpriv.output", "logits", "its output is 'logits', not 'probabilities'"),
+    ],
+)
+def test_metadata_the_evaluator_cannot_honour(
+    tmp_path: Path, fc_file: Path, key: str, value: str, match: str
+) -> None:
+    model = onnx.load(fc_file)
+    meta = {p.key: p.value for p in model.metadata_props} | {key: value}
+    onnx.helper.set_model_props(model, meta)
+    # a consistent file (its digest recomputed): the check under test is the only obstacle
+    digest = runtime.content_digest(model)
+    onnx.helper.set_model_props(model, meta | {runtime.CONTENT_DIGEST_KEY: digest})
+    path = tmp_path / "other.onnx"
+    onnx.save(model, path)
+    with pytest.raises(runtime.OnnxModelError, match=match):
+        runtime.load(path)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from nvmpriv.cliargs import CommandParser, UsageError
 from nvmpriv.crossbar.config import PRESETS, CrossbarConfigError, get_preset
 from nvmpriv.crossbar.metrics import column_error
 
@@ -21,16 +21,20 @@ def cli_main(argv: list[str]) -> int:
     Returns:
         Process exit code (0 on success, 2 on a bad preset name).
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m nvmpriv crossbar", description="Show a crossbar preset and measure it."
     )
     parser.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))}")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--list", action="store_true", help="list the preset names")
     args = parser.parse_args(argv)
-    if args.list or not args.preset:
+    if args.list:
         print("\n".join(sorted(PRESETS)))
-        return 0 if args.list else 2
+        return 0
+    if not args.preset:
+        raise UsageError(
+            f"{parser.prog}: give --preset NAME (one of: {', '.join(sorted(PRESETS))}) or --list"
+        )
     try:
         cfg = get_preset(args.preset)
     except CrossbarConfigError as err:
