@@ -39,13 +39,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from nvmpriv import attacks as mia
-from nvmpriv.atomic import atomic_write_text
+from nvmpriv.atomic import atomic_save_npz, atomic_write_text
 from nvmpriv.crossbar import CrossbarConfig, convert, get_preset
 from nvmpriv.crossbar.metrics import layer_noise, nonideality_factor
 
@@ -55,6 +55,7 @@ __all__ = [
     "FiniteLossGuard",
     "ModelCheckpoint",
     "RestoreBestWeights",
+    "WritePredictions",
     "atomic_write_text",
     "weights_fingerprint",
 ]
@@ -768,3 +769,48 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         # _should_skip_saving_checkpoint is also true when a file was written at this step
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class WritePredictions(BasePredictionWriter):
+    """Save what ``predict`` computes: ``<run folder>/predictions.npz``.
+
+    LightningCLI's ``predict`` keeps the predictions in memory only. This writer stores
+    ``probabilities`` ``[N, C]`` (float32, the softmax of the net, in the order of the data
+    module's predict loader: ``target_test``, not shuffled), ``labels`` ``[N]`` when the data
+    module can give them and ``role``, atomically. ``python -m nvmpriv predict`` adds it when a
+    config lists none.
+
+    Args:
+        filename: File name inside the run's log folder.
+    """
+
+    def __init__(self, filename: str = "predictions.npz") -> None:
+        super().__init__(write_interval="epoch")
+        if not filename.endswith(".npz") or Path(filename).name != filename:
+            raise ValueError(f"filename={filename!r}: give a bare file name ending in .npz")
+        self.filename = filename
+        self.path: Path | None = None
+
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        """Concatenate the batches and write the file (rank 0)."""
+        if not trainer.is_global_zero:
+            return
+        batches = (
+            predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        )
+        probs = torch.cat([torch.as_tensor(b) for b in batches]).float().cpu().numpy()
+        arrays: dict[str, np.ndarray] = {"probabilities": probs, "role": np.array("target_test")}
+        dm: Any = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "arrays"):
+            _, labels = dm.arrays("target_test")
+            if len(labels) == len(probs):
+                arrays["labels"] = np.asarray(labels)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        self.path = atomic_save_npz(folder / self.filename, **arrays)
+        rank_zero_info(f"WritePredictions: wrote {self.path} ({len(probs)} rows)")

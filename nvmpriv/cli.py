@@ -18,8 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from nvmpriv.callbacks import WritePredictions
 from nvmpriv.ckptfile import check_checkpoint_file
 from nvmpriv.data import MembershipDataModule
 from nvmpriv.methods.base import MembershipModule
@@ -69,6 +71,12 @@ class NvmprivCLI(LightningCLI):
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
+
+    def before_predict(self) -> None:
+        """Save the predictions (``predictions.npz`` in the run folder) unless a writer is set."""
+        callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
+            callbacks.append(WritePredictions())
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then resolve ``--ckpt_path last`` and check the checkpoint file.

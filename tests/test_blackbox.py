@@ -128,6 +128,10 @@ def test_cli_attack_without_checkpoints(
     n = report["n_members"] + report["n_nonmembers"]
     assert report["attacks"]["confidence"]["queries"] == 2 * n  # k = 2 averaged queries
     assert [r["k"] for r in report["query_averaging"]] == [1, 2]
+    for row in report["query_averaging"]:  # the shadow model's threshold, under the bound
+        assert 0 <= row["accuracy"] <= row["accuracy_upper_bound"] + 1e-12
+    # a deterministic chip: k = 2 averaged queries are the suite's own confidence attack
+    assert report["query_averaging"][1]["accuracy"] == report["attacks"]["confidence"]["accuracy"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "lira_offline" in capsys.readouterr().out
 

@@ -79,9 +79,39 @@ def test_quickstart_reaches_accuracy_and_logs_tags(quickstart_run: Path) -> None
     assert (quickstart_run / "splits.npz").exists()
 
 
+def test_last_checkpoint_is_the_final_epoch(quickstart_run: Path) -> None:
+    last = torch.load(quickstart_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 39  # max_epochs 40, whichever epoch was the best
+
+
+def test_predict_writes_probabilities(quickstart_run: Path) -> None:
+    from nvmpriv.data import Digits
+    from nvmpriv.methods import StandardTraining
+    from nvmpriv.nets import ColumnFC
+
+    work = quickstart_run.parents[2]
+    ckpt = quickstart_run / "checkpoints" / "last.ckpt"
+    before = sorted(p.name for p in (work / "logs" / "quickstart").iterdir())
+    config = str(ROOT / "lightning_configs/quickstart.yaml")
+    out = run_cli("predict", "--config", config, f"--ckpt_path={ckpt}", cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (new,) = sorted(set(p.name for p in (work / "logs" / "quickstart").iterdir()) - set(before))
+    saved = np.load(work / "logs" / "quickstart" / new / "predictions.npz")
+    module = StandardTraining.load_from_checkpoint(ckpt, net=ColumnFC(64, 10), map_location="cpu")
+    dm = Digits(seed=0)
+    dm.setup()
+    x, y = dm.arrays("target_test")
+    with torch.no_grad():
+        expected = torch.softmax(module.eval()(torch.as_tensor(x).float()), 1).numpy()
+    np.testing.assert_allclose(saved["probabilities"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(saved["labels"], y)
+    assert str(saved["role"]) == "target_test"
+
+
 def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     work = quickstart_run.parents[2]
     ckpt = quickstart_run / "checkpoints" / "last.ckpt"
+    before = {p.name for p in (work / "logs" / "quickstart").iterdir()}
     out = run_cli(
         "validate",
         "--config",
@@ -92,7 +122,8 @@ def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     fitted = Splits.load(quickstart_run)
-    validated = Splits.load(work / "logs" / "quickstart" / "version_1")
+    (new,) = {p.name for p in (work / "logs" / "quickstart").iterdir()} - before
+    validated = Splits.load(work / "logs" / "quickstart" / new)
     assert validated.split_hash == fitted.split_hash
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     stored = state["Digits"]["indices"]["target_train"]
