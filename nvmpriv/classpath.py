@@ -11,7 +11,7 @@ import inspect
 import typing
 from typing import Any
 
-__all__ = ["import_object", "instantiate"]
+__all__ = ["check_spec", "import_object", "instantiate"]
 
 _UnionType = type(int | None)
 
@@ -67,10 +67,9 @@ def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> No
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise ValueError(
-                f"{class_path}: unknown init_args {unknown}; it accepts "
-                f"{', '.join(n for n in params if n != 'self')}"
-            )
+            names = [n for n in params if n != "self"]
+            accepted = f"it accepts {', '.join(names)}" if names else "it takes no init_args"
+            raise ValueError(f"{class_path}: unknown init_args {unknown}; {accepted}")
     try:
         init = target.__init__ if inspect.isclass(target) else target
         hints = typing.get_type_hints(init)
@@ -116,3 +115,36 @@ def instantiate(spec: Any, **overrides: Any) -> Any:
     if isinstance(spec, list):
         return [instantiate(v) for v in spec]
     return spec
+
+
+def check_spec(spec: Any, where: str) -> None:
+    """Check a ``{class_path, init_args}`` tree without building anything.
+
+    Every class path must import, every ``init_args`` name must be one its class accepts, and
+    values of simple annotated types (``int``, ``float``, ``bool``, ``str``, optionals of them)
+    must fit. Nested specifications (a method's ``net``, lists of callbacks) are walked.
+
+    Args:
+        spec: A LightningCLI-style specification, or any YAML value.
+        where: The spec's dotted location in its config (starts every message).
+
+    Raises:
+        ValueError: The first problem found, naming ``where``.
+    """
+    if isinstance(spec, dict) and "class_path" in spec:
+        target = import_object(spec["class_path"], what=f"{where}.class_path")
+        init_args = spec.get("init_args") or {}
+        if not isinstance(init_args, dict):
+            raise ValueError(f"{where}.init_args must be a mapping, got {type(init_args).__name__}")
+        try:
+            _check_arguments(spec["class_path"], target, init_args)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        for key, value in init_args.items():
+            check_spec(value, f"{where}.init_args.{key}")
+    elif isinstance(spec, dict):
+        for key, value in spec.items():
+            check_spec(value, f"{where}.{key}")
+    elif isinstance(spec, list):
+        for i, value in enumerate(spec):
+            check_spec(value, f"{where}.{i}")

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from nvmpriv.atomic import atomic_write_text
+from nvmpriv.classpath import check_spec
 from nvmpriv.cliargs import CommandParser, nonnegative_int, positive_int
 from nvmpriv.yamlfile import read_yaml
 
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigEntry",
     "SweepSpec",
     "cell_config",
+    "check_cell_config",
     "cli_main",
     "expand_grid",
     "gather",
@@ -477,6 +479,35 @@ def _audit_args(config: dict[str, Any]) -> dict[str, Any]:
         f"config has no {AUDIT_CLASS} callback under trainer.callbacks; every shipped config "
         "has one, add it so the cell writes results.json"
     )
+
+
+def check_cell_config(config: dict[str, Any], cell_id: str) -> None:
+    """Check a cell's resolved config without building or training anything (``--dry-run``).
+
+    Imports the class paths of ``model``, ``data``, ``trainer`` (callbacks, logger) and checks
+    every ``init_args`` name and simple value type against the classes, so that a mistyped axis
+    (``model.init_args.lamda``) stops the dry run instead of failing every cell later.
+
+    Args:
+        config: The output of :func:`cell_config`.
+        cell_id: Named in the message.
+
+    Raises:
+        ValueError: The first problem, naming the cell and the config location.
+    """
+    trainer = dict(config.get("trainer") or {})
+    nested = {k: trainer.pop(k) for k in ("callbacks", "logger", "plugins") if k in trainer}
+    specs = {
+        "model": config.get("model"),
+        "data": config.get("data"),
+        "trainer": {"class_path": "lightning.pytorch.Trainer", "init_args": trainer},
+        **{f"trainer.{k}": v for k, v in nested.items()},
+    }
+    for where, spec in specs.items():
+        try:
+            check_spec(spec, where)
+        except ValueError as exc:
+            raise ValueError(f"cell {cell_id}: {exc}") from None
 
 
 def cell_config(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
@@ -1494,6 +1525,8 @@ def cli_main(argv: list[str]) -> int:
     spec = _replace(spec, **changes)
     if args.dry_run:
         cells = expand_grid(spec)[: args.max_cells]
+        for cell in cells:
+            check_cell_config(cell_config(spec, cell), cell.cell_id)
         for cell in cells:
             state = "done" if is_finished(spec, cell) else "todo"
             print(

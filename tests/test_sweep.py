@@ -151,11 +151,38 @@ def test_zipped_and_per_config_axes(tmp_path: Path) -> None:
 
 
 def test_dry_run_lists_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_sweep(tmp_path)
+    good = str(ROOT / "lightning_configs" / "quickstart.yaml")
+    path = write_sweep(tmp_path, configs=[good, {"config": good, "label": "b"}])
     assert sw.cli_main(["--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"4 cells -> {tmp_path / 'o'}"
     assert sum(line.startswith("todo ") for line in lines) == 4
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"model.init_args.bogus_field": 3}, r"model: .*unknown init_args \['bogus_field'\]"),
+        ({"trainer.max_epoch": 3}, r"trainer: .*unknown init_args \['max_epoch'\]"),
+        ({"data.init_args.seed": "zero"}, r"data: .*seed='zero' is a str, expected int"),
+        (
+            {"model.init_args.net.init_args.in_features": 6.5},
+            r"model.init_args.net: .*in_features=6.5",
+        ),
+        (
+            {"trainer.callbacks.2.init_args.every_n_epoch": 1},
+            r"trainer.callbacks.1: .*FiniteLossGuard: .*no init_args",
+        ),
+    ],
+)
+def test_dry_run_checks_every_cell(tmp_path: Path, override: dict, match: str) -> None:
+    path = write_sweep(tmp_path)  # its second entry carries model.init_args.bogus_field
+    spec = yaml.safe_load(path.read_text())
+    spec["configs"][1]["overrides"] = override
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"cell broken-.*: " + match):
+        sw.cli_main(["--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"])
     assert not (tmp_path / "o").exists()
 
 
