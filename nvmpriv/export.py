@@ -857,6 +857,18 @@ def export_model(
     return path
 
 
+def _check_finite(net: nn.Module, probe: torch.Tensor, what: str) -> None:
+    """Refuse to export a model whose outputs on the calibration rows are not finite."""
+    # forked: a chip's read noise must not shift the caller's random stream
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        finite = bool(torch.isfinite(net(probe)).all())
+    if not finite:
+        raise ExportError(
+            f"{what} gives non-finite outputs on the calibration batch; check the checkpoint "
+            "(a diverged run?) and the crossbar's parameters"
+        )
+
+
 def export_bytes(
     net: nn.Module,
     config: CrossbarConfig | None,
@@ -898,6 +910,9 @@ def export_bytes(
     shape = [int(d) for d in input_shape]
     example = torch.zeros(2, *shape)
     specs: dict[str, _LayerSpec] = {}
+    if config is None:
+        probe = example if calibration is None else np.asarray(calibration)[:64]
+        _check_finite(net, torch.as_tensor(probe).float(), "the digital net")
     if config is not None:
         if config.needs_calibration and calibration is None:
             raise ExportError(
@@ -905,7 +920,11 @@ def export_bytes(
                 "(the audit uses the first 256 rows of target_train)"
             )
         calib = None if calibration is None else torch.as_tensor(np.asarray(calibration)).float()
-        chip = convert(net, config, seed=int(chip_seed), calibration=calib).eval()
+        try:
+            chip = convert(net, config, seed=int(chip_seed), calibration=calib).eval()
+        except ValueError as exc:
+            raise ExportError(f"crossbar {config.name!r}: {exc}") from None
+        _check_finite(chip, example if calib is None else calib[:64], f"crossbar {config.name!r}")
         for param in chip.parameters():
             param.requires_grad_(False)  # traced as constants inside the placeholder op
         if calib is not None:

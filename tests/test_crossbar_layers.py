@@ -397,3 +397,17 @@ def test_unsupported_layers_lists_digital_modules():
     assert "BatchNorm2d" in reasons["1"] and "reflect" in reasons["3"]
     chip = convert(model, IDEAL, seed=0)
     assert isinstance(chip[3], nn.Conv2d) and not isinstance(chip[3], CrossbarConv2d)
+
+
+def test_non_finite_weights_are_refused_with_the_layer_name() -> None:
+    net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[2].bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"layer 2: bias holds NaN/inf values"):
+        convert(net, PRESETS["32x32_100k"], seed=0)
+    with (
+        pytest.raises(ValueError, match=r"layer 2: bias"),
+        simulate(net, PRESETS["ideal"], seed=0),
+    ):
+        pass
+    assert isinstance(net[2], nn.Linear)  # simulate left the model as it was

@@ -199,3 +199,23 @@ def test_dorefa_quantized_net_parity(tmp_path: Path, preset: str) -> None:
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-6)
     if preset == "ideal":
         np.testing.assert_allclose(expected.numpy(), digital.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("crossbar", "match"),
+    [
+        (None, "digital net gives non-finite outputs on the calibration batch"),
+        ("64x64_100k", r"'64x64_100k': layer net.0: weight holds NaN/inf values"),
+    ],
+)
+def test_non_finite_model_is_not_exported(tmp_path: Path, crossbar: str | None, match: str) -> None:
+    net = nets.ColumnFC(64, 10)
+    with torch.no_grad():
+        net.net[0].weight[0, 0] = float("nan")  # a diverged run
+    x_cal = np.random.default_rng(0).random((32, 64), dtype=np.float32)
+    config = None if crossbar is None else get_preset(crossbar)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ExportError, match=match):
+        export_model(net, config, tmp_path / "m.onnx", input_shape=[64], calibration=x_cal)
+    assert not list(tmp_path.iterdir())
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -51,9 +51,17 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if _mappable(m)]
 
 
-def _build(module: nn.Module, config: CrossbarConfig, seed: int, index: int) -> CrossbarLayer:
+def _build(
+    module: nn.Module, config: CrossbarConfig, seed: int, index: int, name: str = ""
+) -> CrossbarLayer:
     cls = _layer_class(module)
     assert cls is not None
+    for pname, param in module.named_parameters(recurse=False):
+        if not bool(torch.isfinite(param).all()):
+            raise ValueError(
+                f"layer {name or type(module).__name__}: {pname} holds NaN/inf values, which "
+                "cannot be programmed as conductances; check the checkpoint (a diverged run?)"
+            )
     layer = cls.from_module(module, config, seed=layer_seed(seed, index))  # type: ignore[attr-defined]
     layer.train(module.training)
     return layer
@@ -104,7 +112,9 @@ def convert(
             calibrate(layer, calibration, seed=seed)
         return layer
     model_copy = copy.deepcopy(model)
-    mapping = {id(m): _build(m, config, seed, i) for i, (_, m) in enumerate(_targets(model_copy))}
+    mapping = {
+        id(m): _build(m, config, seed, i, n) for i, (n, m) in enumerate(_targets(model_copy))
+    }
     _replace_all(model_copy, mapping)
     if calibration is not None:
         calibrate(model_copy, calibration, seed=seed)
@@ -142,7 +152,7 @@ def simulate(
             f"simulate() cannot swap the root module {type(model).__name__} in place; "
             "wrap it in nn.Sequential or use convert()"
         )
-    mapping = {id(m): _build(m, config, seed, i) for i, (_, m) in enumerate(_targets(model))}
+    mapping = {id(m): _build(m, config, seed, i, n) for i, (n, m) in enumerate(_targets(model))}
     swapped = _replace_all(model, mapping)
     try:
         if calibration is not None:
