@@ -263,6 +263,16 @@ def export_flipped_checkpoint(d: Path) -> list[str]:
     return ["export", "--config", cfg, "--ckpt_path", str(ckpt), "--output", str(d / "o.onnx")]
 
 
+def resume_with_another_optimizer(d: Path) -> list[str]:
+    ckpt = _checkpoint(d / "good.ckpt", "ColumnFC")  # trained with Adam
+    return _fit(
+        d,
+        f"--ckpt_path={ckpt}",
+        "--model.init_args.optimizer=torch.optim.SGD",
+        "--model.init_args.optimizer.lr=0.1",
+    )
+
+
 def wrong_architecture(d: Path) -> list[str]:
     _sentinel_run(d)
     ckpt = _checkpoint(d / "nasr.ckpt", "NasrFC")
@@ -519,6 +529,7 @@ CASES: dict[str, Case] = {
     "ckpt-truncated": Case(truncated_checkpoint, ("good.ckpt", "truncated")),
     "ckpt-flipped-byte": Case(flipped_checkpoint, ("good.ckpt", "CRC-32")),
     "export-ckpt-flipped-byte": Case(export_flipped_checkpoint, ("good.ckpt", "CRC-32")),
+    "ckpt-other-optimizer": Case(resume_with_another_optimizer, ("good.ckpt", "Adam", "SGD")),
     "ckpt-wrong-architecture": Case(wrong_architecture, ("nasr.ckpt", "does not fit")),
     "ckpt-last-without-checkpoint": Case(last_without_checkpoint, ("last", "last.ckpt")),
     "onnx-not-onnx": Case(onnx_not_onnx, ("model.onnx",), needs=NO_BLACKBOX),

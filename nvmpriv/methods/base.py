@@ -6,6 +6,7 @@ modules and is called from the one hook a method overrides, :meth:`MembershipMod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from nvmpriv.nets import check_accepts_inputs
 
 __all__ = ["MembershipModule"]
+
+#: Checkpoint key holding the optimizers' class names.
+_OPTIMIZERS_KEY = "nvmpriv_optimizers"
 
 
 def _adam(params: Any) -> torch.optim.Optimizer:
@@ -123,9 +127,43 @@ class MembershipModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(x), dim=1)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the optimizers' classes, so a resume with other ones stops with a clear error."""
+        super().on_save_checkpoint(checkpoint)
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        checkpoint[_OPTIMIZERS_KEY] = [type(o).__name__ for o in optimizers]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Remember the recorded optimizer classes for :meth:`check_resumed_optimizers`."""
+        super().on_load_checkpoint(checkpoint)
+        self._resumed_optimizers: list[str] | None = checkpoint.get(_OPTIMIZERS_KEY)
+
+    def check_resumed_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Stop a resume whose configured optimizers differ from the checkpoint's.
+
+        Lightning would load the old optimizer's state into the new one and fail at its first
+        step with a bare ``KeyError`` (e.g. ``'momentum'`` for Adam's state in SGD).
+
+        Args:
+            optimizers: What :meth:`configure_optimizers` built.
+
+        Raises:
+            ValueError: The classes differ.
+        """
+        saved = getattr(self, "_resumed_optimizers", None)
+        built = [type(o).__name__ for o in optimizers]
+        if saved is not None and self._trainer is not None and saved != built:
+            ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(
+                f"{ckpt} was trained with optimizer {', '.join(saved)} but the config builds "
+                f"{', '.join(built)}; resume with the run's model.init_args.optimizer, or start "
+                "a new run (no --ckpt_path)"
+            )
+
     def configure_optimizers(self) -> Any:
         """The injected optimizer (and scheduler, if any)."""
         optimizer = self.optimizer_factory(self.parameters())
+        self.check_resumed_optimizers([optimizer])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -249,6 +249,7 @@ class MinMaxTraining(MembershipModule):
         """The injected optimizer for the classifier and Adam(``attack_lr``) for the attacker."""
         clf_opt = self.optimizer_factory(self.net.parameters())
         att_opt = torch.optim.Adam(self.attack_model.parameters(), lr=self.attack_lr)
+        self.check_resumed_optimizers([clf_opt, att_opt])
         if self.scheduler_factory is None:
             return [clf_opt, att_opt]
         scheduler = self.scheduler_factory(clf_opt)
