@@ -53,7 +53,7 @@ __all__ = [
     "DIGITAL",
     "CrossbarAudit",
     "FiniteLossGuard",
-    "ModelCheckpoint",
+    "LastEpochCheckpoint",
     "RestoreBestWeights",
     "WritePredictions",
     "atomic_write_text",
@@ -741,17 +741,38 @@ class RestoreBestWeights(Callback):
         self._state = state_dict.get("weights")
 
 
-class ModelCheckpoint(_LightningModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the latest epoch.
+class LastEpochCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the latest training state.
 
     In Lightning 2.6.6 (the version installed here) ``ModelCheckpoint(monitor=...,
     save_last=True)`` writes ``last.ckpt`` only in the epochs where a top-k checkpoint is saved,
-    i.e. when the monitored metric improves: ``last.ckpt`` then holds the best epoch, ``fit --ckpt_path last`` resumes from
-    there (retraining the later epochs), and an export of ``last.ckpt`` is not the model that
-    ``fit`` left. This subclass writes ``last.ckpt`` wherever the parent checks for a save (every
-    validation, or every training epoch end) even when no top-k file was written. All
-    arguments are Lightning's.
+    i.e. when the monitored metric improves: ``last.ckpt`` then holds the best epoch, ``fit
+    --ckpt_path last`` resumes from there (retraining the later epochs), and an export of
+    ``last.ckpt`` is not the model that ``fit`` left. This subclass writes ``last.ckpt``
+    wherever the parent checks for a save (every validation, or every training epoch end) even
+    when no top-k file was written, and once more when training ends after steps that no
+    validation followed (``check_val_every_n_epoch`` > 1). Its state key is the parent's, so
+    checkpoints written with Lightning's class resume with this one and back. All arguments are
+    Lightning's, except ``save_last: link`` (a link to the best file is what this class
+    avoids).
+
+    Raises:
+        ValueError: On ``save_last="link"``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.save_last == "link":
+            raise ValueError(
+                "LastEpochCheckpoint: save_last='link' would point last.ckpt at the best "
+                "checkpoint; use save_last: true"
+            )
+
+    @property
+    def state_key(self) -> str:
+        """The key Lightning's own ``ModelCheckpoint`` with these arguments uses."""
+        own = type(self).__qualname__
+        return super().state_key.replace(own, _LightningModelCheckpoint.__qualname__, 1)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Lightning's save, then ``last.ckpt`` if it was skipped."""
@@ -763,6 +784,13 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         """Lightning's save, then ``last.ckpt`` if it was skipped."""
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
+            self._save_missed_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``last.ckpt`` of the final step when no save followed it."""
+        super().on_train_end(trainer, pl_module)
+        # checkpoint callbacks run last: restored best weights are not the final step's
+        if not any(isinstance(cb, RestoreBestWeights) and cb.restored for cb in trainer.callbacks):  # type: ignore[attr-defined]
             self._save_missed_last(trainer)
 
     def _save_missed_last(self, trainer: pl.Trainer) -> None:
@@ -791,6 +819,14 @@ class WritePredictions(BasePredictionWriter):
         self.filename = filename
         self.path: Path | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse several processes: each would hold an interleaved, padded shard of the rows."""
+        if stage == "predict" and trainer.world_size > 1:
+            raise ValueError(
+                f"WritePredictions: predict on one device (--trainer.devices=1), not "
+                f"{trainer.world_size}; the rows would be split between processes"
+            )
+
     def write_on_epoch_end(
         self,
         trainer: pl.Trainer,
@@ -801,9 +837,13 @@ class WritePredictions(BasePredictionWriter):
         """Concatenate the batches and write the file (rank 0)."""
         if not trainer.is_global_zero:
             return
-        batches = (
-            predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        )
+        batches: Sequence[Any] = predictions
+        if predictions and isinstance(predictions[0], list):  # one list per dataloader
+            if len(predictions) > 1:
+                raise ValueError(
+                    f"WritePredictions: {len(predictions)} predict dataloaders; it writes one"
+                )
+            batches = predictions[0]
         probs = torch.cat([torch.as_tensor(b) for b in batches]).float().cpu().numpy()
         arrays: dict[str, np.ndarray] = {"probabilities": probs, "role": np.array("target_test")}
         dm: Any = getattr(trainer, "datamodule", None)

@@ -11,9 +11,45 @@ import inspect
 import typing
 from typing import Any
 
-__all__ = ["check_spec", "import_object", "instantiate"]
+__all__ = ["SHORT_NAME_PACKAGES", "check_spec", "import_object", "instantiate"]
 
 _UnionType = type(int | None)
+
+
+#: Where a bare class name (``class_path: StandardTraining``) is looked up, as LightningCLI
+#: resolves the subclasses it knows.
+SHORT_NAME_PACKAGES = (
+    "nvmpriv.methods",
+    "nvmpriv.data",
+    "nvmpriv.nets",
+    "nvmpriv.callbacks",
+    "nvmpriv.export_callback",
+    "lightning.pytorch",
+    "lightning.pytorch.callbacks",
+    "lightning.pytorch.loggers",
+    "torch.optim",
+    "torch.optim.lr_scheduler",
+)
+
+
+def _import_short_name(name: str, what: str) -> Any:
+    found: dict[int, tuple[str, Any]] = {}
+    for package in SHORT_NAME_PACKAGES:
+        try:
+            obj = getattr(importlib.import_module(package), name, None)
+        except ImportError:
+            continue
+        if obj is not None:
+            found.setdefault(id(obj), (package, obj))
+    if len(found) == 1:
+        return next(iter(found.values()))[1]
+    if not found:
+        raise ValueError(
+            f"{what} {name!r} is not a class of {', '.join(SHORT_NAME_PACKAGES)}; give its "
+            "dotted path, e.g. nvmpriv.nets.ColumnFC"
+        )
+    paths = sorted(f"{package}.{name}" for package, _ in found.values())
+    raise ValueError(f"{what} {name!r} is ambiguous ({', '.join(paths)}); give the dotted path")
 
 
 def import_object(class_path: str, *, what: str = "class_path") -> Any:
@@ -30,6 +66,8 @@ def import_object(class_path: str, *, what: str = "class_path") -> Any:
         ValueError: The module or the name cannot be imported.
     """
     module, _, name = str(class_path).rpartition(".")
+    if not module:
+        return _import_short_name(name, what)
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -51,11 +89,27 @@ def _accepts(hint: Any, value: Any) -> bool:
         return value is None
     if hint not in _SIMPLE:
         return True
+    if isinstance(value, str) and hint in (int, float, bool):
+        return _parses_as(hint, value)  # LightningCLI reads quoted numbers too
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def _parses_as(hint: Any, text: str) -> bool:
+    if hint is bool:
+        return text.lower() in ("true", "false")
+    try:
+        hint(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _hint_text(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> None:
@@ -79,7 +133,7 @@ def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> No
         if name in hints and not _accepts(hints[name], value):
             raise ValueError(
                 f"{class_path}: init_args {name}={value!r} is a {type(value).__name__}, "
-                f"expected {getattr(hints[name], '__name__', hints[name])}"
+                f"expected {_hint_text(hints[name])}"
             )
 
 

@@ -69,11 +69,13 @@ def check_accepts_inputs(net: nn.Module, input_shape: tuple[int, ...]) -> None:
         ValueError: If the forward pass fails; the message names the constructor argument to
             change (``in_features``, ``in_channels``, ``input_size``) and its value.
     """
-    was_training = net.training
+    modes = [(m, m.training) for m in net.modules()]
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     net.eval()
     try:
         with torch.no_grad():
-            net(torch.zeros(2, *input_shape))
+            net(torch.zeros(2, *input_shape, device=device))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         params = inspect.signature(type(net)).parameters
@@ -90,7 +92,8 @@ def check_accepts_inputs(net: nn.Module, input_shape: tuple[int, ...]) -> None:
             f"{tuple(input_shape)} ({first}); {fix} (model.init_args.net.init_args)"
         ) from None
     finally:
-        net.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 # --------------------------------------------------------------------------- fully connected

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.reference.op_run import OpRun
 
 __all__ = [
@@ -307,7 +308,73 @@ def _read_model(path: str | os.PathLike[str]) -> tuple[Path, onnx.ModelProto]:
         ) from None
     if not model.graph.node or not model.opset_import:
         raise _fail(file, "is not an ONNX model (no graph nodes or opset)")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(file.parent))
+        except Exception as exc:  # missing/short data files raise OSError or ValueError
+            raise _fail(
+                file,
+                f"its external weight files cannot be read ({type(exc).__name__}: {exc})",
+                "keep the data files next to the .onnx file, or re-save it with its weights inside",
+            ) from None
     return file, model
+
+
+class _Digest:
+    """SHA-256 over length-prefixed parts, tensors in a canonical form."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def part(self, data: bytes) -> None:
+        self.h.update(len(data).to_bytes(8, "little"))
+        self.h.update(data)
+
+    def tensor(self, t: onnx.TensorProto) -> None:
+        # raw_data vs typed fields, and external-data bookkeeping (data_location is set to
+        # DEFAULT when onnx loads external data), must not change the digest: hash the values
+        self.part(f"{t.name}|{t.data_type}|{list(t.dims)}".encode())
+        self.part(np.ascontiguousarray(numpy_helper.to_array(t)).tobytes())
+
+    def node(self, n: onnx.NodeProto) -> None:
+        self.part(_without_attributes(n).SerializeToString())
+        for a in n.attribute:
+            self.part(f"{a.name}|{a.type}".encode())
+            if a.type == onnx.AttributeProto.TENSOR:
+                self.tensor(a.t)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    self.tensor(t)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                self.graph(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    self.graph(g)
+            else:
+                self.part(a.SerializeToString())
+
+    def graph(self, g: onnx.GraphProto) -> None:
+        self.part(g.name.encode())
+        for t in g.initializer:
+            self.tensor(t)
+        for s in g.sparse_initializer:
+            self.tensor(s.values)
+            self.tensor(s.indices)
+            self.part(str(list(s.dims)).encode())
+        for info in (*g.input, *g.output, *g.value_info):
+            self.part(info.SerializeToString())
+        for n in g.node:
+            self.node(n)
+
+
+def _without_attributes(n: onnx.NodeProto) -> onnx.NodeProto:
+    bare = onnx.NodeProto()
+    bare.op_type, bare.domain, bare.name, bare.overload = n.op_type, n.domain, n.name, n.overload
+    bare.input.extend(n.input)
+    bare.output.extend(n.output)
+    return bare
 
 
 def content_digest(model: onnx.ModelProto) -> str:
@@ -317,32 +384,32 @@ def content_digest(model: onnx.ModelProto) -> str:
     ONNX functions of the crossbar nodes and every other ``metadata_props`` entry. ONNX files
     carry no checksum of their own, and a weight byte flipped on disk still parses and runs;
     :func:`export_model <nvmpriv.export.export_model>` stores this digest and :func:`load`
-    recomputes it. Protobuf writes the known fields of a parsed message in field-number order,
-    so the digest is stable across a write and a read with any protobuf version.
+    recomputes it. Tensors are hashed by name, type, shape and values, so the digest survives
+    re-saving the model with its weights in external data files (or back inline).
 
     Args:
-        model: The parsed model.
+        model: The parsed model (external data loaded).
 
     Returns:
         64 hex digits.
     """
-    h = hashlib.sha256()
-
-    def part(data: bytes) -> None:
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-
-    part(str(model.ir_version).encode())
+    d = _Digest()
+    d.part(str(model.ir_version).encode())
     for opset in model.opset_import:
-        part(opset.SerializeToString())
-    part(model.graph.SerializeToString())
+        d.part(opset.SerializeToString())
+    d.graph(model.graph)
     for fn in model.functions:
-        part(fn.SerializeToString())
-    for prop in sorted((p.key, p.value) for p in model.metadata_props):
-        if prop[0] != CONTENT_DIGEST_KEY:
-            part(prop[0].encode())
-            part(prop[1].encode())
-    return h.hexdigest()
+        head = onnx.FunctionProto()
+        head.CopyFrom(fn)
+        del head.node[:]
+        d.part(head.SerializeToString())
+        for n in fn.node:
+            d.node(n)
+    for key, value in sorted((p.key, p.value) for p in model.metadata_props):
+        if key != CONTENT_DIGEST_KEY:
+            d.part(key.encode())
+            d.part(value.encode())
+    return d.h.hexdigest()
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -27,7 +27,7 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: "{logs}", name: bb}}
   callbacks:
-    - class_path: nvmpriv.callbacks.ModelCheckpoint
+    - class_path: nvmpriv.callbacks.LastEpochCheckpoint
       init_args: {{save_last: true}}
     - class_path: nvmpriv.callbacks.CrossbarAudit
       init_args:

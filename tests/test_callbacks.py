@@ -18,8 +18,9 @@ from nvmpriv import attacks as mia
 from nvmpriv.callbacks import (
     CrossbarAudit,
     FiniteLossGuard,
-    ModelCheckpoint,
+    LastEpochCheckpoint,
     RestoreBestWeights,
+    WritePredictions,
     format_table,
     weights_fingerprint,
 )
@@ -341,7 +342,7 @@ def test_restore_best_weights_bad_input(tmp_path: Path) -> None:
 def test_last_checkpoint_is_the_last_epoch_when_the_metric_stops_improving(tmp_path: Path) -> None:
     pl.seed_everything(0)
     script = ScriptedMetric([0.2, 0.9, 0.5, 0.1])  # best at epoch 1, then worse
-    ckpt = ModelCheckpoint(monitor="val/score", mode="max", save_last=True)
+    ckpt = LastEpochCheckpoint(monitor="val/score", mode="max", save_last=True)
     trainer = pl.Trainer(
         max_epochs=4,
         accelerator="cpu",
@@ -361,3 +362,49 @@ def test_last_checkpoint_is_the_last_epoch_when_the_metric_stops_improving(tmp_p
     for key, value in last["state_dict"].items():
         assert torch.equal(value, final[key]), key
     assert len(list(Path(ckpt.dirpath).glob("*.ckpt"))) == 2  # best + last, nothing else
+
+
+def test_last_checkpoint_after_steps_no_validation_followed(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    ckpt = LastEpochCheckpoint(monitor="val/acc", mode="max", save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        check_val_every_n_epoch=2,  # validations after epochs 1 and 3 only
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[ckpt],
+    )
+    module = StandardTraining(ColumnFC(64, 10), num_classes=10)
+    trainer.fit(module, datamodule=Digits())
+    last = torch.load(ckpt.last_model_path, weights_only=True)
+    # saved when training ended: the epoch counter already stands after the fifth epoch
+    assert (last["epoch"], last["global_step"]) == (5, trainer.global_step)
+    for key, value in module.state_dict().items():
+        assert torch.equal(last["state_dict"][key], value), key
+
+
+def test_last_epoch_checkpoint_options() -> None:
+    with pytest.raises(ValueError, match="save_last='link'"):
+        LastEpochCheckpoint(save_last="link")
+    kwargs = {"monitor": "val/acc", "mode": "max", "save_last": True}
+    assert (
+        LastEpochCheckpoint(**kwargs).state_key == pl.callbacks.ModelCheckpoint(**kwargs).state_key
+    )
+
+
+def test_write_predictions_refuses_what_it_cannot_write() -> None:
+    from types import SimpleNamespace
+
+    writer = WritePredictions()
+    with pytest.raises(ValueError, match=r"--trainer.devices=1\), not 2"):
+        writer.setup(SimpleNamespace(world_size=2), None, "predict")  # type: ignore[arg-type]
+    writer.setup(SimpleNamespace(world_size=2), None, "fit")  # type: ignore[arg-type]
+    two = [[torch.ones(2, 3)], [torch.ones(2, 3)]]
+    with pytest.raises(ValueError, match="2 predict dataloaders"):
+        writer.write_on_epoch_end(SimpleNamespace(is_global_zero=True), None, two, [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bare file name"):
+        WritePredictions("out/p.npz")

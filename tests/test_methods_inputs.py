@@ -244,3 +244,40 @@ def test_corrupted_source_checkpoint_is_refused(source: Path) -> None:
     torch.load(source, weights_only=True)  # torch itself loads the damaged weights
     with pytest.raises(ValueError, match=r"source_checkpoint .*src\.ckpt: corrupted .*CRC-32"):
         PPBFineTuning(net(), 10, source_checkpoint=str(source))
+
+
+def test_fine_tuning_a_loaded_checkpoint_with_another_optimizer(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from nvmpriv.data import Digits
+    from nvmpriv.methods import StandardTraining
+
+    def trainer() -> pl.Trainer:
+        return pl.Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=str(tmp_path),
+        )
+
+    first = trainer()
+    first.fit(StandardTraining(ColumnFC(64, 10), num_classes=10), datamodule=Digits())
+    first.save_checkpoint(tmp_path / "adam.ckpt")
+    assert torch.load(tmp_path / "adam.ckpt", weights_only=True)["nvmpriv_optimizers"] == ["Adam"]
+
+    def sgd(params):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(params, lr=0.1)
+
+    loaded = StandardTraining.load_from_checkpoint(
+        tmp_path / "adam.ckpt", net=ColumnFC(64, 10), optimizer=sgd
+    )
+    trainer().fit(loaded, datamodule=Digits())  # a new run from loaded weights: allowed
+    with pytest.raises(ValueError, match=r"adam\.ckpt was trained with optimizer Adam .* SGD"):
+        trainer().fit(
+            StandardTraining(ColumnFC(64, 10), num_classes=10, optimizer=sgd),
+            datamodule=Digits(),
+            ckpt_path=tmp_path / "adam.ckpt",
+        )

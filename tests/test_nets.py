@@ -211,8 +211,9 @@ def test_input_check_names_the_argument_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="in_channels to 3 and input_size to 32"):
         check_accepts_inputs(LeNet5(1, 10, 28), (3, 32, 32))
     net = ResNet18(10, in_channels=1).train()
+    net.layers[0].eval()  # a frozen block stays frozen
     before = {k: v.clone() for k, v in net.state_dict().items()}
     check_accepts_inputs(net, (1, 28, 28))
-    assert net.training
+    assert net.training and not net.layers[0].training and net.layers[1].training
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key  # BatchNorm statistics untouched

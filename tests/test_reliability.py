@@ -43,7 +43,7 @@ def write_config(folder: Path, *, chip_seed: int = 0, epochs: int = 4) -> Path:
     trainer["logger"]["init_args"]["name"] = "rel"
     trainer["callbacks"] = [
         {
-            "class_path": "nvmpriv.callbacks.ModelCheckpoint",
+            "class_path": "nvmpriv.callbacks.LastEpochCheckpoint",
             "init_args": {"save_last": True, "every_n_epochs": 1, "save_top_k": -1},
         },
         {"class_path": "nvmpriv.callbacks.FiniteLossGuard"},

@@ -275,3 +275,22 @@ def test_metadata_the_evaluator_cannot_honour(
     onnx.save(model, path)
     with pytest.raises(runtime.OnnxModelError, match=match):
         runtime.load(path)
+
+
+def test_digest_survives_resaving_with_external_data(tmp_path: Path, fc_file: Path) -> None:
+    model = onnx.load(fc_file)
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(model, ext, save_as_external_data=True, size_threshold=0)
+    assert any(p.name != "model.onnx" for p in ext.parent.iterdir())  # weights left the file
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    expected = runtime.load(fc_file).predict_proba(x)
+    np.testing.assert_array_equal(runtime.load(ext).predict_proba(x), expected)
+    inline = tmp_path / "inline.onnx"
+    onnx.save(onnx.load(ext), inline)  # back inline: data_location fields now set
+    np.testing.assert_array_equal(runtime.load(inline).predict_proba(x), expected)
+    for extra in ext.parent.iterdir():
+        if extra.name != "model.onnx":
+            extra.unlink()
+    with pytest.raises(runtime.OnnxModelError, match="external weight files cannot be read"):
+        runtime.load(ext)

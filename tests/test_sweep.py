@@ -343,7 +343,7 @@ def test_blackbox_attacks_the_model_fit_left_behind(tmp_path: Path) -> None:
         (exports / f"{stem}.onnx").write_bytes(b"x")
     callbacks: list[dict] = [
         {
-            "class_path": "nvmpriv.callbacks.ModelCheckpoint",
+            "class_path": "nvmpriv.callbacks.LastEpochCheckpoint",
             "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True},
         },
         {
@@ -395,3 +395,15 @@ def test_a_sweep_whose_cells_all_fail_keeps_earlier_tables(
     assert outcome.failed and outcome.files == []
     for name, text in earlier.items():
         assert (tmp_path / "out" / name).read_text() == text
+
+
+def test_dry_run_accepts_what_lightningcli_accepts(tmp_path: Path) -> None:
+    good = str(ROOT / "lightning_configs" / "quickstart.yaml")
+    overrides = {
+        "model.class_path": "StandardTraining",  # bare class names, as LightningCLI resolves
+        "model.init_args.net.class_path": "ColumnFC",
+        "model.init_args.net.init_args.dropout": "1e-1",  # a quoted number
+        "data.init_args.max_samples": None,  # None for an optional int
+    }
+    path = write_sweep(tmp_path, configs=[{"config": good, "label": "b", "overrides": overrides}])
+    assert sw.cli_main(["--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 0

@@ -152,8 +152,9 @@ class MembershipModule(pl.LightningModule):
         """
         saved = getattr(self, "_resumed_optimizers", None)
         built = [type(o).__name__ for o in optimizers]
-        if saved is not None and self._trainer is not None and saved != built:
-            ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        # only a resume restores optimizer state; load_from_checkpoint + a new fit does not
+        ckpt = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if saved is not None and ckpt and saved != built:
             raise ValueError(
                 f"{ckpt} was trained with optimizer {', '.join(saved)} but the config builds "
                 f"{', '.join(built)}; resume with the run's model.init_args.optimizer, or start "
