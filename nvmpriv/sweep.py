@@ -460,7 +460,7 @@ def set_dotted(config: dict[str, Any], path: str, value: Any) -> None:
             node = node[part]
 
 
-def _find_callback(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+def _find_callback(config: dict[str, Any], name: str | tuple[str, ...]) -> dict[str, Any] | None:
     """The first trainer callback whose class path ends with ``name`` (the live mapping)."""
     for cb in (config.get("trainer") or {}).get("callbacks") or []:
         if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith(name):
@@ -589,7 +589,7 @@ def _blackbox_reports(run_dir: Path, crossbars: Sequence[str]) -> dict[str, Path
     return {c: run_dir / "blackbox" / f"{c}.json" for c in crossbars}
 
 
-def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+def _callback_args(config: dict[str, Any], name: str | tuple[str, ...]) -> dict[str, Any] | None:
     """A copy of the ``init_args`` of the callback :func:`_find_callback` finds, or ``None``."""
     cb = _find_callback(config, name)
     return None if cb is None else dict(cb.get("init_args") or {})
@@ -625,11 +625,12 @@ def _export_checkpoint(run_dir: Path, config: dict[str, Any]) -> Path | None:
     """The checkpoint whose weights are the model ``fit`` left behind.
 
     ``last.ckpt``, except when ``RestoreBestWeights`` put back an earlier epoch: then the single
-    best checkpoint of a ``ModelCheckpoint`` that monitors the same metric the same way.
+    best checkpoint of a ``ModelCheckpoint`` (or ``LastEpochCheckpoint``) that monitors the same
+    metric the same way.
     """
     folder = run_dir / "checkpoints"
     restore = _callback_args(config, "RestoreBestWeights")
-    keep = _callback_args(config, "ModelCheckpoint")
+    keep = _callback_args(config, ("ModelCheckpoint", "LastEpochCheckpoint"))
     if restore is not None and keep is not None:
         same = (keep.get("monitor"), keep.get("mode", "min")) == (
             restore.get("monitor", "val/acc"),

@@ -372,6 +372,8 @@ def test_blackbox_attacks_the_model_fit_left_behind(tmp_path: Path) -> None:
         }
     )
     assert sw._export_checkpoint(run_dir, config).name == "epoch=3-step=40.ckpt"
+    callbacks[0]["class_path"] = "lightning.pytorch.callbacks.ModelCheckpoint"  # Lightning's own
+    assert sw._export_checkpoint(run_dir, config).name == "epoch=3-step=40.ckpt"
     callbacks[0]["init_args"]["monitor"] = "val/loss"  # best of another metric: not the same
     assert sw._export_checkpoint(run_dir, config).name == "last.ckpt"
 
