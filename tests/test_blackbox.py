@@ -78,6 +78,17 @@ def test_export_callback_wrote_both_files(run: dict[str, Any]) -> None:
     assert meta["nvmpriv.split_hash"] == run["audit"]["split_hash"]
 
 
+def test_export_of_last_ckpt_is_the_fit_export(run: dict[str, Any]) -> None:
+    out = run["root"] / "cli_export.onnx"
+    cfg = str(run["root"] / "bb.yaml")
+    last = str(run["run_dir"] / "checkpoints" / "last.ckpt")
+    args = ["export", "--config", cfg, "--ckpt_path", last, "--crossbar", "64x64_100k"]
+    assert main([*args, "--seed", str(SEED), "--output", str(out)]) == 0
+    x = np.random.default_rng(1).random((50, 64), dtype=np.float32) * 16
+    np.testing.assert_array_equal(load(out).predict_proba(x), load(run["chip"]).predict_proba(x))
+    assert load(out).metadata["nvmpriv.run"] == "bb_version_0"
+
+
 def test_blackbox_matches_audit(run: dict[str, Any]) -> None:
     # Compared: AUC and the upper-bound accuracy (threshold-free / best threshold on the
     # target), the audit's thresholds came from 2-fold CV on the target, the black box's from
