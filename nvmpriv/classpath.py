@@ -108,16 +108,34 @@ def _parses_as(hint: Any, text: str) -> bool:
     return True
 
 
+def _coerced(hint: Any, value: Any) -> Any:
+    """A quoted number or boolean as the number/boolean a simple annotation asks for."""
+    if not isinstance(value, str):
+        return value
+    union = typing.get_origin(hint) in (typing.Union, _UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    if any(o is str or (o not in _SIMPLE and o is not type(None)) for o in options):
+        return value  # a string is acceptable as it is
+    for kind in (int, float, bool):
+        if kind in options and _parses_as(kind, value):
+            return value.lower() == "true" if kind is bool else kind(value)
+    return value
+
+
 def _hint_text(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> None:
-    """Unknown argument names, and values that do not fit a simple annotation, name the class."""
+def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Unknown argument names, and values that do not fit a simple annotation, name the class.
+
+    Returns:
+        ``kwargs`` with quoted numbers/booleans converted where the annotation asks for them.
+    """
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):  # builtins without a signature
-        return
+        return kwargs
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
@@ -128,13 +146,14 @@ def _check_arguments(class_path: str, target: Any, kwargs: dict[str, Any]) -> No
         init = target.__init__ if inspect.isclass(target) else target
         hints = typing.get_type_hints(init)
     except Exception:  # unresolvable annotations: leave the checks to the callee
-        return
+        return kwargs
     for name, value in kwargs.items():
         if name in hints and not _accepts(hints[name], value):
             raise ValueError(
                 f"{class_path}: init_args {name}={value!r} is a {type(value).__name__}, "
                 f"expected {_hint_text(hints[name])}"
             )
+    return {k: _coerced(hints[k], v) if k in hints else v for k, v in kwargs.items()}
 
 
 def instantiate(spec: Any, **overrides: Any) -> Any:
@@ -159,7 +178,7 @@ def instantiate(spec: Any, **overrides: Any) -> Any:
                 f"{type(init_args).__name__}"
             )
         kwargs = {k: instantiate(v) for k, v in init_args.items()} | overrides
-        _check_arguments(spec["class_path"], target, kwargs)
+        kwargs = _check_arguments(spec["class_path"], target, kwargs)
         try:
             return target(**kwargs)
         except (TypeError, ValueError) as exc:
