@@ -172,23 +172,29 @@ class CrossbarAudit(Callback):
         unknown = [a for a in attacks if a not in mia.SCORE_ATTACKS]
         if unknown:
             raise ValueError(
-                f"unknown attacks {unknown}; choose from {', '.join(sorted(mia.SCORE_ATTACKS))}"
+                f"CrossbarAudit: unknown attacks {unknown}; choose from "
+                f"{', '.join(sorted(mia.SCORE_ATTACKS))}"
             )
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs} must be >= 1")
+            raise ValueError(f"CrossbarAudit: every_n_epochs={every_n_epochs} must be >= 1")
         if max_samples < 2 or calibration_samples < 1 or layer_samples < 0:
-            raise ValueError("max_samples >= 2, calibration_samples >= 1, layer_samples >= 0")
+            raise ValueError(
+                "CrossbarAudit: needs max_samples >= 2, calibration_samples >= 1, "
+                f"layer_samples >= 0 (got {max_samples}, {calibration_samples}, {layer_samples})"
+            )
         if shadow_epochs is not None and shadow_epochs < 1:
-            raise ValueError(f"shadow_epochs={shadow_epochs} must be >= 1 or null")
+            raise ValueError(f"CrossbarAudit: shadow_epochs={shadow_epochs} must be >= 1 or null")
         if any(e < 0 for e in adversarial_eps):
-            raise ValueError(f"adversarial_eps={list(adversarial_eps)} must all be >= 0")
+            raise ValueError(
+                f"CrossbarAudit: adversarial_eps={list(adversarial_eps)} must all be >= 0"
+            )
         if adversarial_samples < 1 or adversarial_steps < 1:
             raise ValueError(
-                f"adversarial_samples={adversarial_samples}, adversarial_steps="
+                f"CrossbarAudit: adversarial_samples={adversarial_samples}, adversarial_steps="
                 f"{adversarial_steps}: both must be >= 1 (adversarial_eps: [] turns PGD off)"
             )
         if not shadow_lr > 0:
-            raise ValueError(f"shadow_lr={shadow_lr} must be > 0")
+            raise ValueError(f"CrossbarAudit: shadow_lr={shadow_lr} must be > 0")
         self.configs = {name: _crossbar_config(name) for name in crossbars}
         self.attacks = tuple(attacks)
         self.every_n_epochs = every_n_epochs

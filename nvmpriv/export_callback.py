@@ -47,7 +47,7 @@ class ExportOnnx(Callback):
     ) -> None:
         super().__init__()
         if calibration_samples < 1:
-            raise ValueError(f"calibration_samples={calibration_samples} must be >= 1")
+            raise ValueError(f"ExportOnnx: calibration_samples={calibration_samples} must be >= 1")
         self.configs = {c: load_crossbar(c) for c in crossbars}
         self.chip_seed = int(chip_seed)
         self.calibration_samples = int(calibration_samples)

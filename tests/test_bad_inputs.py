@@ -512,7 +512,9 @@ CASES: dict[str, Case] = {
     "config-net-input-width": Case(net_input_width, ("ColumnFC", "in_features to 64")),
     "config-export-exists": Case(export_callback_output_exists, ("version_1_digital", "overwrite")),
     "config-audit-no-samples": Case(audit_no_adversarial_samples, ("adversarial_samples=0",)),
-    "config-callback-bad-argument": Case(callback_bad_argument, ("every_n_epochs=0",)),
+    "config-callback-bad-argument": Case(
+        callback_bad_argument, ("CrossbarAudit: every_n_epochs=0",)
+    ),
     "config-unknown-class-path": Case(unknown_class_path, ("Nope",)),
     "config-unknown-crossbar-preset": Case(unknown_crossbar_preset, ("64x64_nope",)),
     "config-invalid-crossbar-field": Case(invalid_crossbar_field, ("no_such_chip",)),
