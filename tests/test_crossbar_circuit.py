@@ -107,3 +107,28 @@ def test_bad_inputs_raise():
         column_currents(np.ones((2, 2)), np.ones(2), r_wire=-1, r_source=0, r_sink=0)
     with pytest.raises(ValueError, match="V must be"):
         column_currents(np.ones((2, 2)), np.ones(3), r_wire=0, r_source=0, r_sink=0)
+
+
+def test_ideal_wires_with_source_and_sink_on_large_tile_batches():
+    # Batched LU (torch.linalg.solve) in torch's MKL build hit "DLASWP parameter 6" and hung
+    # for this case at 2 threads; run in a subprocess so a regression fails instead of hanging.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from nvmpriv.crossbar.circuit import column_currents, effective_conductance\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.rand(3, 256, 256, dtype=torch.float64) * 1e-5 + 1e-6\n"
+        "a = effective_conductance(g, r_wire=0.0, r_source=400.0, r_sink=400.0)\n"
+        "v = torch.rand(256, dtype=torch.float64)\n"
+        "ref = torch.as_tensor(column_currents(g[2], v, r_wire=0.0, r_source=400.0, r_sink=400.0))\n"
+        "err = float(((a[2].T @ v) - ref).abs().max() / ref.abs().max())\n"
+        "print(err)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MKL ERROR" not in out.stdout + out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-10

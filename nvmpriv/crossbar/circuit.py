@@ -224,8 +224,10 @@ def _lumped(G: torch.Tensor, r_source: float, r_sink: float) -> torch.Tensor:
     # u = Dr^-1 (gs V + G w);  (Dc - G^T Dr^-1 G) w = G^T Dr^-1 gs V;  I = gk w.
     dr_inv = 1.0 / (gs + row_sum)  # [T, R]
     gt_dr = G.transpose(-1, -2) * dr_inv.unsqueeze(-2)  # [T, C, R]
-    schur = torch.diag_embed(gk + col_sum) - gt_dr @ G  # [T, C, C]
-    at = gk * gs * torch.linalg.solve(schur, gt_dr)  # [T, C, R] = A^T
+    schur = torch.diag_embed(gk + col_sum) - gt_dr @ G  # [T, C, C], SPD
+    # Cholesky, not torch.linalg.solve: batched LU in the MKL build returns invalid pivots (and
+    # hung here: 3 tiles of 256x256, 2 threads) for batches of n >= 256
+    at = gk * gs * (_spd_inverse(schur) @ gt_dr)  # [T, C, R] = A^T
     return at.transpose(-1, -2)
 
 
