@@ -13,7 +13,10 @@ def test_snr_and_ns_hand_computed():
     zd = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     za = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
     # sample 0: |za|^2 = 2, |zd-za|^2 = 1; sample 1: |za|^2 = 1, |zd-za|^2 = 1, |zd|^2 = 4
-    assert snr(zd, za) == pytest.approx((math.log10(2) + 0.0) / 2)
+    assert snr(zd, za) == pytest.approx(math.log10((2.0 + 1.0) / 2))  # log of the mean ratio
+    # ratios 121 and 4: log10(62.5) = 1.796, not the mean of the logs (1.342)
+    zd2, za2 = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.1, 0.0], [2.0, 0.0]])
+    assert snr(zd2, za2) == pytest.approx(math.log10((121.0 + 4.0) / 2), rel=1e-5)
     assert noise_sensitivity(zd, za) == pytest.approx((1.0 + 0.25) / 2)
 
 

@@ -31,21 +31,23 @@ def snr(z_digital: torch.Tensor, z_analog: torch.Tensor) -> float:
     r"""Signal-to-noise ratio of a layer's pre-activation output (Roy et al.).
 
     .. math::
-        \mathrm{SNR} = \frac{1}{n}\sum_k \log_{10}
+        \mathrm{SNR} = \log_{10} \frac{1}{n}\sum_k
         \frac{\lVert Z^{a}_k \rVert^2}{\lVert Z^{d}_k - Z^{a}_k \rVert^2}
 
-    (decimal log of the power ratio, i.e. bels; multiply by 10 for dB).
+    (decimal log of the mean per-sample power ratio, as Roy et al.'s code computes it, i.e.
+    bels; multiply by 10 for dB). The log of the mean, not the mean of the logs: by Jensen's
+    inequality the latter is lower whenever the ratios vary between samples.
 
     Args:
         z_digital: Digital outputs ``[n, ...]`` (first axis = samples).
         z_analog: Crossbar outputs, same shape.
 
     Returns:
-        The mean over samples of the per-sample log10 ratio (``inf`` if identical).
+        ``log10`` of the mean per-sample ratio (``inf`` if identical).
     """
     num = _per_sample_sq(z_analog)
     den = _per_sample_sq(z_digital - z_analog)
-    return float(torch.log10(num / den).mean())
+    return float(torch.log10((num / den).mean()))
 
 
 def noise_sensitivity(z_digital: torch.Tensor, z_analog: torch.Tensor) -> float:
@@ -70,7 +72,7 @@ class LayerNoise:
     """SNR and noise sensitivity of one layer.
 
     Attributes:
-        snr: Mean per-sample log10 power ratio (bels).
+        snr: log10 of the mean per-sample power ratio (bels).
         noise_sensitivity: Mean per-sample relative error power (unitless).
     """
 
