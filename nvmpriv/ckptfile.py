@@ -28,9 +28,10 @@ def check_checkpoint_file(path: str | Path, field: str = "--ckpt_path") -> None:
     """
     path = Path(path)
     if not path.is_file():
+        last = " or --ckpt_path last" if field == "--ckpt_path" else ""
         raise FileNotFoundError(
             f"{field} {path}: checkpoint not found; pass an existing .ckpt file (e.g. "
-            "logs/<name>/version_N/checkpoints/last.ckpt)"
+            f"logs/<name>/version_N/checkpoints/last.ckpt){last}"
         )
     try:
         with zipfile.ZipFile(path) as archive:

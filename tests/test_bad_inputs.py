@@ -526,7 +526,7 @@ CASES: dict[str, Case] = {
     "data-split-of-another-dataset": Case(split_of_another_dataset, ("purchase100", "digits")),
     "data-damaged-split-file": Case(damaged_split_file, ("splits.npz", "regenerate")),
     "data-too-few-samples": Case(too_few_samples, ("too few",)),
-    "ckpt-missing": Case(missing_checkpoint, ("gone.ckpt", "not found")),
+    "ckpt-missing": Case(missing_checkpoint, ("gone.ckpt", "not found", "--ckpt_path last")),
     "ckpt-not-a-checkpoint": Case(non_checkpoint_file, ("notes.ckpt", "not a")),
     "ckpt-truncated": Case(truncated_checkpoint, ("good.ckpt", "truncated")),
     "ckpt-flipped-byte": Case(flipped_checkpoint, ("good.ckpt", "CRC-32")),
