@@ -547,8 +547,6 @@ def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check_output(Path(args.output), args.overwrite)
     names = _parse_attacks(args.attacks)
-    if args.shadow_epochs < 1 or args.n_ref < 1 or args.max_samples < 1:
-        raise ValueError("--shadow-epochs, --n-ref and --max-samples must be >= 1")
     model = load(args.model)
     data = load_attack_data(args.data, max_samples=args.max_samples)
     report = attack_model(

@@ -840,9 +840,7 @@ class WritePredictions(BasePredictionWriter):
         predictions: Sequence[Any],
         batch_indices: Sequence[Any],
     ) -> None:
-        """Concatenate the batches and write the file (rank 0)."""
-        if not trainer.is_global_zero:
-            return
+        """Concatenate the batches and write the file (one process: see :meth:`setup`)."""
         batches: Sequence[Any] = predictions
         if predictions and isinstance(predictions[0], list):  # one list per dataloader
             if len(predictions) > 1:
@@ -853,8 +851,8 @@ class WritePredictions(BasePredictionWriter):
         probs = torch.cat([torch.as_tensor(b) for b in batches]).float().cpu().numpy()
         arrays: dict[str, np.ndarray] = {"probabilities": probs, "role": np.array("target_test")}
         dm: Any = getattr(trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "arrays"):
-            _, labels = dm.arrays("target_test")
+        if dm is not None and hasattr(dm, "indices") and hasattr(dm, "raw"):
+            labels = dm.raw.labels[dm.indices("target_test")]  # labels only, no features
             if len(labels) == len(probs):
                 arrays["labels"] = np.asarray(labels)
         folder = Path(trainer.log_dir or trainer.default_root_dir)

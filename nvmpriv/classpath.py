@@ -80,10 +80,17 @@ def import_object(class_path: str, *, what: str = "class_path") -> Any:
 _SIMPLE = (bool, int, float, str)
 
 
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (``int | None``, ``Optional[int]``), else ``(hint,)``."""
+    if typing.get_origin(hint) in (typing.Union, _UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def _accepts(hint: Any, value: Any) -> bool:
     """Whether ``value`` fits a simple annotation (unknown annotations accept anything)."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else ()
-    if options:
+    options = _options(hint)
+    if len(options) > 1:
         return any(_accepts(o, value) for o in options)
     if hint is type(None):
         return value is None
@@ -112,8 +119,7 @@ def _coerced(hint: Any, value: Any) -> Any:
     """A quoted number or boolean as the number/boolean a simple annotation asks for."""
     if not isinstance(value, str):
         return value
-    union = typing.get_origin(hint) in (typing.Union, _UnionType)
-    options = typing.get_args(hint) if union else (hint,)
+    options = _options(hint)
     if any(o is str or (o not in _SIMPLE and o is not type(None)) for o in options):
         return value  # a string is acceptable as it is
     for kind in (int, float, bool):

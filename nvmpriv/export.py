@@ -1159,8 +1159,6 @@ def cli_main(argv: list[str]) -> int:
         ExportError: On invalid options (printed as one line by ``nvmpriv.__main__``).
     """
     args = _parser().parse_args(argv)
-    if args.calibration_samples < 1:
-        raise ExportError(f"--calibration-samples={args.calibration_samples} must be >= 1")
     config = load_crossbar(args.crossbar)
     net, dm = load_run(args.config, args.ckpt_path)
     name = export_stem(Path(args.config).stem, config, args.seed)

@@ -1503,15 +1503,9 @@ def cli_main(argv: list[str]) -> int:
         ValueError: Bad sweep file or options (printed as one line by ``__main__``).
     """
     args = _parser().parse_args(argv)
-    if args.max_cells is not None and args.max_cells < 1:
-        raise ValueError(f"--max-cells={args.max_cells} must be >= 1")
-    if args.max_parallel is not None and args.max_parallel < 1:
-        raise ValueError(f"--max-parallel={args.max_parallel} must be >= 1")
     spec = load_sweep(args.config, args.output)
     overrides = dict(spec.overrides)
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise ValueError(f"--epochs={args.epochs} must be >= 1")
+    if args.epochs is not None:  # positive_int already checked the counts
         overrides["trainer.max_epochs"] = args.epochs
     for item in args.set:
         key, sep, value = item.partition("=")
