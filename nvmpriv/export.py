@@ -260,9 +260,18 @@ def _act(b: _Body, x: str, st: dict[str, Any]) -> str:
     if not bits:
         return x
     n = b.const(_f32(2.0**bits - 1))
-    r = b.op("Mul", [b.op("Clip", [x, b.const(_f32(0.0)), b.const(_f32(1.0))]), n])
+    if st.get("act_signed"):
+        # torch: (clamp(x, -1, 1) + 1) * 0.5 * n, then 2 * q - 1 -- same operations, same order
+        one = b.const(_f32(1.0))
+        clipped = b.op("Clip", [x, b.const(_f32(-1.0)), one])
+        r = b.op("Mul", [b.op("Mul", [b.op("Add", [clipped, one]), b.const(_f32(0.5))]), n])
+    else:
+        r = b.op("Mul", [b.op("Clip", [x, b.const(_f32(0.0)), b.const(_f32(1.0))]), n])
     # torch: (r + (round(r) - r).detach()) / n -- the same float operations in the same order
-    return b.op("Div", [b.op("Add", [r, b.op("Sub", [b.op("Round", [r]), r])]), n])
+    q = b.op("Div", [b.op("Add", [r, b.op("Sub", [b.op("Round", [r]), r])]), n])
+    if st.get("act_signed"):
+        return b.op("Sub", [b.op("Mul", [q, b.const(_f32(2.0))]), b.const(_f32(1.0))])
+    return q
 
 
 def _dac(b: _Body, x: str, st: dict[str, Any]) -> str:
@@ -648,6 +657,7 @@ def _node_attributes(spec: _LayerSpec, has_bias: bool, noisy: bool) -> dict[str,
         "n_row_tiles": int(st["n_row_tiles"]),
         "n_slices": int(st["n_slices"]),
         "act_bits": int(st.get("act_bits", 0) or 0),
+        "act_signed": int(bool(st.get("act_signed"))),
         "dac_bits": int(st["dac_bits"]),
         "dac_qmax": int(st.get("dac_qmax", 0)),
         "dac_step": float(st.get("dac_step32", 0.0)),

@@ -14,6 +14,9 @@ Pure torch. The maths:
     a_q = \operatorname{quantize}_k\bigl(\operatorname{clip}(a, 0, 1)\bigr)
     \in \Bigl\{\tfrac{i}{2^k - 1} : i = 0, \dots, 2^k - 1\Bigr\}
 
+    a_q^{\pm} = 2\,\operatorname{quantize}_k\bigl(\tfrac12(\operatorname{clip}(a, -1, 1) + 1)\bigr) - 1
+    \quad\text{(signed form, for Tanh nets: the weights' level set)}
+
 ``k = 32`` (or ``None``) means full precision: the functions return their input unchanged.
 Biases are not quantized (as in DoReFa). Note that 0 is not a DoReFa weight level (the number
 of intervals ``2^k - 1`` is odd), so an exactly-zero (pruned) weight becomes ``+-1/(2^k - 1)``.
@@ -27,6 +30,12 @@ by :class:`QuantLinear` / :class:`QuantConv2d`, which keep float "master" weight
 updates these) and quantize them on the fly in ``forward``. Activations are quantized at the
 *input* of each such layer (see :func:`quantize_model` for the exact rule), which keeps the
 state-dict keys of the original net, so full-precision checkpoints load unchanged.
+
+DoReFa quantizes the activation and then applies dropout (``dropout(quantize(a))``). A layer
+whose input comes from an ``nn.Dropout`` sees ``a * m / (1 - p)`` in training, and clipping that
+to [0, 1] would saturate every ``a > 1 - p``; so such a layer knows the dropout's ``p``
+(``input_dropout``) and, in training mode, quantizes ``x (1 - p)`` and rescales by
+``1 / (1 - p)``, which is exactly ``dropout(quantize(a))`` with the same mask.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ACT_RANGES",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
@@ -49,6 +59,8 @@ __all__ = [
 ]
 
 FULL_PRECISION_BITS = 32
+#: Choices of :func:`quantize_model`'s ``act_range``.
+ACT_RANGES = ("auto", "unsigned", "signed")
 
 
 def check_bits(bits: int | None, name: str = "bits") -> int | None:
@@ -126,25 +138,43 @@ def dorefa_weight(w: Tensor, k: int | None) -> Tensor:
     return 2.0 * quantize_k(t / (2.0 * scale) + 0.5, bits) - 1.0
 
 
-def dorefa_activation(a: Tensor, k: int | None) -> Tensor:
-    """DoReFa activation quantizer: ``quantize_k(clip(a, 0, 1))``.
+def dorefa_activation(
+    a: Tensor, k: int | None, *, signed: bool = False, dropout: float = 0.0
+) -> Tensor:
+    """DoReFa activation quantizer: ``quantize_k(clip(a, 0, 1))``, or its signed form.
 
-    The gradient is the identity inside (0, 1) and zero outside (the clip's gradient).
+    The gradient is the identity inside the clip range and zero outside (the clip's gradient).
 
     Args:
-        a: Activations (any shape). DoReFa assumes non-negative activations (ReLU nets); the
-            negative half of e.g. a Tanh output is clipped to 0.
+        a: Activations (any shape). The unsigned form (DoReFa's) suits non-negative (ReLU)
+            activations; it would clip the negative half of a Tanh output to 0.
         k: Number of bits in [1, 32]; 32 or ``None`` returns ``a`` unchanged (no clipping).
+        signed: Quantize ``clip(a, -1, 1)`` to the ``2^k`` levels ``2i / (2^k - 1) - 1``
+            instead (``2 quantize_k((clip(a, -1, 1) + 1) / 2) - 1``), for Tanh activations.
+        dropout: Probability ``p`` of an inverted dropout already applied to ``a`` (pass 0 in
+            evaluation mode). The quantizer then acts on the pre-dropout activation
+            ``a (1 - p)`` and rescales by ``1 / (1 - p)``: ``dropout(quantize(.))`` as DoReFa
+            orders them, with the same mask (dropped entries are 0 and stay 0; with
+            ``signed``, whose levels exclude 0, an input of exactly 0 is taken as dropped).
 
     Returns:
-        Activations in [0, 1] taking at most ``2^k`` values ``i / (2^k - 1)``.
+        Activations in [0, 1] (signed: [-1, 1]) taking at most ``2^k`` values (divided by
+        ``1 - p`` where ``dropout`` is set).
 
     Raises:
-        ValueError: If ``k`` is not in [1, 32] nor ``None``.
+        ValueError: If ``k`` is not in [1, 32] nor ``None``, or ``dropout`` is not in [0, 1).
     """
     bits = check_bits(k, "k")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} is outside [0, 1): pass the dropout's p")
     if bits is None:
         return a
+    if dropout:
+        kept = dorefa_activation(a * (1.0 - dropout), bits, signed=signed) / (1.0 - dropout)
+        # 0 is not a signed level, so dropped entries (exact zeros) are put back explicitly
+        return torch.where(a == 0, torch.zeros_like(kept), kept) if signed else kept
+    if signed:
+        return 2.0 * quantize_k((a.clamp(-1.0, 1.0) + 1.0) * 0.5, bits) - 1.0
     return quantize_k(a.clamp(0.0, 1.0), bits)
 
 
@@ -153,22 +183,25 @@ class QuantAct(nn.Module):
 
     Args:
         bits: Activation bits in [1, 32]; 32 or ``None`` makes the module an identity.
+        signed: Use the signed form (levels in [-1, 1]) for Tanh activations.
 
     Raises:
         ValueError: If ``bits`` is not in [1, 32] nor ``None``.
     """
 
-    def __init__(self, bits: int | None = 4) -> None:
+    def __init__(self, bits: int | None = 4, *, signed: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits, "bits")
+        self.signed = bool(signed)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return ``quantize_k(clip(x, 0, 1))`` (or ``x`` at full precision)."""
-        return dorefa_activation(x, self.bits)
+        """Return ``quantize_k(clip(x, 0, 1))`` or the signed form (``x`` at full precision)."""
+        return dorefa_activation(x, self.bits, signed=self.signed)
 
     def extra_repr(self) -> str:
         """Show the bit width in ``print(model)``."""
-        return f"bits={self.bits if self.bits is not None else FULL_PRECISION_BITS}"
+        bits = self.bits if self.bits is not None else FULL_PRECISION_BITS
+        return f"bits={bits}" + (", signed=True" if self.signed else "")
 
 
 class _DoReFaWeights(nn.Module):
@@ -177,6 +210,22 @@ class _DoReFaWeights(nn.Module):
     weight: Tensor
     weight_bits: int | None
     act_bits: int | None
+    #: Signed activation levels in [-1, 1] (Tanh inputs) instead of DoReFa's [0, 1].
+    act_signed: bool = False
+    #: ``p`` of the ``nn.Dropout`` feeding this layer (see the module docstring).
+    input_dropout: float = 0.0
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The layer input as the layer computes with it (DoReFa activation quantizer).
+
+        Args:
+            x: Layer input.
+
+        Returns:
+            ``x`` quantized to ``act_bits`` (unchanged without ``act_bits``).
+        """
+        dropout = self.input_dropout if self.training else 0.0
+        return dorefa_activation(x, self.act_bits, signed=self.act_signed, dropout=dropout)
 
     @property
     def effective_weight(self) -> Tensor:
@@ -190,7 +239,12 @@ class _DoReFaWeights(nn.Module):
 
     def extra_repr(self) -> str:
         """Show the bit widths in ``print(model)``."""
-        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+        text = f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+        if self.act_bits is not None and self.act_signed:
+            text += ", act_signed=True"
+        if self.act_bits is not None and self.input_dropout:
+            text += f", input_dropout={self.input_dropout:g}"
+        return text
 
 
 class QuantLinear(_DoReFaWeights, nn.Linear):
@@ -228,7 +282,7 @@ class QuantLinear(_DoReFaWeights, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``linear(quant_act(x), quant_weight, bias)``."""
-        return F.linear(dorefa_activation(x, self.act_bits), self.effective_weight, self.bias)
+        return F.linear(self.quantize_input(x), self.effective_weight, self.bias)
 
     @classmethod
     def from_module(
@@ -317,9 +371,7 @@ class QuantConv2d(_DoReFaWeights, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``conv2d(quant_act(x), quant_weight, bias)``."""
-        return self._conv_forward(
-            dorefa_activation(x, self.act_bits), self.effective_weight, self.bias
-        )
+        return self._conv_forward(self.quantize_input(x), self.effective_weight, self.bias)
 
     @classmethod
     def from_module(
@@ -366,6 +418,7 @@ def quantize_model(
     act_bits: int | None,
     *,
     skip_first_last: bool = True,
+    act_range: str = "auto",
 ) -> nn.Module:
     """Return a DoReFa-quantized copy of ``model`` (the original is not modified).
 
@@ -382,24 +435,36 @@ def quantize_model(
       first layer is therefore left exactly as it was (same class, same weights); the last one
       becomes a ``Quant*`` layer with full-precision weights when ``act_bits`` is set.
 
-    DoReFa's activation quantizer clips to [0, 1]; it suits ReLU nets (the inputs of weight
-    layers are non-negative) and is a poor fit for Tanh nets such as :class:`~nvmpriv.nets.NasrFC`.
+    DoReFa's activation quantizer clips to [0, 1], which suits ReLU nets (the inputs of weight
+    layers are non-negative); on a Tanh net such as :class:`~nvmpriv.nets.NasrFC` it would zero
+    the negative half of every activation. ``act_range`` picks the form per layer: with
+    ``"auto"``, a layer whose input comes from an ``nn.Tanh`` module (possibly through an
+    ``nn.Dropout``) gets the signed form (levels ``2i/(2^k - 1) - 1`` in [-1, 1]), every other
+    layer DoReFa's [0, 1]. A layer fed by an ``nn.Dropout`` module quantizes the pre-dropout
+    activation in training (``input_dropout``, see the module docstring). "Fed by" means the
+    leaf module registered just before the layer, which is the forward order for the nets in
+    :mod:`nvmpriv.nets`; activations applied as functions in ``forward`` are not seen.
 
     Args:
         model: Net to quantize.
         weight_bits: Weight bits in [1, 32]; 32/``None`` keeps all weights full precision.
         act_bits: Activation bits in [1, 32]; 32/``None`` leaves activations full precision.
         skip_first_last: Keep the first and last weight layers' weights full precision.
+        act_range: ``"auto"`` (above), ``"unsigned"`` ([0, 1] everywhere, DoReFa's) or
+            ``"signed"`` ([-1, 1] everywhere).
 
     Returns:
         A deep copy of ``model`` with the layers replaced (same mode, device and dtype).
 
     Raises:
-        ValueError: If a bit width is not in [1, 32] nor ``None``.
+        ValueError: If a bit width is not in [1, 32] nor ``None``, or ``act_range`` is unknown.
     """
     w_bits = check_bits(weight_bits, "weight_bits")
     a_bits = check_bits(act_bits, "act_bits")
+    if act_range not in ACT_RANGES:
+        raise ValueError(f"act_range={act_range!r} is unknown: allowed {', '.join(ACT_RANGES)}")
     new_model = copy.deepcopy(model)
+    fed_by = _feeding_modules(new_model)
     names = [
         name
         for name, m in new_model.named_modules()
@@ -414,13 +479,36 @@ def quantize_model(
         layer = new_model.get_submodule(name)
         if layer_w_bits is None and layer_a_bits is None and type(layer) in (nn.Linear, nn.Conv2d):
             continue
-        new_layer: nn.Module
+        new_layer: QuantLinear | QuantConv2d
         if isinstance(layer, nn.Linear):
             new_layer = QuantLinear.from_module(layer, layer_w_bits, layer_a_bits)
         else:
             assert isinstance(layer, nn.Conv2d)
             new_layer = QuantConv2d.from_module(layer, layer_w_bits, layer_a_bits)
+        dropout, activation = fed_by.get(name, (0.0, None))
+        new_layer.input_dropout = dropout
+        new_layer.act_signed = act_range == "signed" or (
+            act_range == "auto" and isinstance(activation, nn.Tanh)
+        )
         if name == "":
             return new_layer
         _set_submodule(new_model, name, new_layer)
     return new_model
+
+
+def _feeding_modules(model: nn.Module) -> dict[str, tuple[float, nn.Module | None]]:
+    """For each leaf module: the ``p`` of a dropout just before it, and the leaf before that.
+
+    Returns:
+        ``{name: (dropout p or 0, the preceding non-dropout leaf or None)}`` in registration
+        order.
+    """
+    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    out: dict[str, tuple[float, nn.Module | None]] = {}
+    for i, (name, _) in enumerate(leaves):
+        j, dropout = i - 1, 0.0
+        if j >= 0 and isinstance(leaves[j][1], nn.Dropout):
+            dropout = float(leaves[j][1].p)
+            j -= 1
+        out[name] = (dropout, leaves[j][1] if j >= 0 else None)
+    return out

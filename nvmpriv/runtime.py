@@ -76,8 +76,9 @@ REQUIRED_METADATA = (
     "nvmpriv.num_classes",
 )
 #: Version of the ``nvmpriv`` crossbar-op domain this evaluator implements; files of a later
-#: version (a newer nvmpriv's export) are refused rather than misread.
-DOMAIN_VERSION = 1
+#: version (a newer nvmpriv's export) are refused rather than misread. v2 added the
+#: ``act_signed`` attribute (signed DoReFa input quantizer of Tanh nets); v1 files lack it.
+DOMAIN_VERSION = 2
 #: metadata_props key of the SHA-256 digest over everything else in the file (see
 #: :func:`content_digest`); files written before it existed load without the check.
 CONTENT_DIGEST_KEY = "nvmpriv.content_sha256"
@@ -115,6 +116,7 @@ class _CrossbarOp(OpRun):
     n_streams: int
     n_slices: int
     act_bits: int
+    act_signed: int
     dac_bits: int
     dac_step: float
     dac_qmax: float
@@ -144,7 +146,13 @@ class _CrossbarOp(OpRun):
         """DAC-quantized inputs, or bit-sliced stream digits stacked on axis 0 (count S)."""
         a = self
         bits = int(getattr(a, "act_bits", 0) or 0)
-        if bits:  # DoReFa input quantizer of a quantized layer
+        if bits and int(getattr(a, "act_signed", 0) or 0):  # signed (Tanh-input) form
+            n = np.float32(2.0**bits - 1)
+            clipped = np.clip(x.astype(np.float32), np.float32(-1), np.float32(1))
+            r = (clipped + np.float32(1)) * np.float32(0.5) * n
+            q = (r + (np.round(r) - r)) / n
+            x = (q * np.float32(2) - np.float32(1)).astype(np.float32)
+        elif bits:  # DoReFa input quantizer of a quantized layer
             n = np.float32(2.0**bits - 1)
             r = np.clip(x.astype(np.float32), np.float32(0), np.float32(1)) * n
             x = ((r + (np.round(r) - r)) / n).astype(np.float32)

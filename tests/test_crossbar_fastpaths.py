@@ -113,10 +113,38 @@ def test_adc_fast_path_with_and_without_clipping(range_factor):
 
 
 def test_local_dorefa_activation_is_bit_identical():
-    x = torch.linspace(-0.5, 1.5, 10001)
+    x = torch.linspace(-1.5, 1.5, 10001)
     for bits in (1, 2, 4, 8):
-        assert torch.equal(dorefa_activation(x, bits), reference_dorefa_activation(x, bits))
+        for signed in (False, True):
+            for dropout in (0.0, 0.3):
+                got = dorefa_activation(x, bits, signed=signed, dropout=dropout)
+                ref = reference_dorefa_activation(x, bits, signed=signed, dropout=dropout)
+                assert torch.equal(got, ref), (bits, signed, dropout)
     assert dorefa_activation(x, None) is x
+
+
+def test_dorefa_tanh_dropout_net_on_ideal_chip_equals_it_in_both_modes():
+    """The chip takes over the signed levels (Tanh inputs) and the dropout-aware training
+    quantizer of the digital layers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Dropout(0.4), nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 4),
+    )  # fmt: skip
+    q = quantize_model(net, 3, 3)
+    chip = convert(q, PRESETS["ideal"], seed=0)
+    layers = list(crossbar_layers(chip).values())
+    assert [(m.act_signed, m.input_dropout) for m in layers] == [
+        (False, 0.0), (True, 0.4), (True, 0.0)
+    ]  # fmt: skip
+    x = torch.randn(32, 12)
+    for train in (False, True):
+        q.train(train)
+        chip.train(train)
+        torch.manual_seed(1)
+        expected = q(x)
+        torch.manual_seed(1)
+        assert torch.equal(chip(x), expected), train
 
 
 def _relu_net() -> nn.Module:

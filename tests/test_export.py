@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from nvmpriv import nets, runtime
 from nvmpriv.__main__ import main
@@ -60,7 +61,7 @@ def test_graph_nodes_initializers_and_checker(exported: tuple[Path, Path]) -> No
         d0 = v.type.tensor_type.shape.dim[0]
         assert d0.dim_param and not d0.dim_value, v.name
     assert model.graph.input[0].name == "input" and model.graph.output[0].name == "probabilities"
-    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("nvmpriv", 1)}
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("nvmpriv", runtime.DOMAIN_VERSION)}
 
 
 def test_metadata(exported: tuple[Path, Path]) -> None:
@@ -171,14 +172,22 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
-@pytest.mark.parametrize("preset", ["ideal", "64x64_100k"])
-def test_dorefa_quantized_net_parity(tmp_path: Path, preset: str) -> None:
+@pytest.mark.parametrize(
+    ("preset", "tanh"),
+    [("ideal", False), ("64x64_100k", False), ("ideal", True), ("64x64_100k", True)],
+)
+def test_dorefa_quantized_net_parity(tmp_path: Path, preset: str, tanh: bool) -> None:
     from nvmpriv.crossbar import convert
     from nvmpriv.quantization import quantize_model
 
     torch.manual_seed(0)
-    net = quantize_model(nets.ColumnFC(64, 10), weight_bits=4, act_bits=4).eval()
-    x = torch.rand(32, 64)
+    source = (
+        nn.Sequential(nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 10))
+        if tanh
+        else nets.ColumnFC(64, 10)
+    )
+    net = quantize_model(source, weight_bits=4, act_bits=4).eval()
+    x = torch.rand(32, 64) if not tanh else torch.randn(32, 64)
     path = export_model(
         net, get_preset(preset), tmp_path / "q.onnx", input_shape=[64], chip_seed=1, calibration=x
     )
@@ -191,6 +200,14 @@ def test_dorefa_quantized_net_parity(tmp_path: Path, preset: str) -> None:
         if a.name == "act_bits"
     ]
     assert acts == [0, 4, 4]  # first layer full precision, later inputs quantized to 4 bits
+    signed = [
+        onnx.helper.get_attribute_value(a)
+        for n in model.graph.node
+        if n.domain == "nvmpriv"
+        for a in n.attribute
+        if a.name == "act_signed"
+    ]
+    assert signed == [0, int(tanh), int(tanh)]  # Tanh inputs use the signed levels
     with torch.no_grad():
         expected = torch.softmax(convert(net, get_preset(preset), seed=1, calibration=x)(x), 1)
         digital = torch.softmax(net(x), 1)

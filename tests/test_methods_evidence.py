@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,36 @@ def test_admm_resumes_in_the_retraining_phase(tmp_path: Path) -> None:
     assert resumed.phase == "retrain" and t2.current_epoch == 6
     for name, w in prunable_weights(resumed.net).items():
         assert torch.equal(w != 0, saved["masks"][name]), name
+
+
+def test_admm_without_retraining_stops_sparse_and_validates_the_sparse_net(
+    tmp_path: Path,
+) -> None:
+    class RecordValidationSparsity(pl.Callback):
+        def __init__(self) -> None:
+            self.zeros: list[float] = []
+
+        def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            w = next(iter(prunable_weights(pl_module.net).values()))
+            self.zeros.append(float((w == 0).float().mean()))
+
+    pl.seed_everything(0)
+    model = ADMMPruning(
+        ColumnFC(64, 10), 10, sparsity=0.6, rho=0.01, admm_epochs=2, retrain_epochs=0
+    )
+    record = RecordValidationSparsity()
+    t = trainer(tmp_path, 5, callbacks=[record])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(model, datamodule=Digits(batch_size=64, seed=0, max_samples=600))
+    assert not [w for w in caught if "ADMM phase" in str(w.message)]
+    # two ADMM epochs, no masked retraining, although max_epochs allowed five
+    assert t.current_epoch == 2 and model.phase == "retrain"
+    # the first validation sees dense ADMM weights, the last one the hard-pruned net
+    assert record.zeros[0] < 0.1 and record.zeros[-1] == pytest.approx(0.6, abs=1e-3)
+    for name, w in prunable_weights(model.net).items():
+        s = model.admm_state.sparsities[name]
+        assert int((w == 0).sum()) == num_pruned(w.numel(), s), name
 
 
 def test_mia_pruning_choice_matches_a_brute_force_oracle() -> None:

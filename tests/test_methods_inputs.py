@@ -281,3 +281,39 @@ def test_fine_tuning_a_loaded_checkpoint_with_another_optimizer(tmp_path: Path) 
             datamodule=Digits(),
             ckpt_path=tmp_path / "adam.ckpt",
         )
+
+
+def test_minmax_reference_batches_are_augmented_like_member_batches(tmp_path: Path) -> None:
+    """On images, member batches come augmented (random crop + flip); reference batches must
+    be too, or the inference model can separate the two sets by the augmentation alone."""
+    import lightning.pytorch as pl
+    from conftest import write_cifar10
+    from torch import nn
+
+    from nvmpriv.data import CIFAR10
+    from nvmpriv.methods import MinMaxTraining
+
+    write_cifar10(tmp_path, per_batch=20)
+    dm = CIFAR10(root=str(tmp_path), batch_size=8, seed=0)
+    model = MinMaxTraining(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), 10)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, datamodule=dm)
+    plain = dm.dataset(model.reference_role)[0][0]
+    served = model._reference_loader.dataset
+    torch.manual_seed(0)
+    draws = [served[0][0] for _ in range(8)]
+    # Random-crop padding is zero; the fixture's pixels are uniform uint8, so zero borders and
+    # differing draws of one sample come from the augmentation only.
+    assert any(not torch.equal(d, plain) for d in draws)
+    assert any(bool((d[:, 0, :] == 0).all() or (d[:, :, 0] == 0).all()) for d in draws)

@@ -103,6 +103,63 @@ def test_dorefa_activation_levels_and_gradient(k: int) -> None:
     assert torch.equal(a.grad, inside.to(torch.float64))
 
 
+def test_signed_activation_hand_values_levels_and_gradient() -> None:
+    # k = 2: levels -1, -1/3, 1/3, 1; u = (a + 1) / 2, 3u rounded half to even
+    a = torch.tensor([-2.0, -0.5, -0.2, 0.0, 0.2, 0.5, 0.9, 3.0], requires_grad=True)
+    aq = dorefa_activation(a, 2, signed=True)
+    # 3u = 0, 0.75, 1.2, 1.5, 1.8, 2.25, 2.85, 3 -> 0, 1, 1, 2, 2, 2, 3, 3
+    expected = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3]) * 2 / 3.0 - 1
+    torch.testing.assert_close(aq.detach(), expected, rtol=0, atol=1e-6)
+    aq.sum().backward()
+    assert torch.equal(a.grad, torch.tensor([0.0, 1, 1, 1, 1, 1, 1, 0]))
+    assert torch.equal(QuantAct(2, signed=True)(a.detach()), aq.detach())
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantizer_after_dropout_equals_dropout_of_quantized(signed: bool) -> None:
+    """DoReFa order: dropout(quantize(a)). A layer fed by dropout sees a * m / (1 - p)."""
+    p = 0.5
+    a = torch.rand(20000) * 2.4 - 1.2
+    mask = (torch.rand(20000) >= p).float()
+    dropped = a * mask / (1 - p)
+    got = dorefa_activation(dropped, 3, signed=signed, dropout=p)
+    oracle = dorefa_activation(a, 3, signed=signed) * mask / (1 - p)
+    torch.testing.assert_close(got, oracle, rtol=0, atol=1e-6)
+    # without the dropout's p, every activation above 1 - p = 0.5 saturates (the old bug)
+    naive = dorefa_activation(dropped, 3, signed=signed)
+    assert (naive - oracle).abs().max() > 0.4
+    with pytest.raises(ValueError, match="dropout"):
+        dorefa_activation(a, 3, dropout=1.0)
+
+
+def test_quantize_model_sees_dropout_and_tanh_inputs() -> None:
+    from nvmpriv.nets import NasrFC
+
+    relu = quantize_model(ColumnFC(64, 10, dropout=0.3), 4, 4)
+    layers = [m for m in relu.modules() if isinstance(m, QuantLinear)]
+    assert [(m.act_signed, m.input_dropout) for m in layers] == [(False, 0.3), (False, 0.3)]
+    tanh = quantize_model(NasrFC(32, 5), 4, 4)
+    layers = [m for m in tanh.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 4 and all(m.act_signed and m.input_dropout == 0 for m in layers)
+    forced = quantize_model(NasrFC(32, 5), 4, 4, act_range="unsigned")
+    assert not any(m.act_signed for m in forced.modules() if isinstance(m, QuantLinear))
+    with pytest.raises(ValueError, match="act_range='both' is unknown"):
+        quantize_model(NasrFC(32, 5), 4, 4, act_range="both")
+
+    # In training, the layer after a dropout quantizes the pre-dropout activation: same
+    # forward as dropout(quantize(relu(h))) with the same mask (fixed by the seed).
+    net = relu.train()
+    x = torch.randn(64, 64)
+    torch.manual_seed(5)
+    got = net(x)
+    torch.manual_seed(5)
+    seq = net.net
+    h = F.dropout(dorefa_activation(seq[1](seq[0](x)), 4), 0.3, training=True)
+    h = F.dropout(dorefa_activation(seq[4](seq[3](h)), 4), 0.3, training=True)
+    oracle = F.linear(h, seq[6].weight, seq[6].bias)
+    torch.testing.assert_close(got, oracle, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("bits", "ok"),
     [(1, 1), (31, 31), (32, None), (None, None), (0, "err"), (33, "err"), (2.5, "err"),

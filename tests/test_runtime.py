@@ -258,7 +258,7 @@ def test_rows_per_chunk_from_probe_timing(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [
-        ("nvmpriv.domain_version", "7", r"newer nvmpriv .*v7; this evaluator knows v1.*upgrade"),
+        ("nvmpriv.domain_version", "7", r"newer nvmpriv .*v7; this evaluator knows v2.*upgrade"),
         ("nvmpriv.output", "logits", "its output is 'logits', not 'probabilities'"),
     ],
 )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ __all__ = [
     "CrossbarConv2d",
     "CrossbarLayer",
     "CrossbarLinear",
+    "InputQuantizer",
     "NotCalibratedError",
     "dorefa_activation",
     "is_dorefa_layer",
@@ -127,26 +128,52 @@ class NotCalibratedError(RuntimeError):
     """A layer with DAC/ADC was run before its converter ranges were calibrated."""
 
 
-def dorefa_activation(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+def dorefa_activation(
+    x: torch.Tensor, bits: int | None, *, signed: bool = False, dropout: float = 0.0
+) -> torch.Tensor:
     """DoReFa activation quantizer ``round(clamp(x, 0, 1) (2^k - 1)) / (2^k - 1)``.
 
     Zhou et al., "DoReFa-Net" (2016), eq. for activations; straight-through gradient inside
-    (0, 1). Written with the same operations as ``nvmpriv.quantization.dorefa_activation`` (so
-    results are bit-identical) but kept local so that the crossbar package imports no other
-    nvmpriv module.
+    the clip range. Written with the same operations as
+    ``nvmpriv.quantization.dorefa_activation`` (so results are bit-identical) but kept local so
+    that the crossbar package imports no other nvmpriv module.
 
     Args:
         x: Activations (input units of the layer).
         bits: ``k`` in 1..31, or ``None`` to return ``x`` unchanged.
+        signed: Signed form ``2 q((clamp(x, -1, 1) + 1) / 2) - 1`` (Tanh inputs).
+        dropout: ``p`` of an inverted dropout applied to ``x`` before (training mode only):
+            quantize ``x (1 - p)`` and rescale by ``1 / (1 - p)``.
 
     Returns:
-        Quantized activations in [0, 1] (same unit), or ``x``.
+        Quantized activations in [0, 1] (signed: [-1, 1]; same unit), or ``x``.
     """
     if bits is None:
         return x
+    if dropout:
+        kept = dorefa_activation(x * (1.0 - dropout), bits, signed=signed) / (1.0 - dropout)
+        # 0 is not a signed level, so dropped entries (exact zeros) are put back explicitly
+        return torch.where(x == 0, torch.zeros_like(kept), kept) if signed else kept
     n = float(2**bits - 1)
+    if signed:
+        r = (x.clamp(-1.0, 1.0) + 1.0) * 0.5 * n
+        return 2.0 * ((r + (torch.round(r) - r).detach()) / n) - 1.0
     r = x.clamp(0.0, 1.0) * n
     return (r + (torch.round(r) - r).detach()) / n
+
+
+class InputQuantizer(NamedTuple):
+    """The DoReFa input quantizer a crossbar layer takes over from a quantized digital layer.
+
+    Attributes:
+        bits: Activation bits ``k`` (``None``: no quantizer).
+        signed: Signed levels in [-1, 1] instead of [0, 1].
+        dropout: ``p`` of the dropout feeding the layer (used in training mode only).
+    """
+
+    bits: int | None = None
+    signed: bool = False
+    dropout: float = 0.0
 
 
 def is_dorefa_layer(module: nn.Module) -> bool:
@@ -170,20 +197,25 @@ def is_dorefa_layer(module: nn.Module) -> bool:
     )
 
 
-def quant_source(module: nn.Module) -> tuple[torch.Tensor, int | None]:
-    """The weight to program and the input quantizer bits of a digital layer.
+def quant_source(module: nn.Module) -> tuple[torch.Tensor, InputQuantizer]:
+    """The weight to program and the input quantizer of a digital layer.
 
     Args:
         module: ``nn.Linear`` / ``nn.Conv2d`` or a DoReFa layer (:func:`is_dorefa_layer`).
 
     Returns:
-        ``(effective_weight, act_bits)`` for a DoReFa layer, ``(weight, None)`` otherwise.
+        ``(effective_weight, its input quantizer)`` for a DoReFa layer (``act_bits``,
+        ``act_signed``, ``input_dropout``), ``(weight, InputQuantizer())`` otherwise.
     """
     if is_dorefa_layer(module):
         bits: Any = module.act_bits
         weight: torch.Tensor = module.effective_weight  # type: ignore[assignment]
-        return weight, None if bits is None else int(bits)
-    return module.weight, None  # type: ignore[return-value]
+        return weight, InputQuantizer(
+            None if bits is None else int(bits),
+            bool(getattr(module, "act_signed", False)),
+            float(getattr(module, "input_dropout", 0.0)),
+        )
+    return module.weight, InputQuantizer()  # type: ignore[return-value]
 
 
 class CrossbarLayer(nn.Module):
@@ -199,6 +231,8 @@ class CrossbarLayer(nn.Module):
         y    = sum_r Pq[r] + bias                                      # digital sum
 
     with ``s_dac = dac_range / q_dac``, ``q_dac = 2^(dac_bits-1) - 1`` and likewise for the ADC.
+    (signed layers, ``act_signed``: ``2 q((clamp(x, -1, 1) + 1) / 2) - 1`` with ``q`` the
+    rounding above, for Tanh inputs.)
     The input quantizer is the digital layer's own DoReFa activation quantizer (``k = act_bits``,
     only for layers converted from a DoReFa layer, see :func:`dorefa_activation`; it runs in
     the digital periphery before the DAC, also on the bit-sliced path).
@@ -246,6 +280,8 @@ class CrossbarLayer(nn.Module):
         seed: int,
         groups: int = 1,
         act_bits: int | None = None,
+        act_signed: bool = False,
+        input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = config
@@ -258,7 +294,11 @@ class CrossbarLayer(nn.Module):
                 f"act_bits={act_bits!r} is invalid: allowed an integer in 1..31 or None "
                 "(None = no input quantizer)"
             )
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"input_dropout={input_dropout!r} is outside [0, 1)")
         self.act_bits = act_bits
+        self.act_signed = bool(act_signed)
+        self.input_dropout = float(input_dropout)
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         self.bias = (
             None
@@ -651,7 +691,12 @@ class CrossbarLayer(nn.Module):
             NotCalibratedError: If DAC/ADC ranges are needed but were never calibrated.
         """
         self._check_calibrated()
-        x = dorefa_activation(x, self.act_bits)
+        x = dorefa_activation(
+            x,
+            self.act_bits,
+            signed=self.act_signed,
+            dropout=self.input_dropout if self.training else 0.0,
+        )
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
@@ -714,6 +759,7 @@ class CrossbarLayer(nn.Module):
             "dac_bits": 0 if cfg.dac_bits is None or cfg.bit_slicing else cfg.dac_bits,
             "adc_bits": 0 if cfg.adc_bits is None else cfg.adc_bits,
             "act_bits": 0 if self.act_bits is None else self.act_bits,
+            "act_signed": bool(self.act_bits is not None and self.act_signed),
         }
         if self.bias is not None:
             out["bias"] = self.bias.detach().clone()
@@ -738,6 +784,7 @@ class CrossbarLayer(nn.Module):
             f"O={self.cols_per_group}, tiles={self.groups}x{self.n_row_tiles}x{self.n_col_tiles} "
             f"of {self.config.tile_size}x{self.config.tile_size}, seed={self.seed}"
             + (f", act_bits={self.act_bits}" if self.act_bits is not None else "")
+            + (", act_signed=True" if self.act_bits is not None and self.act_signed else "")
         )
 
 
@@ -750,6 +797,8 @@ class CrossbarLinear(CrossbarLayer):
         bias: ``[out_features]`` or ``None``.
         seed: Chip seed of this layer (variation and faults).
         act_bits: DoReFa input quantizer bits (``None`` = none), see :class:`CrossbarLayer`.
+        act_signed: Signed input quantizer levels in [-1, 1] (Tanh inputs).
+        input_dropout: ``p`` of the dropout feeding the layer (training-mode quantizer).
     """
 
     def __init__(
@@ -760,10 +809,21 @@ class CrossbarLinear(CrossbarLayer):
         *,
         seed: int,
         act_bits: int | None = None,
+        act_signed: bool = False,
+        input_dropout: float = 0.0,
     ) -> None:
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
-        super().__init__(config, weight, bias, seed=seed, groups=1, act_bits=act_bits)
+        super().__init__(
+            config,
+            weight,
+            bias,
+            seed=seed,
+            groups=1,
+            act_bits=act_bits,
+            act_signed=act_signed,
+            input_dropout=input_dropout,
+        )
 
     @classmethod
     def from_module(cls, module: nn.Linear, config: CrossbarConfig, *, seed: int) -> CrossbarLinear:
@@ -781,8 +841,16 @@ class CrossbarLinear(CrossbarLayer):
         Returns:
             The crossbar layer.
         """
-        weight, act_bits = quant_source(module)
-        layer = cls(config, weight, module.bias, seed=seed, act_bits=act_bits)
+        weight, quant = quant_source(module)
+        layer = cls(
+            config,
+            weight,
+            module.bias,
+            seed=seed,
+            act_bits=quant.bits,
+            act_signed=quant.signed,
+            input_dropout=quant.dropout,
+        )
         return layer.to(module.weight.device)
 
     def _matrix_shape(self) -> tuple[int, int]:
@@ -888,6 +956,8 @@ class CrossbarConv2d(CrossbarLayer):
         dilation: As ``nn.Conv2d``.
         groups: As ``nn.Conv2d``.
         act_bits: DoReFa input quantizer bits (``None`` = none), see :class:`CrossbarLayer`.
+        act_signed: Signed input quantizer levels in [-1, 1] (Tanh inputs).
+        input_dropout: ``p`` of the dropout feeding the layer (training-mode quantizer).
     """
 
     _tile_dim = 2
@@ -907,6 +977,8 @@ class CrossbarConv2d(CrossbarLayer):
         dilation: tuple[int, int] = (1, 1),
         groups: int = 1,
         act_bits: int | None = None,
+        act_signed: bool = False,
+        input_dropout: float = 0.0,
     ) -> None:
         self.out_channels = int(weight.shape[0])
         self.in_channels = int(weight.shape[1]) * groups
@@ -916,7 +988,16 @@ class CrossbarConv2d(CrossbarLayer):
         self.dilation = tuple(dilation)
         self._groups_init = groups
         self._adc_t_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        super().__init__(config, weight, bias, seed=seed, groups=groups, act_bits=act_bits)
+        super().__init__(
+            config,
+            weight,
+            bias,
+            seed=seed,
+            groups=groups,
+            act_bits=act_bits,
+            act_signed=act_signed,
+            input_dropout=input_dropout,
+        )
 
     @classmethod
     def from_module(cls, module: nn.Conv2d, config: CrossbarConfig, *, seed: int) -> CrossbarConv2d:
@@ -940,7 +1021,7 @@ class CrossbarConv2d(CrossbarLayer):
             raise ValueError(
                 f"Conv2d padding_mode={module.padding_mode!r} is not supported: allowed 'zeros'"
             )
-        weight, act_bits = quant_source(module)
+        weight, quant = quant_source(module)
         layer = cls(
             config,
             weight,
@@ -950,7 +1031,9 @@ class CrossbarConv2d(CrossbarLayer):
             padding=module.padding,  # type: ignore[arg-type]
             dilation=module.dilation,  # type: ignore[arg-type]
             groups=module.groups,
-            act_bits=act_bits,
+            act_bits=quant.bits,
+            act_signed=quant.signed,
+            input_dropout=quant.dropout,
         )
         return layer.to(module.weight.device)
 

@@ -263,6 +263,24 @@ class _AdmmSchedule(MembershipModule):
         if self.phase == "admm" and self.current_epoch >= self.admm_epochs:
             self.hard_prune()
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Hard-prune after the last ADMM batch when there is no masked retraining.
+
+        With ``retrain_epochs = 0`` the run ends with the ADMM phase. Pruning at its last batch
+        (rather than at ``on_train_epoch_end``, which Lightning calls after the epoch's
+        validation) makes that validation, and the checkpoints written with it, see the sparse
+        net that the run returns.
+        """
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if (
+            self.phase == "admm"
+            and self.retrain_epochs == 0
+            and self.current_epoch + 1 >= self.admm_epochs
+            and self.trainer.is_last_batch
+        ):
+            self.hard_prune()
+            self.trainer.should_stop = True
+
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Task loss, plus the ADMM penalty during the ADMM phase."""
         loss, logits = super().training_loss(x, y)
@@ -331,7 +349,8 @@ class ADMMPruning(_AdmmSchedule):
         admm_epochs: Epochs of the ADMM phase, >= 1.
         retrain_epochs: Epochs of masked retraining, >= 0; ``trainer.max_epochs`` must be at
             least ``admm_epochs + retrain_epochs``.
-        update_every: ADMM ``Z``/``U`` update every this many epochs (Zhang et al.: 5).
+        update_every: ADMM ``Z``/``U`` update every this many epochs (Zhang et al.: 5, with 30
+            updates; the default 1 gives short runs an update per epoch).
         candidates: Optional sparsities to choose each targeted layer's target from by the
             lowest attack gain (MIA-Pruning; needs ``source_checkpoint``). See the module doc.
         max_acc_drop: Largest held-out accuracy drop (fraction) a candidate may cause.

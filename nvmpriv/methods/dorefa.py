@@ -40,14 +40,16 @@ class DoReFaTraining(MembershipModule):
         net: The full-precision classifier; replaced by its quantized copy.
         num_classes: Number of classes (linked from the data module by the CLI).
         weight_bits: Weight bits in [1, 32] (32 = full precision).
-        act_bits: Activation bits in [1, 32] (32 = full precision). DoReFa clips activations to
-            [0, 1], which suits ReLU nets.
+        act_bits: Activation bits in [1, 32] (32 = full precision).
         skip_first_last: Keep the first and last layers' weights full precision.
+        act_range: Activation levels: ``"auto"`` (DoReFa's [0, 1] after ReLU, the signed
+            [-1, 1] form after Tanh, e.g. :class:`~nvmpriv.nets.NasrFC`), ``"unsigned"`` or
+            ``"signed"``; see :func:`~nvmpriv.quantization.quantize_model`.
         optimizer: Optimizer factory.
         lr_scheduler: Optional LR scheduler factory.
 
     Raises:
-        ValueError: If a bit width is outside [1, 32].
+        ValueError: If a bit width is outside [1, 32] or ``act_range`` is unknown.
     """
 
     def __init__(
@@ -57,14 +59,18 @@ class DoReFaTraining(MembershipModule):
         weight_bits: int = 4,
         act_bits: int = 4,
         skip_first_last: bool = True,
+        act_range: str = "auto",
         optimizer: OptimizerCallable = _adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         check_bits(weight_bits, "weight_bits")
         check_bits(act_bits, "act_bits")
-        quantized = quantize_model(net, weight_bits, act_bits, skip_first_last=skip_first_last)
+        quantized = quantize_model(
+            net, weight_bits, act_bits, skip_first_last=skip_first_last, act_range=act_range
+        )
         super().__init__(quantized, num_classes, optimizer, lr_scheduler)
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.skip_first_last = bool(skip_first_last)
+        self.act_range = act_range
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])

@@ -122,7 +122,10 @@ class MinMaxTraining(MembershipModule):
 
     # ------------------------------------------------------------------ data
     def on_fit_start(self) -> None:
-        """Build the reference loader from the data module's ``reference_role``."""
+        """Build the reference loader from the data module's ``reference_role``.
+
+        Reference batches get the same training augmentations as the member batches.
+        """
         super().on_fit_start()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "dataloader"):
@@ -130,7 +133,9 @@ class MinMaxTraining(MembershipModule):
                 "MinMaxTraining needs an nvmpriv MembershipDataModule (for its reference set "
                 f"{self.reference_role!r}); pass datamodule=... to fit"
             )
-        self._reference_loader = dm.dataloader(self.reference_role, shuffle=True)
+        # Augmented like the member batches (train_dataloader): otherwise, on images, the
+        # inference model can tell members from reference samples by the augmentation alone.
+        self._reference_loader = dm.dataloader(self.reference_role, shuffle=True, augment=True)
         self._reference_iter = None
 
     def on_train_epoch_start(self) -> None:
