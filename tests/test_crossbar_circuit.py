@@ -41,6 +41,32 @@ def test_lumped_lines_closed_form():
 
 
 @pytest.mark.parametrize(
+    ("r_source", "r_sink"), [(250.0, 0.0), (0.0, 150.0)], ids=["source-only", "sink-only"]
+)
+def test_one_sided_lumped_lines_closed_form_and_fast_path(r_source, r_sink):
+    """Oracle: hand-solved KCL with ideal wires (each line one node), vs solver and fast path.
+
+    Source only: word node u_i = gs V_i / (gs + sum_j G_ij), I = G^T u. Sink only: bit node
+    w_j = (G^T V)_j / (gk + sum_i G_ij), I_j = gk w_j.
+    """
+    rng = np.random.default_rng(6)
+    g, v = _rand(rng, 12, 9)
+    if r_sink == 0:
+        gs = 1 / r_source
+        expect = g.T @ (gs * v / (gs + g.sum(1, keepdims=True)))
+    else:
+        gk = 1 / r_sink
+        expect = gk * (g.T @ v) / (gk + g.sum(0)[:, None])
+    kw = dict(r_wire=0.0, r_source=r_source, r_sink=r_sink)
+    np.testing.assert_allclose(column_currents(g, v, **kw), expect, rtol=1e-12)
+    a = effective_conductance(torch.from_numpy(np.stack([g, g[::-1].copy()])), **kw).numpy()
+    np.testing.assert_allclose(a[0].T @ v, expect, rtol=1e-12)
+    np.testing.assert_allclose(a[1].T @ v, column_currents(g[::-1], v, **kw), rtol=1e-12)
+    # the attenuation is visible: ideal G^T V differs by far more than the tolerance
+    assert np.abs(expect - g.T @ v).max() > 1e-3 * np.abs(expect).max()
+
+
+@pytest.mark.parametrize(
     "params", [(3.4, 400, 400), (28.0, 4.0, 4.0), (1.0, 0, 300), (1.0, 300, 0)]
 )
 def test_kirchhoff_current_law(params):
@@ -65,6 +91,8 @@ def test_kirchhoff_current_law(params):
         (2.0, 0.0, 500.0),
         (2.0, 500.0, 0.0),
         (0.0, 400.0, 300.0),
+        (0.0, 400.0, 0.0),
+        (0.0, 0.0, 300.0),
         (0.0, 0.0, 0.0),
     ],
 )

@@ -59,11 +59,33 @@ def test_weak_wires_take_the_stable_form_and_stay_exact():
     np.testing.assert_allclose(a[0].numpy().T @ v, ref, rtol=1e-9, atol=1e-22)
 
 
-def test_effective_conductance_restores_thread_count():
+@pytest.mark.parametrize("n_tiles", [1, 7])
+def test_effective_conductance_threaded_chunks_equal_nodal_and_restore_threads(n_tiles):
+    """Oracle: the sparse nodal solver per tile, and the single-threaded result.
+
+    The session runs one torch thread (conftest), so the thread-pool branch needs 2 threads set
+    here: 7 tiles with chunk=2 give 4 chunks on the pool; 1 tile runs inline on this thread.
+    """
+    rng = np.random.default_rng(11)
+    n = 8
+    tiles = torch.from_numpy(rng.uniform(G_MIN, G_MAX, (n_tiles, n, n)))
+    kw = dict(r_wire=3.4, r_source=400.0, r_sink=400.0)
     before = torch.get_num_threads()
-    g = torch.full((3, 8, 8), 5e-6, dtype=torch.float64)
-    effective_conductance(g, r_wire=3.4, r_source=400.0, r_sink=400.0, chunk=1)
-    assert torch.get_num_threads() == before
+    try:
+        torch.set_num_threads(1)
+        serial = effective_conductance(tiles, **kw, chunk=2)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        threaded = effective_conductance(tiles, **kw, chunk=2)
+        assert torch.get_num_threads() == 2  # restored, whichever branch ran
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(threaded, serial, rtol=1e-12, atol=0)
+    for t in range(n_tiles):
+        v = rng.uniform(-0.25, 0.25, (n, 3))
+        ref = column_currents(tiles[t].numpy(), v, **kw)
+        got = threaded[t].numpy().T @ v
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-9, t
 
 
 def test_bit_sliced_chunked_adc_equals_unchunked(monkeypatch):

@@ -1,5 +1,7 @@
 """Crossbar layers against independent oracles (digital layers, fixed point, nodal solver)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from nvmpriv.crossbar import (
     simulate,
     unsupported_layers,
 )
+from nvmpriv.crossbar import functional as XF
 from nvmpriv.crossbar.circuit import column_currents
 
 IDEAL = PRESETS["ideal"]
@@ -316,18 +319,136 @@ def test_stuck_at_and_drift_closed_forms():
     torch.manual_seed(11)
     lin = nn.Linear(6, 4)
     x = torch.randn(3, 6)
-    for p in ({"p_stuck_max": 1.0}, {"p_stuck_min": 1.0}):
+    for p, stuck in (({"p_stuck_max": 1.0}, IDEAL.g_max), ({"p_stuck_min": 1.0}, IDEAL.g_min)):
         layer = convert(lin, CrossbarConfig(tile_size=4, **p), seed=0)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), lin.bias.detach().expand(3, 4))
+        # every device of both arrays (padding included) holds the stuck conductance
+        probe = convert(lin, CrossbarConfig(tile_size=4, **p, **_PROBE), seed=0)
+        gp, gn = _programmed_pair(probe, pad=True)
+        for g in (gp, gn):
+            torch.testing.assert_close(g, torch.full_like(g, stuck), rtol=1e-5, atol=0)
     cfg = CrossbarConfig(tile_size=4, drift_nu=0.05, drift_time=100.0, drift_t0=1.0)
     layer = convert(lin, cfg, seed=0)
     with torch.no_grad():
         ref = 100.0**-0.05 * (x @ lin.weight.T) + lin.bias
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
-    # stuck-at fractions are what the config says
-    big = convert(nn.Linear(64, 64), CrossbarConfig(tile_size=64, p_stuck_min=0.1), seed=0)
-    assert big.n_row_tiles == 1
+    # stuck-at fractions: test_stuck_at_fractions_and_values_match_config
+
+
+# Read noise stores Nt = sigma^2 (G+^2 + G-^2) per cell (weight units), which together with
+# w_tiles = G+ - G- determines both programmed conductances of every cell.
+_PROBE = {"read_noise": True, "read_noise_sigma": 0.5}
+
+
+def _programmed_pair(layer, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Programmed ``(G+, G-)`` in siemens, ``[K, O]`` (``pad``: all tile rows/columns).
+
+    Decoded from the documented programmed state (no parasitics): ``w_tiles = (G+ - G-) s`` and
+    ``noise_tiles = sigma^2 (G+^2 + G-^2) s^2`` with ``s = w_max / (g_max - g_min)``, so
+    ``G+ + G- = sqrt(2 (G+^2 + G-^2) - (G+ - G-)^2)``.
+    """
+    cfg = layer.config
+    assert cfg.has_read_noise and not cfg.has_parasitics and not cfg.bit_slicing
+    state = layer.programmed_state()
+    k, o = state["rows_per_group"], state["cols_per_group"]
+    scale = (float(layer.weight.detach().double().abs().max()) or 1.0) / (cfg.g_max - cfg.g_min)
+    d = state["w_tiles"].double().reshape(-1, o) / scale
+    s = state["noise_tiles"].double().reshape(-1, o) / (cfg.read_noise_sigma * scale) ** 2
+    total = torch.sqrt(torch.clamp(2 * s - d * d, min=0))
+    gp, gn = (total + d) / 2, (total - d) / 2
+    return (gp, gn) if pad else (gp[:k], gn[:k])
+
+
+def _targets(w: torch.Tensor, cfg: CrossbarConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target ``(G+, G-)`` of a ``[O, K]`` weight as ``[K, O]`` (conductance_pair's closed form)."""
+    w = w.detach().double().T
+    frac = (cfg.g_max - cfg.g_min) / w.abs().max()
+    return cfg.g_min + torch.relu(w) * frac, cfg.g_min + torch.relu(-w) * frac
+
+
+def _binomial_ok(hits: torch.Tensor, p: float, z: float = 5.0) -> bool:
+    """``mean(hits)`` within ``z`` binomial standard errors of ``p``."""
+    n = hits.numel()
+    return abs(float(hits.double().mean()) - p) <= z * math.sqrt(p * (1 - p) / n) + 1 / n
+
+
+def test_stuck_at_fractions_and_values_match_config():
+    """Oracle: binomial counts of devices decoded at exactly g_min / g_max (5 standard errors)."""
+    p_min, p_max = 0.1, 0.05
+    cfg = CrossbarConfig(tile_size=64, p_stuck_min=p_min, p_stuck_max=p_max, **_PROBE)
+    torch.manual_seed(14)
+    lin = nn.Linear(128, 128, bias=False)
+    with torch.no_grad():
+        lin.weight.uniform_(-1.0, 1.0)
+    layer = convert(lin, cfg, seed=5)
+    gp, gn = _programmed_pair(layer)
+    tp, tn = _targets(lin.weight, cfg)
+    g, t = torch.cat([gp.flatten(), gn.flatten()]), torch.cat([tp.flatten(), tn.flatten()])
+
+    def at(value: torch.Tensor | float) -> torch.Tensor:
+        return torch.isclose(g, torch.as_tensor(value, dtype=g.dtype).expand_as(g), rtol=1e-5)
+
+    off, on, kept = at(cfg.g_min), at(cfg.g_max), at(t)
+    assert bool((off | on | kept).all())  # a device is either intact or stuck at a rail
+    dg = cfg.g_max - cfg.g_min
+    mid = (t > cfg.g_min + 0.01 * dg) & (t < cfg.g_max - 0.01 * dg)  # both faults visible
+    low = t == cfg.g_min  # only stuck-on visible
+    assert int(mid.sum()) > 15000 and int(low.sum()) > 15000
+    assert _binomial_ok(off[mid], p_min), float(off[mid].double().mean())
+    assert _binomial_ok(on[mid], p_max), float(on[mid].double().mean())
+    assert _binomial_ok(on[low], p_max), float(on[low].double().mean())
+    assert _binomial_ok(kept[mid], 1 - p_min - p_max)
+
+
+def test_apply_stuck_at_is_exact_and_binomial():
+    """Oracle: exact rail values and binomial fractions on 200k devices (5 standard errors)."""
+    g_min, g_max = 1e-6, 1e-5
+    g = torch.full((200_000,), 4e-6, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    out = XF.apply_stuck_at(g, 0.2, 0.07, g_min, g_max, gen)
+    off, on, kept = out == g_min, out == g_max, out == 4e-6
+    assert bool((off | on | kept).all())
+    assert _binomial_ok(off, 0.2) and _binomial_ok(on, 0.07) and _binomial_ok(kept, 0.73)
+    same = XF.apply_stuck_at(g, 0.2, 0.07, g_min, g_max, torch.Generator().manual_seed(3))
+    assert torch.equal(out, same)
+
+
+@pytest.mark.parametrize("model", ["lognormal", "gaussian"])
+def test_device_variation_distribution_and_static_per_seed(model):
+    """Oracle: log(G/G_target) ~ N(0, sigma^2) (lognormal) or G/G_target - 1 ~ N(0, sigma^2)
+    (gaussian); mean within 5 sigma/sqrt(n), std within 5 sigma/sqrt(2n), 1-sigma mass 0.6827
+    within 5 binomial standard errors, G+ and G- uncorrelated (5/sqrt(n))."""
+    sigma = 0.1
+    cfg = CrossbarConfig(tile_size=64, variation_sigma=sigma, variation_model=model, **_PROBE)
+    torch.manual_seed(15)
+    lin = nn.Linear(128, 128, bias=False)
+    with torch.no_grad():
+        lin.weight.uniform_(-1.0, 1.0)
+    layer = convert(lin, cfg, seed=21)
+    gp, gn = _programmed_pair(layer)
+    tp, tn = _targets(lin.weight, cfg)
+
+    def dev(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(g / t) if model == "lognormal" else g / t - 1
+
+    ep, en = dev(gp, tp).flatten(), dev(gn, tn).flatten()
+    e = torch.cat([ep, en])
+    n = e.numel()
+    assert abs(float(e.mean())) <= 5 * sigma / math.sqrt(n)
+    assert abs(float(e.std()) - sigma) <= 5 * sigma / math.sqrt(2 * n)
+    assert _binomial_ok(e.abs() <= sigma, math.erf(1 / math.sqrt(2)))
+    assert abs(float(torch.corrcoef(torch.stack([ep, en]))[0, 1])) <= 5 / math.sqrt(n / 2)
+    # static per chip: same seed -> same devices, also after reprogramming and forwards
+    tiles = layer.w_tiles.clone()
+    with torch.no_grad():
+        layer(torch.randn(4, 128))
+    layer.program()
+    assert torch.equal(layer.w_tiles, tiles)
+    assert torch.equal(convert(lin, cfg, seed=21).w_tiles, tiles)
+    # another seed draws independent devices
+    other = dev(_programmed_pair(convert(lin, cfg, seed=22))[0], tp).flatten()
+    assert abs(float(torch.corrcoef(torch.stack([ep, other]))[0, 1])) <= 5 / math.sqrt(n / 2)
 
 
 def test_levels_quantize_weights():
