@@ -131,9 +131,11 @@ def select_sparsities(
             rows.append((s, gain, acc))
             with torch.no_grad():
                 w.copy_(original)
-        eligible = [r for r in rows if base_acc - r[2] <= max_acc_drop]
+        # Gains and accuracies are count ratios reached by different float paths: compare
+        # them rounded, so equal counts tie (and the larger sparsity wins) as documented.
+        eligible = [r for r in rows if round(base_acc - r[2] - max_acc_drop, 9) <= 0]
         if eligible:
-            chosen[name] = min(eligible, key=lambda r: (r[1], -r[0]))[0]
+            chosen[name] = min(eligible, key=lambda r: (round(r[1], 9), -r[0]))[0]
         else:
             chosen[name] = min(cands)
         table[name] = rows
