@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +35,7 @@ def digits() -> dict:
     target = M.train_classifier(_fc, x[tm], y[tm], epochs=40, lr=3e-3, batch_size=50, seed=1)
     return {
         "query": M.predict_proba_fn(target),
+        "model": target,
         "split": M.MembershipSplit(x[tm], y[tm], x[tn], y[tn]),
         "pool_x": x[pool],
         "pool_y": y[pool],
@@ -39,6 +43,47 @@ def digits() -> dict:
         "y": y,
         "candidates": perm[:800],
     }
+
+
+@pytest.fixture(scope="module")
+def overfit_digits() -> dict:
+    """A strongly overfit target (50 members, 100 epochs; 750 non-members) and 8 shadow models
+    trained like it (50 samples each, from a 100-sample attacker pool)."""
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(x))
+    tm, tn, pool = perm[:50], perm[50:800], perm[800:900]
+    cfg = M.TrainConfig(epochs=100, lr=3e-3, batch_size=50)
+    target = M.train_classifier(_fc, x[tm], y[tm], epochs=100, lr=3e-3, batch_size=50, seed=1)
+    query = M.predict_proba_fn(target)
+    split = M.MembershipSplit(x[tm], y[tm], x[tn], y[tn])
+    shadows = M.train_shadow_models(_fc, x[pool], y[pool], 8, train=cfg, seed=0)
+    return {"args": (query, split, x[pool], y[pool], _fc), "shadows": shadows}
+
+
+def _spy_attack_features(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Record what a learned attack feeds its attack model.
+
+    ``train``: the shadow training features; ``scored``: every feature set scored afterwards
+    (the shadow training set, then the target's members, then its non-members).
+    """
+    seen: dict = {"scored": []}
+    fit = M._fit_binary
+
+    def spy(
+        model: nn.Module, feats: list[np.ndarray], labels: np.ndarray, **kw: Any
+    ) -> Callable[[list[np.ndarray]], np.ndarray]:
+        seen["train"], seen["labels"] = feats, labels
+        score = fit(model, feats, labels, **kw)
+
+        def recorded(f: list[np.ndarray]) -> np.ndarray:
+            seen["scored"].append(f)
+            return score(f)
+
+        return recorded
+
+    monkeypatch.setattr(M, "_fit_binary", spy)
+    return seen
 
 
 def _shuffled_split(digits: dict, seed: int = 5) -> M.MembershipSplit:
@@ -94,6 +139,72 @@ def test_predict_proba_fn_is_softmax() -> None:
         expected = torch.softmax(net(torch.as_tensor(x)).double(), 1).numpy()
     np.testing.assert_allclose(p, expected, rtol=1e-5)  # float32 kernels differ by batch
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-12)
+
+
+def _finite_difference_sensitivity(
+    net: nn.Module, x: np.ndarray, m: int, eps: float, seed: int
+) -> np.ndarray:
+    """SAMIA's ``mean_k |p(x + eps u_k) - p(x)| / eps``, in float64 on the module itself.
+
+    ``u_k`` are the documented directions: ``default_rng(seed)``'s standard normals ``[m, *x]``.
+    """
+    u = np.random.default_rng(seed).standard_normal((m, *x.shape)).astype(np.float32)
+    net64 = copy.deepcopy(net).double()
+
+    def probs(v: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(net64(torch.as_tensor(v, dtype=torch.float64)), 1).numpy()
+
+    x64 = x.astype(np.float64)
+    p0 = probs(x64)
+    return np.mean([np.abs(probs(x64 + eps * uk) - p0) for uk in u], axis=0) / eps
+
+
+def test_samia_feeds_the_sensitivity_to_its_attack_model(
+    digits: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split, q = digits["split"], digits["query"]
+    small = M.MembershipSplit(
+        split.member_x[:20], split.member_y[:20], split.nonmember_x[:20], split.nonmember_y[:20]
+    )
+    pool_x, pool_y = digits["pool_x"][:60], digits["pool_y"][:60]
+    cfg = M.TrainConfig(epochs=2)
+    m, eps, seed = 3, 1e-3, 4
+    shadows = M.train_shadow_models(_fc, pool_x, pool_y, 1, train=cfg, seed=seed)
+    seen = _spy_attack_features(monkeypatch)
+    res = M.samia_attack(
+        q,
+        small,
+        pool_x,
+        pool_y,
+        _fc,
+        n_shadow=1,
+        m=m,
+        eps=eps,
+        attack_epochs=1,
+        seed=seed,
+        shadows=shadows,
+    )
+    assert res.queries == (m + 1) * 40
+    # Target members and non-members: (p, s, onehot), s against finite differences by hand.
+    for (p, s, onehot), x, y in zip(
+        seen["scored"][1:],
+        (small.member_x, small.nonmember_x),
+        (small.member_y, small.nonmember_y),
+        strict=True,
+    ):
+        expected = _finite_difference_sensitivity(digits["model"], x, m, eps, seed)
+        assert (expected > 1e-3).sum() > 50  # most entries are far from zero
+        np.testing.assert_allclose(s, expected, rtol=1e-2, atol=1e-5)
+        np.testing.assert_allclose(p, q(x), rtol=1e-12)
+        np.testing.assert_array_equal(onehot, np.eye(10)[y])
+    # The attack model's training set: the shadow model's own members first.
+    sh = shadows[0]
+    n_in = len(sh.member_idx)
+    expected = _finite_difference_sensitivity(sh.model, pool_x[sh.member_idx], m, eps, seed)
+    assert (expected > 1e-3).sum() > 50
+    np.testing.assert_allclose(seen["train"][1][:n_in], expected, rtol=1e-2, atol=1e-5)
+    assert seen["labels"][:n_in].tolist() == [1.0] * n_in
 
 
 def test_sensitivity_matches_jacobian_closed_form() -> None:
@@ -163,12 +274,32 @@ def test_learned_attack_on_shuffled_membership_is_chance(digits: dict) -> None:
 
 def test_nasr_and_sklearn_variants_run(digits: dict) -> None:
     args = (digits["query"], digits["split"], digits["pool_x"], digits["pool_y"], _fc)
+    # On this target Nasr's logits-input model stays near chance (its shadow models, trained on
+    # 500 samples, hardly overfit): detection is tested on the overfit target below.
     nasr = M.nasr_attack(*args, train=CFG, attack_epochs=5)
     sk = M.nn_shadow_attack(*args, n_shadow=1, classifier="sklearn", train=CFG)
     for r in (nasr, sk):
         assert 0.0 <= r.auc <= 1.0 and r.threshold_source.startswith("attack model")
         assert r.queries == 800
     assert sk.auc > 0.55
+
+
+def test_nasr_detects_members_of_an_overfit_target(
+    overfit_digits: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args, shadows = overfit_digits["args"], overfit_digits["shadows"]
+    query, split = args[0], args[1]
+    seen = _spy_attack_features(monkeypatch)
+    nasr = M.nasr_attack(*args, n_shadow=8, attack_epochs=20, shadows=shadows)
+    # The inputs: the logits (= centered log-probabilities) and the one-hot label.
+    logits, onehot = seen["scored"][1]
+    logp = np.log(np.maximum(query(split.member_x), 1e-30))
+    np.testing.assert_allclose(logits, logp - logp.mean(axis=1, keepdims=True), rtol=1e-9)
+    np.testing.assert_array_equal(onehot, np.eye(10)[split.member_y])
+    assert len(seen["labels"]) == 8 * 100 and seen["labels"].mean() == 0.5
+    # Label only (logits zeroed): AUC 0.53; measured: Nasr 0.72, nn_shadow 0.75.
+    nn_shadow = M.nn_shadow_attack(*args, n_shadow=8, attack_epochs=20, shadows=shadows)
+    assert nasr.auc > 0.65 and nasr.auc > nn_shadow.auc - 0.1
 
 
 def _dropout_fc() -> nn.Module:
@@ -246,6 +377,33 @@ def test_reference_attacks_on_digits(digits: dict, online: bool) -> None:
     assert inputs.reference is not None and inputs.reference.n_ref == 4
     cand_in = inputs.reference.in_mask.mean()
     assert (0.3 < cand_in < 0.7) if online else cand_in == 0.0
+    # Per-candidate alignment, recomputed by hand: retrain the reference models on the training
+    # masks the inputs report (pool part: calibration; candidate part: reference) and score a few
+    # candidates from their logits.
+    split, cal, ref = digits["split"], inputs.calibration, inputs.reference
+    assert cal is not None and inputs.population_reference is cal
+    masks, x_all, y_all = cal.in_mask, digits["pool_x"], digits["pool_y"]
+    if online:
+        masks = np.concatenate([cal.in_mask, ref.in_mask], axis=1)
+        x_all, y_all = np.concatenate([x_all, split.x]), np.concatenate([y_all, split.y])
+    nets = M.train_classifiers(_fc, x_all, y_all, masks, train=CFG, seed=0)
+    picks = np.array([0, 1, 57, 199, 200, 201, 444, 799])  # members (< 200) and non-members
+
+    def by_hand(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            z = torch.stack([net(torch.as_tensor(x)) for net in nets]).double().numpy()
+        rows = np.arange(len(y))
+        z_y = z[:, rows, y]
+        z[:, rows, y] = -np.inf
+        lse_rest = np.logaddexp.reduce(z, axis=2)  # log sum_{j != y} exp z_j
+        return z_y - lse_rest, np.exp(z_y - np.logaddexp(lse_rest, z_y))  # phi, p_y [R, n]
+
+    phi, p_true = by_hand(digits["pool_x"][:40], digits["pool_y"][:40])
+    np.testing.assert_allclose(cal.phi[:, :40], phi, rtol=1e-6, atol=1e-8)  # the same models
+    np.testing.assert_allclose(cal.p_true[:, :40], p_true, rtol=1e-6, atol=1e-12)
+    phi, p_true = by_hand(split.x[picks], split.y[picks])
+    np.testing.assert_allclose(ref.phi[:, picks], phi, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ref.p_true[:, picks], p_true, rtol=1e-6, atol=1e-12)
     suffix = "online" if online else "offline"
     lira, rmia = A.run_attack(f"lira_{suffix}", inputs), A.run_attack(f"rmia_{suffix}", inputs)
     assert lira.threshold_source == "reference calibration"

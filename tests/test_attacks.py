@@ -106,6 +106,35 @@ def test_tpr_at_fpr_matches_sklearn_curve(max_fpr: float) -> None:
     assert A.tpr_at_fpr(s_in, s_out, max_fpr) == pytest.approx(etpr[efpr <= max_fpr].max())
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_result_tpr_at_low_fpr_fields_match_sklearn(kind: str) -> None:
+    # >= 1000 non-members, so 0.1 % FPR is a real operating point and differs from FPR 0.
+    rng = np.random.default_rng(21)
+    s_in, s_out = rng.normal(1.5, 1, 3000), rng.normal(0, 1, 4000)
+    if kind == "ties":
+        s_in, s_out = np.round(s_in, 1), np.round(s_out, 1)
+    y = np.r_[np.ones(s_in.size), np.zeros(s_out.size)]
+    efpr, etpr, _ = skm.roc_curve(y, np.r_[s_in, s_out])
+
+    def oracle(max_fpr: float) -> float:  # README: the highest TPR with FPR <= the target
+        return float(etpr[efpr <= max_fpr].max())
+
+    # The operating points are far apart, so a wrong FPR budget cannot pass by accident.
+    assert oracle(0.001) < oracle(0.01) - 0.02 < oracle(0.05) - 0.04 < oracle(0.1) - 0.06
+    res = A.result_from_scores("x", s_in, s_out)
+    assert res.tpr_at_1pct_fpr == pytest.approx(oracle(0.01), abs=1e-12)
+    assert res.tpr_at_01pct_fpr == pytest.approx(oracle(0.001), abs=1e-12)
+    # The same fields filled by an attack, against the attack's scores recomputed by hand.
+    p_in, p_out = A.softmax(np.c_[s_in, -s_in]), A.softmax(np.c_[s_out, -s_out])
+    zeros_in, zeros_out = np.zeros(s_in.size, int), np.zeros(s_out.size, int)
+    conf = A.run_attack("confidence", AttackInputs(p_in, zeros_in, p_out, zeros_out))
+    c_in, c_out = p_in[:, 0], p_out[:, 0]
+    cfpr, ctpr, _ = skm.roc_curve(y, np.r_[c_in, c_out])
+    assert conf.tpr_at_1pct_fpr == pytest.approx(ctpr[cfpr <= 0.01].max(), abs=1e-12)
+    assert conf.tpr_at_01pct_fpr == pytest.approx(ctpr[cfpr <= 0.001].max(), abs=1e-12)
+    assert conf.tpr_at_01pct_fpr > 0.0
+
+
 def _brute_best_threshold(s_in: np.ndarray, s_out: np.ndarray) -> tuple[float, float]:
     """O(n^2) Song & Mittal search; ties go to the largest threshold."""
     best_t, best_obj = None, -1
@@ -330,8 +359,53 @@ def test_lira_attack_through_inputs_and_calibration() -> None:
     assert res.auc == pytest.approx(A.roc_auc(direct[: member.sum()], direct[member.sum() :]))
     assert res.threshold_source == "reference calibration"
     assert res.accuracy is not None and res.accuracy > 0.6
+    # Leave-one-model-out calibration redone by hand: reference model j plays the target and is
+    # scored against the other models only (never against itself).
+    thr, cal_acc = _hand_lira_loo_threshold(refs.phi, refs.in_mask, max_models=8)
+    assert res.threshold == pytest.approx(thr, rel=1e-9, abs=1e-12)
+    assert res.extra["calibration_models"] == 8
+    assert res.extra["calibration_accuracy"] == pytest.approx(cal_acc, abs=1e-12)
+    s_in, s_out = direct[: member.sum()], direct[member.sum() :]
+    assert res.accuracy == pytest.approx(((s_in >= thr).mean() + (s_out < thr).mean()) / 2)
     off = A.run_attack("lira_offline", inputs)
     assert off.auc > 0.6
+
+
+def _hand_online_lira(phi: np.ndarray, ref: np.ndarray, in_mask: np.ndarray) -> np.ndarray:
+    """Online LiRA with one pooled variance per side, written out with scipy's normal pdf."""
+
+    def fit(mask: np.ndarray) -> tuple[np.ndarray, float]:
+        k = mask.sum(axis=0)
+        mu = np.array(
+            [ref[mask[:, i], i].mean() if k[i] else ref[mask].mean() for i in range(ref.shape[1])]
+        )
+        ss = sum(((ref[mask[:, i], i] - mu[i]) ** 2).sum() for i in range(ref.shape[1]))
+        return mu, ss / np.maximum(k - 1, 0).sum()
+
+    (mu_in, var_in), (mu_out, var_out) = fit(in_mask), fit(~in_mask)
+    return norm.logpdf(phi, mu_in, np.sqrt(var_in)) - norm.logpdf(phi, mu_out, np.sqrt(var_out))
+
+
+def _hand_best_threshold(s_in: np.ndarray, s_out: np.ndarray) -> tuple[float, float]:
+    """Song & Mittal search over the observed scores by binary search; ties -> largest t."""
+    t = np.unique(np.r_[s_in, s_out])
+    tp = s_in.size - np.searchsorted(np.sort(s_in), t, side="left")  # s_in >= t
+    tn = np.searchsorted(np.sort(s_out), t, side="left")  # s_out < t
+    obj = tp * s_out.size + tn * s_in.size
+    k = np.flatnonzero(obj == obj.max())[-1]
+    return float(t[k]), obj[k] / (2 * s_in.size * s_out.size)
+
+
+def _hand_lira_loo_threshold(
+    ref: np.ndarray, in_mask: np.ndarray, max_models: int
+) -> tuple[float, float]:
+    s_in, s_out = [], []
+    for j in range(max_models):
+        rest = np.arange(ref.shape[0]) != j
+        s = _hand_online_lira(ref[j], ref[rest], in_mask[rest])
+        s_in.append(s[in_mask[j]])
+        s_out.append(s[~in_mask[j]])
+    return _hand_best_threshold(np.concatenate(s_in), np.concatenate(s_out))
 
 
 def test_rmia_scores_equal_pairwise_brute_force() -> None:
