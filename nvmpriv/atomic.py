@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_save_npz", "atomic_write_bytes", "atomic_write_text", "mkstemp_beside"]
+__all__ = [
+    "atomic_save_npz",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_safe",
+    "mkstemp_beside",
+]
 
 
 @functools.cache
@@ -95,3 +105,39 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (containers copied).
+
+    Python's ``json`` writes ``Infinity``/``NaN``, which strict JSON parsers (JavaScript,
+    ``jq --strict``, most non-Python readers) reject.
+
+    Args:
+        value: Nested dicts/lists/tuples of JSON-able values.
+
+    Returns:
+        The same structure (tuples become lists) with ``inf``/``nan`` floats as ``None``.
+    """
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | Path, value: Any, *, sort_keys: bool = True) -> Path:
+    """Write ``value`` as strict JSON (non-finite floats as ``null``), atomically.
+
+    Args:
+        path: Destination file.
+        value: JSON-able structure; other objects are written with ``str``.
+        sort_keys: Sort object keys.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    text = json.dumps(json_safe(value), indent=2, sort_keys=sort_keys, allow_nan=False, default=str)
+    return atomic_write_text(path, text)

@@ -27,7 +27,6 @@ threshold from one shadow model; ``lira_offline``/``rmia_offline`` use reference
 from __future__ import annotations
 
 import inspect
-import json
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -590,12 +589,12 @@ def write_report(report: dict[str, Any], output: str | Path) -> tuple[Path, Path
     Returns:
         ``(json_path, png_path)``.
     """
-    from nvmpriv.atomic import atomic_write_text
+    from nvmpriv.atomic import atomic_write_json
     from nvmpriv.plots import roc_figure, save_figure
 
     out = Path(output)
     payload = {k: v for k, v in report.items() if not k.startswith("_")}
-    atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True))
+    atomic_write_json(out, payload)
     png = out.with_suffix(".png")
     fig = roc_figure(report["_roc"], f"{report['crossbar']} ({Path(report['model']).name})")
     save_figure(fig, png, dpi=120)

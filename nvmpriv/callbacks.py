@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import time
@@ -45,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from nvmpriv import attacks as mia
-from nvmpriv.atomic import atomic_save_npz, atomic_write_text
+from nvmpriv.atomic import atomic_save_npz, atomic_write_json, atomic_write_text
 from nvmpriv.crossbar import CrossbarConfig, convert, get_preset
 from nvmpriv.crossbar.metrics import layer_noise, nonideality_factor
 
@@ -398,10 +397,13 @@ class CrossbarAudit(Callback):
                     x = torch.as_tensor(
                         sets["nonmembers"][0][: self._limits["layers"]], device=device
                     )
+                    noise = layer_noise(net, chip, x)
                     entry["layers"] = {
                         layer: {"snr_db": v.snr_db, "ns": v.noise_sensitivity}
-                        for layer, v in layer_noise(net, chip, x).items()
+                        for layer, v in noise.items()
                     }
+                    # results.json sorts its keys; this keeps the network's order for plots
+                    entry["layer_order"] = list(noise)
                 entry["nf"] = self._nf(name, cfg)
             configs[name] = entry
         digital_acc = configs[DIGITAL]["acc"]
@@ -592,7 +594,8 @@ class CrossbarAudit(Callback):
         splits = getattr(getattr(trainer, "datamodule", None), "splits", None)
         payload["split_hash"] = splits.split_hash if splits is not None else None
         payload["crossbars"] = {n: c.to_dict() for n, c in self.configs.items()}
-        atomic_write_text(folder / "results.json", json.dumps(payload, indent=2, sort_keys=True))
+        # strict JSON: an exact crossbar's infinite SNR is written as null
+        atomic_write_json(folder / "results.json", payload)
         if self.print_table:
             print(format_table(payload))
 

@@ -1109,9 +1109,13 @@ def gather(spec: SweepSpec, cells: Iterable[Cell]) -> list[dict[str, Any]]:
                 for metric, value in values.items():
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         row[f"mia/{attack}/{metric}"] = value
-            for layer, values in entry.get("layers", {}).items():
-                row[f"snr_db/{layer}"] = values.get("snr_db")
-                row[f"ns/{layer}"] = values.get("ns")
+            layers = entry.get("layers", {})
+            for layer in [*entry.get("layer_order", []), *sorted(layers)]:
+                if layer in layers and f"snr_db/{layer}" not in row:
+                    # null in results.json: an exact crossbar (infinite SNR)
+                    snr = layers[layer].get("snr_db")
+                    row[f"snr_db/{layer}"] = math.inf if snr is None else snr
+                    row[f"ns/{layer}"] = layers[layer].get("ns")
             for eps, acc in entry.get("adversarial", {}).items():
                 row[f"adv/eps_{eps}/acc"] = acc
             report = (record.get("blackbox") or {}).get(name)
@@ -1330,7 +1334,10 @@ def _plots(rows: list[dict[str, Any]], spec: SweepSpec, folder: Path) -> list[Pa
     fig.tight_layout()
     save(fig, "acc_drop_vs_crossbar.png")
 
-    layers = sorted({c.split("/", 1)[1] for r in rows for c in r if c.startswith("snr_db/")})
+    # first-seen order: the network's (rows take the layers in results.json's layer_order)
+    layers = list(
+        dict.fromkeys(c.split("/", 1)[1] for r in rows for c in r if c.startswith("snr_db/"))
+    )
 
     def layer_values(group: str, crossbar: str, metric: str) -> list[float]:
         stats = agg.get((group, crossbar), {}).get("stats", {})

@@ -112,6 +112,25 @@ def test_results_json_schema_and_values(fitted: tuple) -> None:
     assert "digital" in format_table(payload)
 
 
+def test_results_json_is_strict_json_with_layers_in_network_order(fitted: tuple) -> None:
+    _, module, _, run = fitted
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant} in results.json")
+
+    payload = json.loads((run / "results.json").read_text(), parse_constant=refuse)
+    linear = [n for n, m in module.net.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 3
+    for name in ("ideal", "32x32_100k"):
+        entry = payload["configs"][name]
+        order = [ly.rsplit(".", 1)[-1] for ly in entry["layer_order"]]
+        assert order == [n.rsplit(".", 1)[-1] for n in linear]
+        assert set(entry["layer_order"]) == set(entry["layers"])
+    # an exact crossbar's infinite SNR is written as null
+    assert all(v["snr_db"] is None for v in payload["configs"]["ideal"]["layers"].values())
+    assert all(v["snr_db"] > 0 for v in payload["configs"]["32x32_100k"]["layers"].values())
+
+
 def snapshot(module: torch.nn.Module, trainer: pl.Trainer) -> tuple:
     state = {k: v.clone() for k, v in module.state_dict().items()}
     modes = [m.training for m in module.modules()]

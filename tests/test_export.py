@@ -61,7 +61,10 @@ def test_graph_nodes_initializers_and_checker(exported: tuple[Path, Path]) -> No
         d0 = v.type.tensor_type.shape.dim[0]
         assert d0.dim_param and not d0.dim_value, v.name
     assert model.graph.input[0].name == "input" and model.graph.output[0].name == "probabilities"
-    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("nvmpriv", runtime.DOMAIN_VERSION)}
+    assert {(o.domain, o.version) for o in model.opset_import} >= {
+        ("", 18),
+        ("nvmpriv", runtime.DOMAIN_VERSION),
+    }
 
 
 def test_metadata(exported: tuple[Path, Path]) -> None:

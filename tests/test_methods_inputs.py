@@ -317,3 +317,40 @@ def test_minmax_reference_batches_are_augmented_like_member_batches(tmp_path: Pa
     # differing draws of one sample come from the augmentation only.
     assert any(not torch.equal(d, plain) for d in draws)
     assert any(bool((d[:, 0, :] == 0).all() or (d[:, :, 0] == 0).all()) for d in draws)
+
+
+def test_source_checkpoint_of_another_membership_split_is_refused(tmp_path: Path) -> None:
+    """A PPB run on another split than its source's would count the source's training data as
+    non-members; the same split is accepted."""
+    import lightning.pytorch as pl
+
+    from nvmpriv.data import Digits
+    from nvmpriv.methods import StandardTraining
+
+    def trainer(root: Path) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            default_root_dir=str(root),
+        )
+
+    pl.seed_everything(0)
+    t = trainer(tmp_path / "src")
+    t.fit(StandardTraining(net(), 10), datamodule=Digits(batch_size=32, seed=0))
+    ckpt = tmp_path / "src.ckpt"
+    t.save_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="another membership split.*data.init_args.seed"):
+        trainer(tmp_path / "b").fit(
+            PPBFineTuning(net(), 10, source_checkpoint=str(ckpt)),
+            datamodule=Digits(batch_size=32, seed=1),
+        )
+    trainer(tmp_path / "a").fit(
+        PPBFineTuning(net(), 10, source_checkpoint=str(ckpt)),
+        datamodule=Digits(batch_size=32, seed=0),
+    )

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,9 +26,11 @@ __all__ = [
     "best_threshold_accuracy",
     "check_nonnegative",
     "check_positive_int",
+    "check_source_split",
     "collect_logits",
     "load_net_weights",
     "loss_threshold_attack_accuracy",
+    "source_split_indices",
 ]
 
 
@@ -67,6 +70,59 @@ def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
     return value
+
+
+def source_split_indices(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The membership split stored in a Lightning checkpoint by nvmpriv's data modules.
+
+    Args:
+        path: A checkpoint already accepted by :func:`load_net_weights`.
+
+    Returns:
+        ``{role: indices}`` and ``"data_hash"`` (as a 0-d string array), or ``None`` for a
+        plain state dict or a checkpoint without a split.
+    """
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, Mapping):
+        return None
+    for value in ckpt.values():
+        if isinstance(value, Mapping) and "indices" in value and "data_hash" in value:
+            out = {role: np.asarray(idx, dtype=np.int64) for role, idx in value["indices"].items()}
+            out["data_hash"] = np.asarray(str(value["data_hash"]))
+            return out
+    return None
+
+
+def check_source_split(
+    source: dict[str, np.ndarray] | None, datamodule: Any, field: str = "source_checkpoint"
+) -> None:
+    """Refuse a source checkpoint trained on another membership split than this run's.
+
+    Fine-tuning a net on data it was not trained on, then attacking with the run's split,
+    measures nothing: some "non-members" were the source's training data.
+
+    Args:
+        source: :func:`source_split_indices` of the source checkpoint (``None``: no check).
+        datamodule: The run's data module (an nvmpriv ``MembershipDataModule``).
+        field: Config field named in the error.
+
+    Raises:
+        ValueError: If the data or any role's indices differ.
+    """
+    splits = getattr(datamodule, "splits", None)
+    if source is None or splits is None:
+        return
+    same = str(source["data_hash"]) == splits.data_hash and all(
+        role in source and np.array_equal(source[role], splits.indices[role])
+        for role in splits.indices
+    )
+    if not same:
+        raise ValueError(
+            f"{field} was trained on another membership split than this run's (data "
+            f"{str(source['data_hash'])[:12]} vs {splits.data_hash[:12]}, or other indices): "
+            "use the source run's split (the same data.init_args.seed, or "
+            "data.init_args.splits_path=<source run>/splits.npz)"
+        )
 
 
 def load_net_weights(net: nn.Module, path: str | Path, field: str = "source_checkpoint") -> None:

@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from nvmpriv.methods._common import check_source_split
 from nvmpriv.nets import check_accepts_inputs
 
 __all__ = ["MembershipModule"]
@@ -64,6 +65,19 @@ class MembershipModule(pl.LightningModule):
         shape = tuple(getattr(datamodule, "input_shape", ()) or ())
         if shape:
             check_accepts_inputs(self.net, shape)
+
+    def on_fit_start(self) -> None:
+        """Refuse a ``source_checkpoint`` trained on another membership split (fresh runs).
+
+        Subclasses that load a source net set ``_source_split`` (see
+        :func:`~nvmpriv.methods._common.source_split_indices`); a resumed run restores its
+        own split, which was checked when it started.
+        """
+        super().on_fit_start()
+        if self._trainer is not None and self._trainer.ckpt_path is None:
+            check_source_split(
+                getattr(self, "_source_split", None), getattr(self._trainer, "datamodule", None)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the net."""

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from nvmpriv.methods._common import MaskKeeper, check_nonnegative, load_net_weights
+from nvmpriv.methods._common import (
+    MaskKeeper,
+    check_nonnegative,
+    load_net_weights,
+    source_split_indices,
+)
 from nvmpriv.methods.base import MembershipModule, _adam
 from nvmpriv.pruning import (
     Masks,
@@ -163,6 +168,7 @@ class PPBFineTuning(MembershipModule):
             )
         self.prune_method = prune_method
         load_net_weights(self.net, source_checkpoint)
+        self._source_split = source_split_indices(source_checkpoint)
         self.mask_keeper = MaskKeeper()
         self.mask_keeper.load_state_dict(prune_masks(self.net, prune_method, self.sparsity))
         if self.mask_keeper.masks:
