@@ -25,6 +25,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,14 +222,21 @@ def _cached(
         raise DataFileError(f"{name}: {sources[0]} has non-binary features; expected 0/1 values")
     features = features.astype(np.uint8)
     digest = content_hash(features, labels)
-    atomic_save_npz(
-        cache,
-        packed=np.packbits(features, axis=1),
-        labels=labels,
-        n_features=np.array(features.shape[1]),
-        hash=np.array(digest),
-        stamp=stamp,
-    )
+    try:
+        atomic_save_npz(
+            cache,
+            packed=np.packbits(features, axis=1),
+            labels=labels,
+            n_features=np.array(features.shape[1]),
+            hash=np.array(digest),
+            stamp=stamp,
+        )
+    except OSError as exc:  # a read-only data folder: the data is usable, only not cached
+        warnings.warn(
+            f"{name}: could not write the parse cache {cache} ({exc.strerror or exc}); "
+            "the files will be parsed again next time (make the folder writable to cache them)",
+            stacklevel=2,
+        )
     return RawDataset(features, labels, num_classes, name, digest)
 
 

@@ -380,6 +380,14 @@ def _axis_name(key: str) -> str:
     return ",".join(p.rsplit(".", 1)[-1] for p in key.split(","))
 
 
+def _file_sha256(path: Path) -> str | None:
+    """SHA-256 of a file's bytes, or ``None`` if it cannot be read (reported elsewhere)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def expand_grid(spec: SweepSpec) -> list[Cell]:
     """Every cell of the sweep, in a stable order (config, axes, seed).
 
@@ -399,6 +407,8 @@ def expand_grid(spec: SweepSpec) -> list[Cell]:
             for seed in spec.seeds:
                 params = {
                     "config": entry.config,
+                    # the base config's text, so that editing it re-runs its cells
+                    "config_sha256": _file_sha256(entry.path),
                     "overrides": {**spec.overrides, **entry.overrides},
                     "audit": {**spec.audit, **entry.audit},
                     "values": values,

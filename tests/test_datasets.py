@@ -190,3 +190,22 @@ def test_benchmark_sized_parse_fast_path_matches_general(tmp_path: Path) -> None
     fast = ds._binary_csv(raw, 6169, sub / "feats")
     assert fast is not None
     np.testing.assert_array_equal(fast, ds._general_csv(sub / "feats", "texas100"))
+
+
+def test_read_only_data_folder_is_parsed_without_caching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder the cache cannot be written to (a read-only mount; simulated, since the tests
+    may run as root) still loads, with one warning naming the cache."""
+    import errno
+
+    def read_only(path: Path, **arrays: np.ndarray) -> Path:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    path = write_purchase(tmp_path)
+    monkeypatch.setattr(ds, "atomic_save_npz", read_only)
+    with pytest.warns(UserWarning, match=r"could not write the parse cache .*Read-only"):
+        raw = ds.load_purchase100(tmp_path)
+    table = np.loadtxt(path, delimiter=",")
+    np.testing.assert_array_equal(raw.features, table[:, 1:])
+    assert not (tmp_path / "dataset_purchase.nvmpriv.npz").exists()

@@ -111,6 +111,14 @@ def test_cell_ids_are_stable_and_track_what_changes_the_run(tmp_path: Path) -> N
     assert sorted(ids) == sorted(c.cell_id for c in sw.expand_grid(sw.load_sweep(reordered)))
     changed = write_sweep(tmp_path, crossbars=["ideal", "32x32_100k"])
     assert not set(ids) & {c.cell_id for c in sw.expand_grid(sw.load_sweep(changed))}
+    # editing the base config's file (same path) is a change of the run too
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "lightning_configs" / "quickstart.yaml").read_text())
+    own = write_sweep(tmp_path, configs=[str(base)])
+    before = [c.cell_id for c in sw.expand_grid(sw.load_sweep(own))]
+    base.write_text(base.read_text().replace("lr: 0.001", "lr: 0.5"))
+    after = [c.cell_id for c in sw.expand_grid(sw.load_sweep(own))]
+    assert len(before) == 2 and not set(before) & set(after)
 
 
 def test_zipped_and_per_config_axes(tmp_path: Path) -> None:
