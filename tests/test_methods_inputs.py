@@ -345,7 +345,7 @@ def test_source_checkpoint_of_another_membership_split_is_refused(tmp_path: Path
     t.fit(StandardTraining(net(), 10), datamodule=Digits(batch_size=32, seed=0))
     ckpt = tmp_path / "src.ckpt"
     t.save_checkpoint(ckpt)
-    with pytest.raises(ValueError, match="another membership split.*data.init_args.seed"):
+    with pytest.raises(ValueError, match=r"another membership split.*data\.init_args\.seed"):
         trainer(tmp_path / "b").fit(
             PPBFineTuning(net(), 10, source_checkpoint=str(ckpt)),
             datamodule=Digits(batch_size=32, seed=1),
