@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from nvmpriv.atomic import atomic_write_text
+from nvmpriv.atomic import atomic_write_json, atomic_write_text
 from nvmpriv.classpath import check_spec
 from nvmpriv.cliargs import CommandParser, nonnegative_int, positive_int
 from nvmpriv.yamlfile import read_yaml
@@ -791,7 +791,7 @@ def _run_blackbox(
 
 def _finish(record: dict[str, Any], path: Path, start: float) -> dict[str, Any]:
     record["seconds"] = round(time.perf_counter() - start, 2)
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str))
+    atomic_write_json(path, record)
     return record
 
 
@@ -869,10 +869,7 @@ def _run_local(
                     "error": f"{type(exc).__name__}: {exc}",
                     "params": task["params"],
                 }
-                atomic_write_text(
-                    _paths(Path(task["output"]), task["cell_id"])["record"],
-                    json.dumps(record, indent=2, default=str),
-                )
+                atomic_write_json(_paths(Path(task["output"]), task["cell_id"])["record"], record)
                 report(record)
 
 
@@ -907,10 +904,7 @@ def _run_ray(
                     "params": task["params"],
                 }
             # Written again by the driver: the worker's copy may live on another node's disk.
-            atomic_write_text(
-                _paths(Path(task["output"]), task["cell_id"])["record"],
-                json.dumps(record, indent=2, default=str),
-            )
+            atomic_write_json(_paths(Path(task["output"]), task["cell_id"])["record"], record)
             report(record)
 
 
@@ -1120,12 +1114,11 @@ def gather(spec: SweepSpec, cells: Iterable[Cell]) -> list[dict[str, Any]]:
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         row[f"mia/{attack}/{metric}"] = value
             layers = entry.get("layers", {})
-            for layer in [*entry.get("layer_order", []), *sorted(layers)]:
-                if layer in layers and f"snr_db/{layer}" not in row:
-                    # null in results.json: an exact crossbar (infinite SNR)
-                    snr = layers[layer].get("snr_db")
-                    row[f"snr_db/{layer}"] = math.inf if snr is None else snr
-                    row[f"ns/{layer}"] = layers[layer].get("ns")
+            for layer in entry.get("layer_order") or sorted(layers):  # older files: no order
+                # null in results.json: an exact crossbar (infinite SNR)
+                snr = layers[layer].get("snr_db")
+                row[f"snr_db/{layer}"] = math.inf if snr is None else snr
+                row[f"ns/{layer}"] = layers[layer].get("ns")
             for eps, acc in entry.get("adversarial", {}).items():
                 row[f"adv/eps_{eps}/acc"] = acc
             report = (record.get("blackbox") or {}).get(name)

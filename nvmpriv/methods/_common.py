@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from nvmpriv.ckptfile import check_checkpoint_file
+from nvmpriv.data import Splits
 from nvmpriv.pruning import Masks, register_mask_hooks
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "collect_logits",
     "load_net_weights",
     "loss_threshold_attack_accuracy",
-    "source_split_indices",
 ]
 
 
@@ -72,29 +72,8 @@ def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
     return value
 
 
-def source_split_indices(path: str | Path) -> dict[str, np.ndarray] | None:
-    """The membership split stored in a Lightning checkpoint by nvmpriv's data modules.
-
-    Args:
-        path: A checkpoint already accepted by :func:`load_net_weights`.
-
-    Returns:
-        ``{role: indices}`` and ``"data_hash"`` (as a 0-d string array), or ``None`` for a
-        plain state dict or a checkpoint without a split.
-    """
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, Mapping):
-        return None
-    for value in ckpt.values():
-        if isinstance(value, Mapping) and "indices" in value and "data_hash" in value:
-            out = {role: np.asarray(idx, dtype=np.int64) for role, idx in value["indices"].items()}
-            out["data_hash"] = np.asarray(str(value["data_hash"]))
-            return out
-    return None
-
-
 def check_source_split(
-    source: dict[str, np.ndarray] | None, datamodule: Any, field: str = "source_checkpoint"
+    source: Splits | None, datamodule: Any, field: str = "source_checkpoint"
 ) -> None:
     """Refuse a source checkpoint trained on another membership split than this run's.
 
@@ -102,30 +81,27 @@ def check_source_split(
     measures nothing: some "non-members" were the source's training data.
 
     Args:
-        source: :func:`source_split_indices` of the source checkpoint (``None``: no check).
+        source: The split :func:`load_net_weights` found in the source checkpoint (``None``:
+            no check).
         datamodule: The run's data module (an nvmpriv ``MembershipDataModule``).
         field: Config field named in the error.
 
     Raises:
-        ValueError: If the data or any role's indices differ.
+        ValueError: If the data or any role's indices differ (their ``split_hash``).
     """
     splits = getattr(datamodule, "splits", None)
-    if source is None or splits is None:
+    if source is None or splits is None or source.split_hash == splits.split_hash:
         return
-    same = str(source["data_hash"]) == splits.data_hash and all(
-        role in source and np.array_equal(source[role], splits.indices[role])
-        for role in splits.indices
+    raise ValueError(
+        f"{field} was trained on another membership split than this run's (split "
+        f"{source.split_hash} vs {splits.split_hash}): use the source run's split (the same "
+        "data.init_args.seed, or data.init_args.splits_path=<source run>/splits.npz)"
     )
-    if not same:
-        raise ValueError(
-            f"{field} was trained on another membership split than this run's (data "
-            f"{str(source['data_hash'])[:12]} vs {splits.data_hash[:12]}, or other indices): "
-            "use the source run's split (the same data.init_args.seed, or "
-            "data.init_args.splits_path=<source run>/splits.npz)"
-        )
 
 
-def load_net_weights(net: nn.Module, path: str | Path, field: str = "source_checkpoint") -> None:
+def load_net_weights(
+    net: nn.Module, path: str | Path, field: str = "source_checkpoint"
+) -> Splits | None:
     """Load a trained net's weights from a Lightning checkpoint (or a plain state dict) in place.
 
     A Lightning checkpoint stores the method's ``state_dict`` under ``"state_dict"``; the
@@ -136,6 +112,10 @@ def load_net_weights(net: nn.Module, path: str | Path, field: str = "source_chec
         net: Net of the architecture the checkpoint was trained with (modified in place).
         path: Checkpoint file.
         field: Name of the config field, used in error messages.
+
+    Returns:
+        The membership split an nvmpriv data module stored in the checkpoint (for
+        :func:`check_source_split`), or ``None`` (a plain state dict, or no split).
 
     Raises:
         ValueError: If ``path`` is empty or missing, the file is not a checkpoint, or its net's
@@ -183,6 +163,11 @@ def load_net_weights(net: nn.Module, path: str | Path, field: str = "source_chec
             "configure the same net class and sizes as the run that wrote it"
         )
     net.load_state_dict(state)
+    for value in ckpt.values():  # the data module's state_dict (see MembershipDataModule)
+        if isinstance(value, Mapping) and "indices" in value and "data_hash" in value:
+            indices = {role: np.asarray(idx) for role, idx in value["indices"].items()}
+            return Splits(indices, str(value["data_hash"]), str(value.get("dataset", "")))
+    return None
 
 
 def best_threshold_accuracy(member_scores: Tensor, nonmember_scores: Tensor) -> float:

@@ -47,7 +47,6 @@ from nvmpriv.methods._common import (
     collect_logits,
     load_net_weights,
     loss_threshold_attack_accuracy,
-    source_split_indices,
 )
 from nvmpriv.methods.base import MembershipModule, _adam
 from nvmpriv.methods.minmax import MinMaxTraining
@@ -194,8 +193,7 @@ class _AdmmSchedule(MembershipModule):
                     "source_checkpoint to a trained checkpoint of this net"
                 )
         if source_checkpoint:
-            load_net_weights(self.net, source_checkpoint)
-            self._source_split = source_split_indices(source_checkpoint)
+            self._source_split = load_net_weights(self.net, source_checkpoint)
         # Z = project(W), U = 0; also validates the layer names of a per-layer sparsity mapping.
         self.admm_state = AdmmState.from_model(self.net, sparsity)
         self.phase = "admm"

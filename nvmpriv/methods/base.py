@@ -69,9 +69,9 @@ class MembershipModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         """Refuse a ``source_checkpoint`` trained on another membership split (fresh runs).
 
-        Subclasses that load a source net set ``_source_split`` (see
-        :func:`~nvmpriv.methods._common.source_split_indices`); a resumed run restores its
-        own split, which was checked when it started.
+        Subclasses that load a source net keep the split
+        :func:`~nvmpriv.methods._common.load_net_weights` found in ``_source_split``; a resumed
+        run restores its own split, which was checked when it started.
         """
         super().on_fit_start()
         if self._trainer is not None and self._trainer.ckpt_path is None:

@@ -28,7 +28,6 @@ from nvmpriv.methods._common import (
     MaskKeeper,
     check_nonnegative,
     load_net_weights,
-    source_split_indices,
 )
 from nvmpriv.methods.base import MembershipModule, _adam
 from nvmpriv.pruning import (
@@ -167,8 +166,7 @@ class PPBFineTuning(MembershipModule):
                 "--model.init_args.source_checkpoint=logs/<run>/version_0/checkpoints/last.ckpt"
             )
         self.prune_method = prune_method
-        load_net_weights(self.net, source_checkpoint)
-        self._source_split = source_split_indices(source_checkpoint)
+        self._source_split = load_net_weights(self.net, source_checkpoint)
         self.mask_keeper = MaskKeeper()
         self.mask_keeper.load_state_dict(prune_masks(self.net, prune_method, self.sparsity))
         if self.mask_keeper.masks:
