@@ -1093,7 +1093,7 @@ def _parser() -> CommandParser:
     p.add_argument(
         "--calibration-role", default="target_train", help="split role used for calibration"
     )
-    p.add_argument("--output", default=None, help="output .onnx (default exports/<name>.onnx)")
+    p.add_argument("--output", default=None, help="output .onnx (default exports/<run>_<crossbar>[_seed<S>].onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     return p
 
@@ -1103,6 +1103,29 @@ def export_stem(prefix: str, config: CrossbarConfig | None, chip_seed: int) -> s
     if config is None:
         return f"{prefix}_{DIGITAL}"
     return f"{prefix}_{config.name}_seed{chip_seed}"
+
+
+def run_name(config_path: str | os.PathLike[str], ckpt_path: str | os.PathLike[str]) -> str:
+    """The run an export belongs to, named as the ``ExportOnnx`` callback names it.
+
+    ``<logs>/<name>/<version>/checkpoints/x.ckpt`` (or a run folder's ``config.yaml``, beside its
+    ``splits.npz``) gives ``<name>_<version>``, so exports of different runs never share a file name; any other
+    layout falls back to the config's file stem.
+
+    Args:
+        config_path: Training config YAML.
+        ckpt_path: Lightning checkpoint.
+
+    Returns:
+        The run name.
+    """
+    ckpt = Path(ckpt_path)
+    if len(ckpt.parents) > 2 and ckpt.parent.name == "checkpoints":
+        return f"{ckpt.parents[1].parent.name}_{ckpt.parents[1].name}"
+    cfg = Path(config_path).absolute()
+    if cfg.name == "config.yaml" and (cfg.parent / "splits.npz").is_file():
+        return f"{cfg.parent.parent.name}_{cfg.parent.name}"
+    return Path(config_path).stem
 
 
 def export_run(
@@ -1171,14 +1194,8 @@ def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     config = load_crossbar(args.crossbar)
     net, dm = load_run(args.config, args.ckpt_path)
-    name = export_stem(Path(args.config).stem, config, args.seed)
-    ckpt = Path(args.ckpt_path)
-    # logs/<name>/version_N/checkpoints/x.ckpt names its run as the ExportOnnx callback does
-    run = (
-        f"{ckpt.parents[2].name}_{ckpt.parents[1].name}"
-        if len(ckpt.parents) > 2 and ckpt.parent.name == "checkpoints"
-        else Path(args.config).stem
-    )
+    run = run_name(args.config, args.ckpt_path)
+    name = export_stem(run, config, args.seed)
     path = export_run(
         net,
         dm,

@@ -175,6 +175,47 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
+def test_run_name_follows_the_run_folder(tmp_path: Path) -> None:
+    from nvmpriv.export import run_name
+
+    run = tmp_path / "logs" / "texas" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    # the ExportOnnx callback's <name>_<version>, whichever config file is given
+    assert run_name(tmp_path / "texas.yaml", ckpt) == "texas_version_3"
+    assert run_name(run / "config.yaml", ckpt) == "texas_version_3"
+    # a run folder's own config.yaml (beside splits.npz) names the run, not "config"
+    (run / "splits.npz").write_bytes(b"")
+    assert run_name(run / "config.yaml", tmp_path / "elsewhere.ckpt") == "texas_version_3"
+    assert run_name(tmp_path / "texas.yaml", tmp_path / "elsewhere.ckpt") == "texas"
+
+
+def test_cli_export_default_name_is_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _write_config(tmp_path)
+    net = nets.ColumnFC(64, 10)
+    state = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}
+    ckpts = []
+    for version in (0, 1):
+        folder = tmp_path / "logs" / "tiny" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "last.ckpt")
+        ckpts.append(folder / "last.ckpt")
+    monkeypatch.chdir(tmp_path)
+    for ckpt in ckpts:
+        args = ["export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--crossbar", "digital"]
+        assert main(args) == 0, capsys.readouterr().err
+    # two runs of one config: two files, named as the callback names them
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == [
+        "tiny_version_0_digital.onnx",
+        "tiny_version_1_digital.onnx",
+    ]
+    assert runtime.load(tmp_path / "exports" / "tiny_version_1_digital.onnx").metadata[
+        "nvmpriv.run"
+    ] == ("tiny_version_1")
+
+
 @pytest.mark.parametrize(
     ("preset", "tanh"),
     [("ideal", False), ("64x64_100k", False), ("ideal", True), ("64x64_100k", True)],
