@@ -1217,8 +1217,9 @@ def _markdown(rows: list[dict[str, Any]], spec: SweepSpec, plots: list[Path]) ->
         f"# Sweep `{spec.name}`",
         "",
         f"Source: `{spec.source}`. Cells finished: {len(done)}; failed: {len(failed)}. "
-        "Values are percent, mean ± sample std over seeds (n = number of seeds); `acc` is the "
-        "non-member (test) accuracy, `drop` = digital − crossbar accuracy, MIA columns are the "
+        "Values are percent (except `nf`), mean ± sample std over seeds (n = number of seeds); "
+        "`acc` is the non-member (test) accuracy, `drop` = digital − crossbar accuracy, `nf` the "
+        "crossbar's IR-drop non-ideality factor as a fraction (Roy et al.), MIA columns are the "
         "balanced attack accuracy (chance 50).",
         "",
     ]

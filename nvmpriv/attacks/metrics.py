@@ -15,6 +15,8 @@ __all__ = [
     "best_threshold",
     "cross_validated_accuracy",
     "decision_metrics",
+    "degenerate_reason",
+    "fpr_resolvable",
     "precision_recall_f1",
     "roc_auc",
     "roc_curve",
@@ -90,15 +92,45 @@ def roc_auc(scores_in: object, scores_out: object) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+#: Slack on FPR comparisons, so that ``1 / n`` counts as within a budget of exactly ``1 / n``.
+_FPR_ATOL = 1e-12
+
+
 def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
-    return float(tpr[fpr <= max_fpr + 1e-12].max())
+    return float(tpr[fpr <= max_fpr + _FPR_ATOL].max())
+
+
+def fpr_resolvable(max_fpr: float, n_nonmembers: int) -> bool:
+    """Whether ``n_nonmembers`` non-members can measure a TPR at FPR ``<= max_fpr``.
+
+    The empirical FPR moves in steps of ``1 / n_nonmembers``. Below that step the only operating
+    point within the budget is FPR 0, so a "TPR at ``max_fpr``" read off the ROC
+    (:func:`tpr_at_fpr`, LiRA's and ML Privacy Meter's read-off) is the TPR at zero false
+    positives, and zero false positives in fewer than ``1 / max_fpr`` trials does not show that
+    the attack's FPR is ``<= max_fpr`` (the 95 % upper bound is about ``3 / n_nonmembers``).
+    ``True`` is the minimum, not a guarantee of precision: at ``n_nonmembers = 1 / max_fpr`` the
+    value rests on a single false positive.
+
+    Args:
+        max_fpr: FPR budget in ``[0, 1]`` (fraction, not percent).
+        n_nonmembers: Number of non-members scored.
+
+    Returns:
+        ``True`` iff ``n_nonmembers >= 1`` and ``1 / n_nonmembers <= max_fpr``.
+
+    Examples:
+        >>> fpr_resolvable(0.001, 1000), fpr_resolvable(0.001, 999), fpr_resolvable(0.01, 100)
+        (True, False, True)
+    """
+    return n_nonmembers >= 1 and 1.0 / n_nonmembers <= max_fpr + _FPR_ATOL
 
 
 def tpr_at_fpr(scores_in: object, scores_out: object, max_fpr: float = 0.01) -> float:
     """Highest true-positive rate reachable with a false-positive rate ``<= max_fpr``.
 
     With ``n_out`` non-members the smallest non-zero FPR is ``1 / n_out``; below it the value is
-    the TPR at FPR 0.
+    the TPR at FPR 0, not a measured TPR at ``max_fpr``: check :func:`fpr_resolvable` before
+    reporting it as one (:class:`~nvmpriv.attacks.AttackResult` does).
 
     Args:
         scores_in: Member scores ``[n_in]``.
@@ -165,6 +197,62 @@ def balanced_accuracy_at(threshold: float, scores_in: object, scores_out: object
     """
     s_in, s_out = _pair(scores_in, scores_out)
     return float(0.5 * (np.mean(s_in >= threshold) + np.mean(s_out < threshold)))
+
+
+def degenerate_reason(
+    scores_in: object, scores_out: object, threshold: float | None = None
+) -> str | None:
+    """Why an attack's numbers are 0.5 by construction rather than a measured chance result.
+
+    Constant scores give the diagonal ROC (AUC exactly 0.5) and balanced accuracy exactly 0.5 at
+    every threshold; a decision rule that calls every target sample a member (or none) has
+    balanced accuracy exactly 0.5 whatever the scores. Both look like an attack "at chance" but
+    measure nothing: the attack never separated a member from a non-member.
+
+    Args:
+        scores_in: Member scores ``[n_in]``.
+        scores_out: Non-member scores ``[n_out]``.
+        threshold: Attacker-side threshold of ``member iff score >= threshold`` (``None``: no
+            decision rule, only the scores are checked).
+
+    Returns:
+        A one-line reason, or ``None`` when the attack is not degenerate.
+
+    Raises:
+        AttackInputError: If a set is empty or holds NaN.
+
+    Examples:
+        >>> degenerate_reason([0.3, 0.3], [0.3]) is not None
+        True
+        >>> degenerate_reason([0.9, 0.4], [0.1], threshold=0.0) is not None
+        True
+        >>> degenerate_reason([0.9, 0.4], [0.1], threshold=0.5) is None
+        True
+    """
+    s_in, s_out = _pair(scores_in, scores_out)
+    n = s_in.size + s_out.size
+    lo = float(min(s_in.min(), s_out.min()))
+    hi = float(max(s_in.max(), s_out.max()))
+    if lo == hi:
+        return (
+            f"constant scores: all {n} target samples score {lo:.6g}, so AUC and accuracy are "
+            "0.5 by construction, not a measured chance result"
+        )
+    if threshold is None:
+        return None
+    # The decisions themselves (not lo/hi comparisons), so a NaN threshold counts as "none".
+    n_member = int(np.sum(s_in >= threshold) + np.sum(s_out >= threshold))
+    if n_member == n:
+        return (
+            f"decision rule calls every target sample a member (threshold {threshold:.6g} <= "
+            f"lowest score {lo:.6g}), so accuracy is 0.5 by construction"
+        )
+    if n_member == 0:
+        return (
+            f"decision rule calls no target sample a member (threshold {threshold:.6g} > "
+            f"highest score {hi:.6g}), so accuracy is 0.5 by construction"
+        )
+    return None
 
 
 def decision_metrics(pred_in: np.ndarray, pred_out: np.ndarray) -> dict[str, float]:
