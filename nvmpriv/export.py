@@ -1093,7 +1093,11 @@ def _parser() -> CommandParser:
     p.add_argument(
         "--calibration-role", default="target_train", help="split role used for calibration"
     )
-    p.add_argument("--output", default=None, help="output .onnx (default exports/<run>_<crossbar>[_seed<S>].onnx)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output .onnx (default exports/<run>_<crossbar>[_seed<S>].onnx)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     return p
 

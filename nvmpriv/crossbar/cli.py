@@ -41,6 +41,7 @@ def cli_main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     stats = column_error(cfg)
+    weights = column_error(cfg, conductances="gaussian_weights")
     params = cfg.to_dict()
     measured = {
         "nf": stats.nf,
@@ -48,6 +49,9 @@ def cli_main(argv: list[str]) -> int:
         "n_column_currents": stats.n_samples,
         "protocol": "G ~ U[g_min, g_max] i.i.d., V ~ U[0, v_read] i.i.d., 32 tiles x 8 inputs, "
         "seed 0, exact effective matrices",
+        "nf_gaussian_weights": weights.nf,
+        "protocol_gaussian_weights": "G+ of N(0, 1) weights programmed like a layer (largest "
+        "|w| at g_max), otherwise as 'protocol'",
         # Roy et al.'s NF is the wires' (IR drop) error of a tile; the preset's other effects act
         # on the programmed devices and converters, which this protocol samples uniformly instead
         "scope": "IR drop only (wire, source and sink resistance); stuck-at faults, variation, "
@@ -62,5 +66,6 @@ def cli_main(argv: list[str]) -> int:
         print(f"  {key:<{width}}  {value}")
     print(f"  {'NF':<{width}}  {stats.nf:.4f}")
     print(f"  {'mean rel. col. error':<{width}}  {stats.mean_abs_rel:.4f}")
+    print(f"  {'NF (Gaussian weights)':<{width}}  {weights.nf:.4f}")
     print(f"  (NF and column error: {measured['scope']})")
     return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from nvmpriv.crossbar.circuit import effective_conductance
 from nvmpriv.crossbar.config import CrossbarConfig
+from nvmpriv.crossbar.functional import conductance_pair, quantize_levels
 from nvmpriv.crossbar.layers import CrossbarLayer
 
 __all__ = [
@@ -162,31 +164,51 @@ def column_error(
     n_inputs: int = 8,
     seed: int = 0,
     tile_size: int | None = None,
+    conductances: str = "uniform",
 ) -> ColumnError:
     """Measure the column-current error caused by a configuration's parasitics.
 
-    Protocol: ``n_tiles`` random N x N arrays with every conductance i.i.d. uniform in
-    ``[g_min, g_max]``; ``n_inputs`` input vectors per array with every row voltage i.i.d.
-    uniform in ``[0, v_read]``; ideal currents ``G^T V``; non-ideal currents from the exact
-    effective matrices (equal to the nodal solution); statistics over all tiles x inputs x
-    columns. Draws come from ``torch.Generator().manual_seed(seed)`` in float64.
+    Protocol: ``n_tiles`` random N x N arrays; ``n_inputs`` input vectors per array with every
+    row voltage i.i.d. uniform in ``[0, v_read]``; ideal currents ``G^T V``; non-ideal currents
+    from the exact effective matrices (equal to the nodal solution); statistics over all tiles x
+    inputs x columns. Draws come from ``torch.Generator().manual_seed(seed)`` in float64.
+
+    The conductances are either i.i.d. uniform in ``[g_min, g_max]`` (``"uniform"``, mean
+    ``(g_min + g_max) / 2``: the protocol the 100k presets were fitted with) or the ``G+``
+    array of i.i.d. standard-normal weights programmed like a layer (``"gaussian_weights"``:
+    the tile's largest ``|w|`` at ``g_max``, ``config.levels`` states, negative weights at
+    ``g_min``; mean about ``0.1 g_max``). Trained layers look like the second; IR drop grows
+    with the load on the lines, so it gives a smaller NF (PytorX's published column errors were
+    measured that way, see README "Modelling choices").
 
     Args:
         config: The configuration (its ``tile_size``, ``g_min``, ``g_max``, ``v_read``,
-            ``r_wire``, ``r_source``, ``r_sink`` are used).
+            ``r_wire``, ``r_source``, ``r_sink``, ``levels`` are used).
         n_tiles: Random arrays (count).
         n_inputs: Input vectors per array (count).
         seed: Seed of the draws.
         tile_size: Override of N (count), e.g. to sweep sizes.
+        conductances: ``"uniform"`` or ``"gaussian_weights"``.
 
     Returns:
         The statistics.
+
+    Raises:
+        ValueError: On an unknown ``conductances``.
     """
     n = config.tile_size if tile_size is None else tile_size
     gen = torch.Generator().manual_seed(seed)
-    g = config.g_min + (config.g_max - config.g_min) * torch.rand(
-        n_tiles, n, n, generator=gen, dtype=torch.float64
-    )
+    if conductances == "uniform":
+        g = config.g_min + (config.g_max - config.g_min) * torch.rand(
+            n_tiles, n, n, generator=gen, dtype=torch.float64
+        )
+    elif conductances == "gaussian_weights":
+        w = torch.randn(n_tiles, n, n, generator=gen, dtype=torch.float64)
+        w = w / w.abs().amax(dim=(1, 2), keepdim=True)  # each tile's largest |w| at g_max
+        w = quantize_levels(w, 1.0, config.levels)
+        g = conductance_pair(w, 1.0, config.g_min, config.g_max)[0]
+    else:
+        raise ValueError(f"conductances={conductances!r}; choose 'uniform' or 'gaussian_weights'")
     v = config.v_read * torch.rand(n_tiles, n, n_inputs, generator=gen, dtype=torch.float64)
     ideal = g.transpose(1, 2) @ v
     if config.has_parasitics:
@@ -202,12 +224,13 @@ def column_error(
     )
 
 
-def nonideality_factor(config: CrossbarConfig, **kwargs: int) -> float:
+def nonideality_factor(config: CrossbarConfig, **kwargs: Any) -> float:
     """Non-ideality factor NF of a configuration (Roy et al.), see :func:`column_error`.
 
     Args:
         config: The configuration.
-        **kwargs: ``n_tiles``, ``n_inputs``, ``seed``, ``tile_size`` of :func:`column_error`.
+        **kwargs: ``n_tiles``, ``n_inputs``, ``seed``, ``tile_size``, ``conductances`` of
+            :func:`column_error`.
 
     Returns:
         ``NF = mean((I_ideal - I_nonideal) / I_ideal)`` (unitless).
