@@ -69,12 +69,16 @@ __all__ = [
 AUDIT_CLASS = "nvmpriv.callbacks.CrossbarAudit"
 EXECUTORS = ("local", "ray")
 DIGITAL = "digital"
+#: What a cell's seed sets besides ``seed_everything`` (``seed_also``): the membership split
+#: (``data.init_args.seed``) and the chip (the audit's and the export's ``chip_seed``).
+SEED_ALSO = ("split", "chip")
 _SWEEP_KEYS = {
     "name",
     "description",
     "configs",
     "base_configs",
     "seeds",
+    "seed_also",
     "crossbars",
     "attacks",
     "overrides",
@@ -124,6 +128,9 @@ class SweepSpec:
         source: The sweep YAML file.
         entries: Base configs, each with its own overrides/axes.
         seeds: Values of ``seed_everything``, one cell each.
+        seed_also: What else the cell's seed sets (subset of :data:`SEED_ALSO`): ``split``
+            (the membership split's ``data.init_args.seed``) and ``chip`` (``chip_seed`` of the
+            audit and the export). Empty: only the training run varies (init, order, dropout).
         crossbars: Crossbar presets written into every cell's CrossbarAudit (``None`` keeps
             the base config's list).
         attacks: Score attacks written into every cell's CrossbarAudit (``None`` keeps them).
@@ -163,6 +170,7 @@ class SweepSpec:
     cell_timeout_s: float | None
     ray: dict[str, Any]
     output: Path
+    seed_also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,6 +302,11 @@ def load_sweep(path: str | Path, output: str | Path | None = None) -> SweepSpec:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"sweep {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    seed_also = raw.get("seed_also") or []
+    if not isinstance(seed_also, list) or not set(seed_also) <= set(SEED_ALSO):
+        raise ValueError(
+            f"sweep {path}: seed_also={seed_also!r} must be a list of {list(SEED_ALSO)}"
+        )
     executor = str(raw.get("executor", "local"))
     if executor not in EXECUTORS:
         raise ValueError(f"sweep {path}: executor={executor!r}; choose one of {EXECUTORS}")
@@ -331,6 +344,7 @@ def load_sweep(path: str | Path, output: str | Path | None = None) -> SweepSpec:
         cell_timeout_s=float(timeout) if timeout is not None else None,
         ray=_mapping(raw.get("ray"), f"sweep {path}: ray"),
         output=out,
+        seed_also=tuple(s for s in SEED_ALSO if s in seed_also),
     )
 
 
@@ -416,6 +430,8 @@ def expand_grid(spec: SweepSpec) -> list[Cell]:
                     "crossbars": list(spec.crossbars) if spec.crossbars else None,
                     "attacks": list(spec.attacks) if spec.attacks else None,
                 }
+                if spec.seed_also:  # only when set, so earlier sweeps keep their cell ids
+                    params["seed_also"] = list(spec.seed_also)
                 digest = hashlib.sha1(
                     json.dumps(params, sort_keys=True, default=str).encode()
                 ).hexdigest()[:8]
@@ -572,6 +588,12 @@ def cell_config(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
     if spec.attacks:
         audit["attacks"] = list(spec.attacks)
     audit.update({**spec.audit, **cell.entry.audit})
+    if "split" in spec.seed_also:
+        set_dotted(config, "data.init_args.seed", cell.seed)
+    if "chip" in spec.seed_also:
+        audit["chip_seed"] = cell.seed
+        if export is not None:
+            export["init_args"]["chip_seed"] = cell.seed
     return config
 
 

@@ -121,6 +121,43 @@ def test_cell_ids_are_stable_and_track_what_changes_the_run(tmp_path: Path) -> N
     assert len(before) == 2 and not set(before) & set(after)
 
 
+def test_seed_also_sets_the_split_and_chip_seeds(tmp_path: Path) -> None:
+    def seeds(path: Path) -> list[tuple[int, int, int, int]]:
+        spec = sw.load_sweep(path)
+        out = []
+        for cell in sw.expand_grid(spec):
+            if cell.entry.label == "broken":
+                continue
+            config = sw.cell_config(spec, cell)
+            sw.check_cell_config(config, cell.cell_id)
+            export = sw._find_callback(config, "ExportOnnx")
+            assert export is not None
+            out.append(
+                (
+                    config["seed_everything"],
+                    config["data"]["init_args"]["seed"],
+                    sw._audit_args(config).get("chip_seed", 0),
+                    export["init_args"].get("chip_seed", 0),
+                )
+            )
+        return out
+
+    for name in ("plain", "both", "split"):
+        (tmp_path / name).mkdir()
+    plain = write_sweep(tmp_path / "plain")
+    # by default a seed repeats the training only: same split, same chip
+    assert seeds(plain) == [(0, 0, 0, 0), (1, 0, 0, 0)]
+    both = write_sweep(tmp_path / "both", seed_also=["chip", "split"])
+    assert seeds(both) == [(0, 0, 0, 0), (1, 1, 1, 1)]
+    split = write_sweep(tmp_path / "split", seed_also=["split"])
+    assert seeds(split) == [(0, 0, 0, 0), (1, 1, 0, 0)]
+    # a different experiment, so different cell ids; without the key the ids are unchanged
+    ids = {c.cell_id for c in sw.expand_grid(sw.load_sweep(plain))}
+    assert not ids & {c.cell_id for c in sw.expand_grid(sw.load_sweep(split))}
+    with pytest.raises(ValueError, match="seed_also=\\['model'\\] must be a list of"):
+        sw.load_sweep(write_sweep(tmp_path, seed_also=["model"]))
+
+
 def test_zipped_and_per_config_axes(tmp_path: Path) -> None:
     path = tmp_path / "z.yaml"
     path.write_text(
