@@ -315,7 +315,9 @@ def attack_model(
 
     Returns:
         The report: ``attacks`` (per attack: ``accuracy``, ``accuracy_upper_bound``, ``auc``,
-        ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``queries``, ``seconds``, ...),
+        ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr`` (``None`` when the budget is below
+        ``1 / n_nonmembers``, reason under ``unmeasurable``), ``tpr_at_zero_fpr``,
+        ``degenerate`` and ``degenerate_reason``, ``queries``, ``seconds``, ...),
         ``shadow_models`` (``n``, ``epochs``, ``seconds``: one shadow set trained once and shared
         by the score and learned attacks, each using its first ``n_shadow``; its training time is
         not in the attacks' ``seconds``), metadata and
@@ -480,8 +482,29 @@ def _with(result: mia.AttackResult, **changes: Any) -> mia.AttackResult:
     return mia.AttackResult(**{**result.__dict__, **changes})
 
 
+def _tpr_cell(entry: dict[str, Any], key: str, column: str, notes: dict[str, None]) -> str:
+    """The table cell of a low-FPR TPR: the value, or ``n/a`` with a note when not measured."""
+    budget = mia.LOW_FPR_BUDGETS[key]
+    value = entry.get(key)
+    n_out = entry.get("n_nonmembers")
+    # Re-checked from n_nonmembers too, so a report written before the null rule still prints
+    # n/a instead of a TPR at zero false positives passed off as one at the budget.
+    if value is not None and (n_out is None or mia.fpr_resolvable(budget, int(n_out))):
+        return f"{value:7.3f}"
+    need = mia.nonmembers_needed(budget)
+    reason = (entry.get("unmeasurable") or {}).get(key) or (
+        f"FPR {budget * 100:g}% needs >= {need} non-members, got {n_out}"
+    )
+    notes[f"{column} n/a (<{need} non-members): {reason}"] = None
+    return f"{'n/a':>7s}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of the report.
+
+    A TPR whose FPR budget is below ``1 / n_nonmembers`` prints as ``n/a`` (explained in a note
+    under the table), and a degenerate attack (constant scores, or a decision rule calling every
+    sample a member or none) is marked ``DEGENERATE`` with its reason.
 
     Args:
         report: As returned by :func:`attack_model`.
@@ -494,18 +517,27 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'tpr@.1%':>7s} {'queries':>8s} {'sec':>6s}"
     )
     lines = [f"model {report['model']} (crossbar {report['crossbar']})", head, "-" * len(head)]
+    notes: dict[str, None] = {}  # ordered set: one note per distinct reason
     for name, e in report["attacks"].items():
         acc = "   n/a" if e.get("accuracy") is None else f"{e['accuracy']:6.3f}"
+        tpr1 = _tpr_cell(e, "tpr_at_1pct_fpr", "tpr@1%", notes)
+        tpr01 = _tpr_cell(e, "tpr_at_01pct_fpr", "tpr@.1%", notes)
+        flag = "  DEGENERATE" if e.get("degenerate") else ""
         lines.append(
             f"{name:28s} {acc} {e['accuracy_upper_bound']:6.3f} {e['auc']:6.3f} "
-            f"{e['tpr_at_1pct_fpr']:7.3f} {e['tpr_at_01pct_fpr']:7.3f} "
-            f"{e.get('queries') or 0:8d} {e['seconds']:6.1f}"
+            f"{tpr1} {tpr01} {e.get('queries') or 0:8d} {e['seconds']:6.1f}{flag}"
         )
+        if e.get("degenerate"):
+            notes[f"{name} DEGENERATE: {e.get('degenerate_reason') or 'no reason recorded'}"] = None
     for row in report.get("query_averaging", []):
+        flag = "  DEGENERATE" if row.get("degenerate") else ""
         lines.append(
             f"  k={row['k']:<4d} confidence acc={row['accuracy']:.3f} "
-            f"(target-tuned bound {row['accuracy_upper_bound']:.3f})"
+            f"(target-tuned bound {row['accuracy_upper_bound']:.3f}){flag}"
         )
+    if notes:
+        lines.append("notes:")
+        lines.extend(f"  {note}" for note in notes)
     return "\n".join(lines)
 
 

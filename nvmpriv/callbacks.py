@@ -7,7 +7,8 @@ non-member and shadow sets, scores the outputs with :mod:`nvmpriv.attacks` and l
 
 * ``xbar/<config>/acc`` (non-member accuracy), ``xbar/<config>/train_acc`` and
   ``xbar/<config>/acc_drop`` (digital minus crossbar, in accuracy points of [0, 1]);
-* ``mia/<config>/<attack>/{acc,auc,tpr@0.1%fpr,tpr@1%fpr,acc_upper}`` (``digital`` is a config);
+* ``mia/<config>/<attack>/{acc,auc,tpr@0.1%fpr,tpr@1%fpr,tpr@0fpr,acc_upper}`` (``digital`` is
+  a config; a TPR at an FPR below 1 / non-members is not measured and not logged);
 * ``xbar/<config>/snr_db/<layer>``, ``xbar/<config>/ns/<layer>`` and ``xbar/<config>/nf``;
 * optional non-adaptive PGD accuracy ``adv/<config>/eps_<e>/acc``;
 * histograms of member vs non-member confidence and figures (log-log ROC, SNR/NS bars,
@@ -486,12 +487,22 @@ class CrossbarAudit(Callback):
             accuracy = result.accuracy
             if accuracy is None:
                 accuracy = _cv_accuracy(result, inputs, name)
+            # A TPR at an FPR below 1/n_nonmembers is not measured (see AttackResult.to_dict):
+            # None here, so neither results.json nor TensorBoard shows it as one.
+            unmeasurable = result.unmeasurable()
             attacks[name] = {
                 "acc": float(accuracy),
                 "acc_upper": float(result.accuracy_upper_bound),
                 "auc": float(result.auc),
-                "tpr@0.1%fpr": float(result.tpr_at_01pct_fpr),
-                "tpr@1%fpr": float(result.tpr_at_1pct_fpr),
+                "tpr@0.1%fpr": None
+                if "tpr_at_01pct_fpr" in unmeasurable
+                else float(result.tpr_at_01pct_fpr),
+                "tpr@1%fpr": None
+                if "tpr_at_1pct_fpr" in unmeasurable
+                else float(result.tpr_at_1pct_fpr),
+                "tpr@0fpr": float(result.tpr_at_zero_fpr),
+                "degenerate": result.degenerate,
+                "degenerate_reason": result.degenerate_reason,
                 "threshold_source": result.threshold_source
                 if result.accuracy is not None
                 else "cv",
@@ -523,8 +534,9 @@ class CrossbarAudit(Callback):
                 flat[f"xbar/{cfg}/snr_db/{layer}"] = values["snr_db"]
                 flat[f"xbar/{cfg}/ns/{layer}"] = values["ns"]
             for attack, values in entry["attacks"].items():
-                for key in ("acc", "auc", "tpr@0.1%fpr", "tpr@1%fpr", "acc_upper"):
-                    flat[f"mia/{cfg}/{attack}/{key}"] = values[key]
+                for key in ("acc", "auc", "tpr@0.1%fpr", "tpr@1%fpr", "tpr@0fpr", "acc_upper"):
+                    if values.get(key) is not None:  # unmeasured TPRs are left out, not logged
+                        flat[f"mia/{cfg}/{attack}/{key}"] = values[key]
             for eps, acc in entry.get("adversarial", {}).items():
                 flat[f"adv/{cfg}/eps_{eps}/acc"] = acc
         return flat
@@ -644,17 +656,26 @@ def format_table(payload: dict[str, Any]) -> str:
         f"{a[:14] + ' acc/auc':>22s}" for a in attacks
     )
     lines = [head, "-" * len(head)]
+    degenerate = False
     for cfg, entry in payload["configs"].items():
         nf = entry.get("nf")
         row = f"{cfg:16s} {entry['acc']:6.3f} {entry['acc_drop']:6.3f} "
         row += f"{nf:6.3f} " if nf is not None else f"{'-':>6s} "
-        row += " ".join(
-            f"{entry['attacks'][a]['acc']:10.3f}/{entry['attacks'][a]['auc']:<11.3f}"
-            for a in attacks
-        )
-        lines.append(row)
+        cells = []
+        for a in attacks:
+            values = entry["attacks"][a]
+            mark = "!" if values.get("degenerate") else ""
+            degenerate = degenerate or bool(mark)
+            auc = f"{values['auc']:.3f}{mark}"
+            cells.append(f"{values['acc']:10.3f}/{auc:<11s}")
+        lines.append(row + " ".join(cells))
     source = payload.get("threshold_source", "")
     lines.append(f"(MIA acc: threshold from {source}; acc = non-member accuracy; drop vs digital)")
+    if degenerate:
+        lines.append(
+            "(! degenerate attack: constant scores, or a rule calling every sample a member or "
+            "none; its 0.5 is by construction, see degenerate_reason in results.json)"
+        )
     return "\n".join(lines)
 
 

@@ -1067,9 +1067,11 @@ def _blackbox_columns(report: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for attack, values in (data.get("attacks") or {}).items():
         for metric, value in (values or {}).items():
-            if metric in _BLACKBOX_SKIP or isinstance(value, bool):
+            if metric in _BLACKBOX_SKIP:
                 continue
-            if isinstance(value, int | float):
+            if isinstance(value, bool):
+                out[f"blackbox/{attack}/{metric}"] = int(value)
+            elif isinstance(value, int | float) or (value is None and "tpr" in metric):
                 out[f"blackbox/{attack}/{metric}"] = value
     return out
 
@@ -1133,7 +1135,10 @@ def gather(spec: SweepSpec, cells: Iterable[Cell]) -> list[dict[str, Any]]:
                 row[key] = results.get(key)
             for attack, values in entry.get("attacks", {}).items():
                 for metric, value in values.items():
-                    if isinstance(value, int | float) and not isinstance(value, bool):
+                    if isinstance(value, bool):  # degenerate: 0/1, its mean the share of seeds
+                        row[f"mia/{attack}/{metric}"] = int(value)
+                    elif isinstance(value, int | float) or (value is None and "tpr" in metric):
+                        # an unmeasured TPR stays a column, empty, rather than vanishing
                         row[f"mia/{attack}/{metric}"] = value
             layers = entry.get("layers", {})
             for layer in entry.get("layer_order") or sorted(layers):  # older files: no order

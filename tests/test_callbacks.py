@@ -75,8 +75,10 @@ def test_tags_in_event_files(fitted: tuple) -> None:
     for cfg in ("digital", "ideal", "32x32_100k"):
         assert f"xbar/{cfg}/acc" in scalars and f"xbar/{cfg}/acc_drop" in scalars
         for attack in ("loss", "confidence", "gap"):
-            for key in ("acc", "auc", "tpr@0.1%fpr", "tpr@1%fpr"):
+            for key in ("acc", "auc", "tpr@1%fpr", "tpr@0fpr"):
                 assert f"mia/{cfg}/{attack}/{key}" in scalars, (cfg, attack, key)
+            # 200 non-members cannot measure a TPR at 0.1 % FPR: not logged as one
+            assert f"mia/{cfg}/{attack}/tpr@0.1%fpr" not in scalars
     assert "xbar/32x32_100k/nf" in scalars
     assert any(t.startswith("xbar/32x32_100k/snr_db/") for t in scalars)
     assert any(t.startswith("xbar/32x32_100k/ns/") for t in scalars)
@@ -109,7 +111,21 @@ def test_results_json_schema_and_values(fitted: tuple) -> None:
     s = np.concatenate([mia.loss_scores(pm, ym[:200]), mia.loss_scores(pn, yn[:200])])
     truth = np.r_[np.ones(len(pm)), np.zeros(len(pn))]
     assert digital["attacks"]["loss"]["auc"] == pytest.approx(roc_auc_score(truth, s), abs=1e-6)
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(truth, s)
+    loss = digital["attacks"]["loss"]
+    assert loss["tpr@0fpr"] == pytest.approx(tpr[fpr == 0].max(), abs=1e-12)
+    assert loss["tpr@1%fpr"] == pytest.approx(tpr[fpr <= 0.01 + 1e-12].max(), abs=1e-12)
+    assert loss["tpr@0.1%fpr"] is None  # 200 non-members: below 1/n, not measured
+    assert loss["degenerate"] is False and loss["degenerate_reason"] is None
     assert "digital" in format_table(payload)
+    assert "degenerate attack" not in format_table(payload)
+    flagged = json.loads(json.dumps(payload))
+    flagged["configs"]["digital"]["attacks"]["gap"]["degenerate"] = True
+    table = format_table(flagged)
+    rows = [ln for ln in table.splitlines() if "!" in ln and not ln.startswith("(")]
+    assert "degenerate attack" in table and len(rows) == 1 and rows[0].startswith("digital")
 
 
 def test_results_json_is_strict_json_with_layers_in_network_order(fitted: tuple) -> None:

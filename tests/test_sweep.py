@@ -308,10 +308,14 @@ def test_sweep_rows_match_each_cells_results(ran: tuple[Path, Path, int]) -> Non
         assert float(row["acc"]) == pytest.approx(entry["acc"])
         assert float(row["acc_drop"]) == pytest.approx(entry["acc_drop"])
         for attack in ("confidence", "loss", "gap"):
-            for metric in ("acc", "auc", "tpr@1%fpr", "tpr@0.1%fpr", "acc_upper"):
+            for metric in ("acc", "auc", "tpr@1%fpr", "tpr@0fpr", "acc_upper"):
                 assert float(row[f"mia/{attack}/{metric}"]) == pytest.approx(
                     entry["attacks"][attack][metric]
                 )
+            # 200 non-members do not measure a TPR at 0.1 % FPR: an empty cell, not a number
+            assert entry["attacks"][attack]["tpr@0.1%fpr"] is None
+            assert row[f"mia/{attack}/tpr@0.1%fpr"] == ""
+            assert row[f"mia/{attack}/degenerate"] in ("0", "1")
         # Closed form of the gap attack's best threshold on balanced sets.
         train, test = float(row["train_acc"]), float(row["acc"])
         assert float(row["mia/gap/acc_upper"]) == pytest.approx(max(0.5, 0.5 + (train - test) / 2))

@@ -20,6 +20,9 @@ from nvmpriv.attacks.metrics import (
     best_threshold,
     cross_validated_accuracy,
     decision_metrics,
+    degenerate_reason,
+    fpr_resolvable,
+    nonmembers_needed,
     precision_recall_f1,
     roc_auc,
     roc_curve,
@@ -45,7 +48,7 @@ from nvmpriv.attacks.registry import (
     run_attack,
     run_attacks,
 )
-from nvmpriv.attacks.result import AttackResult, result_from_scores
+from nvmpriv.attacks.result import LOW_FPR_BUDGETS, AttackResult, result_from_scores
 from nvmpriv.attacks.scores import (
     confidence_scores,
     correctness_scores,
@@ -66,6 +69,7 @@ from nvmpriv.attacks.threshold import (
 
 __all__ = [
     "ATTACK_REQUIREMENTS",
+    "LOW_FPR_BUDGETS",
     "SCORE_ATTACKS",
     "SCORE_FUNCTIONS",
     "AttackInputError",
@@ -85,7 +89,9 @@ __all__ = [
     "correctness_scores",
     "cross_validated_accuracy",
     "decision_metrics",
+    "degenerate_reason",
     "entropy_scores",
+    "fpr_resolvable",
     "gap_attack",
     "gaussian_fit",
     "global_threshold_attack",
@@ -95,6 +101,7 @@ __all__ = [
     "logit_scaled_confidence",
     "loss_scores",
     "modified_entropy_scores",
+    "nonmembers_needed",
     "precision_recall_f1",
     "query_averaging_curve",
     "result_from_scores",

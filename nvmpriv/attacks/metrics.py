@@ -6,6 +6,8 @@ threshold searches sort once (``O(n log n)``) and read every candidate off cumul
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from nvmpriv.attacks._validate import AttackInputError, check_nonempty_scores
@@ -17,6 +19,7 @@ __all__ = [
     "decision_metrics",
     "degenerate_reason",
     "fpr_resolvable",
+    "nonmembers_needed",
     "precision_recall_f1",
     "roc_auc",
     "roc_curve",
@@ -123,6 +126,28 @@ def fpr_resolvable(max_fpr: float, n_nonmembers: int) -> bool:
         (True, False, True)
     """
     return n_nonmembers >= 1 and 1.0 / n_nonmembers <= max_fpr + _FPR_ATOL
+
+
+def nonmembers_needed(max_fpr: float) -> int:
+    """Fewest non-members for which :func:`fpr_resolvable` holds at ``max_fpr``.
+
+    Args:
+        max_fpr: FPR budget in ``(0, 1]`` (fraction, not percent).
+
+    Returns:
+        ``ceil(1 / max_fpr)``, within the tolerance of :func:`fpr_resolvable`.
+
+    Raises:
+        ValueError: If ``max_fpr`` is outside ``(0, 1]``.
+
+    Examples:
+        >>> nonmembers_needed(0.001), nonmembers_needed(0.01), nonmembers_needed(0.3)
+        (1000, 100, 4)
+    """
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1] (a fraction), got {max_fpr}")
+    n = max(1, math.floor(1.0 / max_fpr))
+    return n if fpr_resolvable(max_fpr, n) else n + 1
 
 
 def tpr_at_fpr(scores_in: object, scores_out: object, max_fpr: float = 0.01) -> float:

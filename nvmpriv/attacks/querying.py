@@ -142,7 +142,9 @@ def averaging_report(results: Sequence[AttackResult]) -> list[dict[str, float | 
         results: Results carrying ``extra["k"]``.
 
     Returns:
-        Rows ``{"k", "accuracy", "accuracy_upper_bound", "auc", "tpr_at_1pct_fpr"}``.
+        Rows ``{"k", "accuracy", "accuracy_upper_bound", "auc", "tpr_at_1pct_fpr",
+        "degenerate"}``; ``tpr_at_1pct_fpr`` is ``None`` with fewer than 100 non-members (as in
+        :meth:`AttackResult.to_dict`), ``degenerate`` is :attr:`AttackResult.degenerate`.
     """
     return [
         {
@@ -150,7 +152,8 @@ def averaging_report(results: Sequence[AttackResult]) -> list[dict[str, float | 
             "accuracy": r.accuracy,
             "accuracy_upper_bound": r.accuracy_upper_bound,
             "auc": r.auc,
-            "tpr_at_1pct_fpr": r.tpr_at_1pct_fpr,
+            "tpr_at_1pct_fpr": None if "tpr_at_1pct_fpr" in r.unmeasurable() else r.tpr_at_1pct_fpr,
+            "degenerate": r.degenerate,
         }
         for r in results
     ]

@@ -9,9 +9,19 @@ from typing import Any
 import numpy as np
 
 from nvmpriv.attacks._validate import check_nonempty_scores
-from nvmpriv.attacks.metrics import _counts, _tpr_at, decision_metrics
+from nvmpriv.attacks.metrics import (
+    _counts,
+    _tpr_at,
+    decision_metrics,
+    degenerate_reason,
+    fpr_resolvable,
+    nonmembers_needed,
+)
 
-__all__ = ["AttackResult", "result_from_scores"]
+__all__ = ["LOW_FPR_BUDGETS", "AttackResult", "result_from_scores"]
+
+#: Result field -> its FPR budget (fraction). Each is reported only where it can be measured.
+LOW_FPR_BUDGETS: dict[str, float] = {"tpr_at_1pct_fpr": 0.01, "tpr_at_01pct_fpr": 0.001}
 
 
 def _json_value(v: Any) -> Any:
@@ -41,6 +51,10 @@ class AttackResult:
     from shadow data, a reference-model calibration, or a fixed rule, see
     ``threshold_source``); they are ``None`` when no such rule was available.
     ``accuracy_upper_bound`` uses the best threshold on the target itself and is optimistic.
+
+    Two honesty checks travel with the numbers (and into :meth:`to_dict` and :meth:`summary`):
+    a TPR at an FPR budget below ``1 / n_nonmembers`` is not measured (:meth:`unmeasurable`),
+    and an attack whose 0.5 comes by construction is flagged (:attr:`degenerate`).
     """
 
     name: str
@@ -52,9 +66,13 @@ class AttackResult:
     auc: float
     """ROC AUC of the membership scores (0.5 = chance)."""
     tpr_at_1pct_fpr: float
-    """TPR at FPR <= 1 %."""
+    """Highest TPR on the empirical ROC at FPR <= 1 %. With fewer than 100 non-members this is
+    the TPR at zero false positives, not a measured TPR at 1 % FPR: :meth:`to_dict` then writes
+    ``None`` (see :meth:`unmeasurable`)."""
     tpr_at_01pct_fpr: float
-    """TPR at FPR <= 0.1 % (equals TPR at FPR 0 when fewer than 1000 non-members)."""
+    """Highest TPR on the empirical ROC at FPR <= 0.1 %. With fewer than 1000 non-members this
+    is the TPR at zero false positives, not a measured TPR at 0.1 % FPR: :meth:`to_dict` then
+    writes ``None`` (see :meth:`unmeasurable`)."""
     precision: float | None
     """Precision of the attacker-side decision on the target sets."""
     recall: float | None
@@ -84,6 +102,39 @@ class AttackResult:
     """Per-class thresholds (class-dependent attacks), index = class."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Attack-specific details (hyper-parameters, shadow accuracy, ...)."""
+    degenerate_reason: str | None = None
+    """Why the attack's 0.5 (AUC or accuracy) comes by construction, not from a measurement
+    (constant scores, or a decision rule calling every sample a member or none); ``None`` when
+    not degenerate. See :func:`nvmpriv.attacks.degenerate_reason`."""
+
+    @property
+    def degenerate(self) -> bool:
+        """Whether the attack is degenerate (:attr:`degenerate_reason` is set)."""
+        return self.degenerate_reason is not None
+
+    @property
+    def tpr_at_zero_fpr(self) -> float:
+        """TPR with no false positive among the target's non-members (always measurable)."""
+        return _tpr_at(self.fpr, self.tpr, 0.0)
+
+    def unmeasurable(self) -> dict[str, str]:
+        """The low-FPR fields this result cannot measure, each with the reason.
+
+        Returns:
+            ``{field: reason}`` for each field of :data:`LOW_FPR_BUDGETS` whose budget is below
+            ``1 / n_nonmembers`` (:func:`nvmpriv.attacks.fpr_resolvable`); empty when all are
+            measured.
+        """
+        n = self.n_nonmembers
+        smallest = f"the smallest non-zero FPR is 1/{n} = {100 / n:.3g}%" if n else "none scored"
+        out = {}
+        for key, budget in LOW_FPR_BUDGETS.items():
+            if not fpr_resolvable(budget, n):
+                out[key] = (
+                    f"FPR {budget * 100:g}% needs >= {nonmembers_needed(budget)} non-members, "
+                    f"got {n} ({smallest}); tpr_at_zero_fpr is the TPR at zero false positives"
+                )
+        return out
 
     def to_dict(self, *, max_roc_points: int | None = 2000) -> dict[str, Any]:
         """Return a JSON-safe dict (non-finite floats become ``None``).
@@ -93,7 +144,10 @@ class AttackResult:
                 low-FPR region used by log-log plots is kept; ``None`` keeps every point.
 
         Returns:
-            Dict of plain Python values.
+            Dict of plain Python values: every field but the ROC arrays (``roc_fpr``, ``roc_tpr``
+            instead), ``None`` for each field of :meth:`unmeasurable`, plus ``tpr_at_zero_fpr``,
+            ``unmeasurable`` (``{field: reason}``) and ``degenerate`` (bool, reason in
+            ``degenerate_reason``).
         """
         fpr, tpr = self.fpr, self.tpr
         if max_roc_points is not None and fpr.size > max_roc_points:
@@ -107,6 +161,17 @@ class AttackResult:
             )
             fpr, tpr = fpr[keep], tpr[keep]
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("fpr", "tpr")}
+        # Below 1/n_nonmembers the ROC read-off is the TPR at zero false positives, and zero
+        # false positives in fewer than 1/FPR trials does not bound the FPR by the budget. LiRA's
+        # and ML Privacy Meter's code print it as "TPR at 0.1% FPR" anyway; a reader of the JSON
+        # would take it for a measurement. So the budgeted field is null with the reason under
+        # ``unmeasurable``, and the number itself is kept under its true name, tpr_at_zero_fpr.
+        unmeasurable = self.unmeasurable()
+        for key in unmeasurable:
+            out[key] = None
+        out["tpr_at_zero_fpr"] = self.tpr_at_zero_fpr
+        out["unmeasurable"] = unmeasurable
+        out["degenerate"] = self.degenerate
         out["roc_fpr"] = fpr
         out["roc_tpr"] = tpr
         return _json_value(out)
@@ -115,14 +180,28 @@ class AttackResult:
         """One-line human-readable summary.
 
         Returns:
-            e.g. ``"loss: acc=0.612 (shadow) ub=0.630 auc=0.655 tpr@1%=0.041 tpr@0.1%=0.004"``.
+            e.g. ``"loss: acc=0.612 (shadow) ub=0.630 auc=0.655 tpr@1%=0.041 tpr@0.1%=0.004"``;
+            an unmeasurable TPR reads ``n/a (<1000 non-members)``, and a degenerate attack ends
+            with ``[DEGENERATE: reason]``.
         """
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.3f}"
-        return (
+        unmeasurable = self.unmeasurable()
+        tprs = {
+            key: (
+                f"n/a (<{nonmembers_needed(budget)} non-members)"
+                if key in unmeasurable
+                else f"{getattr(self, key):.3f}"
+            )
+            for key, budget in LOW_FPR_BUDGETS.items()
+        }
+        line = (
             f"{self.name}: acc={acc} ({self.threshold_source}) "
             f"ub={self.accuracy_upper_bound:.3f} auc={self.auc:.3f} "
-            f"tpr@1%={self.tpr_at_1pct_fpr:.3f} tpr@0.1%={self.tpr_at_01pct_fpr:.3f}"
+            f"tpr@1%={tprs['tpr_at_1pct_fpr']} tpr@0.1%={tprs['tpr_at_01pct_fpr']}"
         )
+        if self.degenerate_reason is not None:
+            line += f" [DEGENERATE: {self.degenerate_reason}]"
+        return line
 
 
 def result_from_scores(
@@ -155,7 +234,8 @@ def result_from_scores(
         extra: Attack-specific details.
 
     Returns:
-        The filled result.
+        The filled result, with ``degenerate_reason`` set when the scores are constant or the
+        decision rule calls every target sample a member (or none).
 
     Raises:
         AttackInputError: If a score set is empty or holds NaN.
@@ -197,4 +277,5 @@ def result_from_scores(
         seconds=seconds,
         class_thresholds=class_thresholds,
         extra=dict(extra or {}),
+        degenerate_reason=degenerate_reason(s_in, s_out, threshold),
     )
