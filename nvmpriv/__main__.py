@@ -25,6 +25,7 @@ EXTRA_COMMANDS: dict[str, str] = {
 _USAGE = (
     "usage: python -m nvmpriv {fit,validate,test,predict} --config CONFIG.yaml [overrides]\n"
     "       python -m nvmpriv {" + ",".join(EXTRA_COMMANDS) + "} [options]\n"
+    "       add --debug to any command to see the traceback of an error\n"
 )
 
 
@@ -100,8 +101,12 @@ def one_line(exc: BaseException) -> str:
         for line in lines
         if line
         and not line.startswith(_NOISE)
-        # a dump of already-built objects ("Given value: [<... object at 0x...>, ...]")
-        and not (line.startswith("Given value:") and " object at 0x" in line)
+        # a dump of already-built objects ("Given value: [<... object at 0x...>, ...]") or of
+        # the whole parsed subclass ("Given value: Namespace(class_path=..., init_args=...)")
+        and not (
+            line.startswith("Given value:")
+            and (" object at 0x" in line or line.startswith("Given value: Namespace("))
+        )
     ]
     return " ".join(kept) or type(exc).__name__
 

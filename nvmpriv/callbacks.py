@@ -282,7 +282,7 @@ class CrossbarAudit(Callback):
             shadow_net = self._shadow(pl_module, dm, sets) if self.shadow_epochs else None
             results = self._audit_configs(trainer, pl_module, net, shadow_net, sets)
         results["seconds"] = time.perf_counter() - start
-        results["epoch"] = trainer.current_epoch
+        results["epoch"] = _trained_epoch(trainer)
         results["global_step"] = trainer.global_step
         restored = _restored_epoch(trainer)
         if restored is not None:
@@ -696,6 +696,18 @@ class FiniteLossGuard(Callback):
                 f"{trainer.global_step}; lower the learning rate and resume from the last good "
                 f"checkpoint ({ckpt})"
             )
+
+
+def _trained_epoch(trainer: pl.Trainer) -> int:
+    """0-based index of the last epoch trained so far (``fit``), else the checkpoint's epoch.
+
+    ``trainer.current_epoch`` is that index during validation but the count of finished epochs
+    once ``fit`` ends, so an audit at the end of ``fit`` would read one more than the last
+    scheduled one; the fit loop's ready-epoch counter means the same thing in both places.
+    """
+    if trainer.state.fn == "fit":
+        return max(trainer.fit_loop.epoch_progress.current.ready - 1, 0)
+    return trainer.current_epoch
 
 
 def _restored_epoch(trainer: pl.Trainer) -> int | None:

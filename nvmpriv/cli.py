@@ -14,6 +14,7 @@ log to a new folder (they must not overwrite the fit's ``results.json``).
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,30 @@ class NvmprivCLI(LightningCLI):
         callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
         if not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
             callbacks.append(WritePredictions())
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; a run that fails before its first step leaves no version folder.
+
+        Otherwise every failed attempt (a missing data file, a bad checkpoint) would take a
+        ``version_N`` number, and the next good run would not land where the docs and the PPB
+        configs' ``source_checkpoint`` expect it. A folder that existed before (``--ckpt_path
+        last`` resumes into it), holds a checkpoint, or saw a training step is kept.
+        """
+        trainer = self.trainer
+        log_dir = Path(trainer.log_dir) if trainer.log_dir and trainer.world_size == 1 else None
+        fresh = log_dir is not None and trainer.logger is not None and not log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if (
+                fresh
+                and log_dir is not None
+                and log_dir.is_dir()
+                and trainer.global_step == 0
+                and not any(log_dir.rglob("*.ckpt"))
+            ):
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then resolve ``--ckpt_path last`` and check the checkpoint file.

@@ -28,7 +28,8 @@ class ExportOnnx(Callback):
         calibration_samples: Rows of ``target_train`` calibrating DAC/ADC (count, >= 1).
         folder: Output folder.
         name: File stem of the run (default from the logger).
-        overwrite: Replace existing files (otherwise an existing file is an error).
+        overwrite: Replace existing files (otherwise an existing file is an error, except the
+            run's own exports when ``fit`` resumes the run to extend it).
         enabled: Switch the export off without removing the callback.
 
     Raises:
@@ -56,6 +57,7 @@ class ExportOnnx(Callback):
         self.overwrite = overwrite
         self.enabled = enabled
         self.paths: list[Path] = []
+        self._replace_own = False
 
     def _run_name(self, trainer: pl.Trainer) -> str:
         if self.name:
@@ -80,16 +82,33 @@ class ExportOnnx(Callback):
             for label, cfg in self.configs.items()
         }
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse, before training, an output file that exists (unless ``overwrite``)."""
-        if stage != "fit" or self.overwrite or not self._active(trainer):
+    @staticmethod
+    def _resumes_own_run(trainer: pl.Trainer) -> bool:
+        """Whether ``fit`` continues from a checkpoint inside its own run folder."""
+        ckpt, log_dir = trainer.ckpt_path, trainer.log_dir
+        if not ckpt or not log_dir or "://" in str(ckpt):
+            return False
+        return Path(ckpt).resolve().is_relative_to(Path(log_dir).resolve())
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before training, an output file that exists (unless ``overwrite``).
+
+        Runs after Lightning restored the checkpoint, so it knows whether ``fit`` resumes its
+        own run (``--ckpt_path last``): that run's files are its own earlier exports, which the
+        model this fit ends with replaces.
+        """
+        self._replace_own = False
+        if self.overwrite or not self._active(trainer):
             return
-        for path in self._targets(trainer).values():
-            if path.exists():
-                raise FileExistsError(
-                    f"ExportOnnx: {path} already exists; move it away, or set the callback's "
-                    "overwrite: true (or another folder/name)"
-                )
+        existing = [p for p in self._targets(trainer).values() if p.exists()]
+        if existing and self._resumes_own_run(trainer):
+            self._replace_own = True
+            return
+        for path in existing:
+            raise FileExistsError(
+                f"ExportOnnx: {path} already exists; move it away, or set the callback's "
+                "overwrite: true (or another folder/name)"
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Export every configured crossbar (rank 0 only)."""
@@ -108,7 +127,7 @@ class ExportOnnx(Callback):
                 targets[label],
                 chip_seed=self.chip_seed,
                 calibration_samples=self.calibration_samples,
-                overwrite=self.overwrite,
+                overwrite=self.overwrite or self._replace_own,
                 metadata={"nvmpriv.run": run, "nvmpriv.crossbar_spec": label},
             )
             self.paths.append(path)

@@ -646,6 +646,19 @@ def test_one_line_condenses_multiline_messages() -> None:
     assert one_line(exc) == "Problem with field x: expected int"
 
 
+def test_one_line_drops_the_parsed_namespace_dump() -> None:
+    from nvmpriv.__main__ import one_line
+
+    exc = ValueError(
+        "Parser key \"model\":\n  source_checkpoint='x.ckpt' is corrupt; re-train it\n"
+        "  Given value: Namespace(class_path='nvmpriv.methods.PPBFineTuning', init_args="
+        "Namespace(net=Namespace(class_path='nvmpriv.nets.ColumnFC')))\n"
+    )
+    assert (
+        one_line(exc) == "Parser key \"model\": source_checkpoint='x.ckpt' is corrupt; re-train it"
+    )
+
+
 def test_one_line_keeps_flags_and_negative_numbers() -> None:
     from nvmpriv.__main__ import one_line
 

@@ -355,6 +355,8 @@ def test_restore_best_weights_and_the_audit_sees_them(tmp_path: Path, mode: str,
     # fit-end audit runs again on the restored weights.
     results = json.loads((tmp_path / "results.json").read_text())
     assert results.get("restored_best_epoch") == (best if best != 3 else None)
+    # the fit-end audit names the last trained epoch (0-based), as the scheduled audits do
+    assert results["epoch"] == 3 and [h["epoch"] for h in audit.history][:2] == [1, 3]
     assert audit._audited_weights == script.seen[best]
 
 

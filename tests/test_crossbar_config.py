@@ -97,5 +97,11 @@ def test_cli_json(capsys):
 def test_cli_text_and_errors(capsys):
     assert cli_main(["--preset", "ideal"]) == 0
     assert "NF" in capsys.readouterr().out
-    assert cli_main(["--preset", "nope"]) == 2
-    assert "known presets" in capsys.readouterr().err
+    with pytest.raises(CrossbarConfigError, match="known presets"):
+        cli_main(["--preset", "nope"])
+    # through python -m nvmpriv: the common one-line error and exit code 2
+    from nvmpriv.__main__ import main
+
+    assert main(["crossbar", "--preset", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown crossbar preset 'nope'") and "--debug" in err

@@ -250,3 +250,54 @@ def test_atomic_outputs_get_the_umask_mode(tmp_path: Path, umask: int, mode: int
     finally:
         os.umask(old)
         atomic._new_file_mode.cache_clear()
+
+
+def test_extending_a_finished_run_replaces_its_own_exports(tmp_path: Path) -> None:
+    import numpy as np
+
+    from nvmpriv import nets, runtime
+
+    config = write_config(tmp_path, epochs=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["trainer"]["callbacks"].append(
+        {
+            "class_path": "nvmpriv.export_callback.ExportOnnx",
+            "init_args": {"crossbars": ["digital"]},
+        }
+    )
+    raw["trainer"]["callbacks"][2]["init_args"]["crossbars"] = ["ideal"]
+    config.write_text(yaml.safe_dump(raw))
+    export = tmp_path / "exports" / "rel_version_0_digital.onnx"
+    assert cli("fit", "--config", str(config), cwd=tmp_path).returncode == 0
+    before = runtime.load(export).metadata["nvmpriv.content_sha256"]
+
+    out = cli(
+        "fit",
+        "--config",
+        str(config),
+        "--ckpt_path",
+        "last",
+        "--trainer.max_epochs=3",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / RUN).parent.iterdir()) == ["version_0"]
+    # the run's export now holds the model the extended fit ended with
+    model = runtime.load(export)
+    assert model.metadata["nvmpriv.content_sha256"] != before
+    state = torch.load(tmp_path / RUN / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 2
+    net = nets.ColumnFC(64, 10)
+    net.load_state_dict({k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
+    x = np.random.default_rng(0).random((16, 64), dtype=np.float32) * 16
+    with torch.no_grad():
+        expected = torch.softmax(net.eval()(torch.as_tensor(x)), 1).numpy()
+    np.testing.assert_allclose(model.predict_proba(x), expected, rtol=1e-4, atol=1e-6)
+
+    # a new run of the same config is another version: its exports never touch this one's
+    assert cli("fit", "--config", str(config), cwd=tmp_path).returncode == 0
+    assert (tmp_path / "exports" / "rel_version_1_digital.onnx").exists()
+    assert (
+        runtime.load(export).metadata["nvmpriv.content_sha256"]
+        == (model.metadata["nvmpriv.content_sha256"])
+    )

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from nvmpriv.cliargs import CommandParser, UsageError
-from nvmpriv.crossbar.config import PRESETS, CrossbarConfigError, get_preset
+from nvmpriv.crossbar.config import PRESETS, get_preset
 from nvmpriv.crossbar.metrics import column_error
 
 __all__ = ["cli_main"]
@@ -19,7 +18,10 @@ def cli_main(argv: list[str]) -> int:
         argv: Arguments after ``crossbar`` (``--preset NAME [--json]`` or ``--list``).
 
     Returns:
-        Process exit code (0 on success, 2 on a bad preset name).
+        Process exit code (0 on success).
+
+    Raises:
+        CrossbarConfigError: On an unknown preset name (one line from ``python -m nvmpriv``).
     """
     parser = CommandParser(
         prog="python -m nvmpriv crossbar", description="Show a crossbar preset and measure it."
@@ -35,11 +37,7 @@ def cli_main(argv: list[str]) -> int:
         raise UsageError(
             f"{parser.prog}: give --preset NAME (one of: {', '.join(sorted(PRESETS))}) or --list"
         )
-    try:
-        cfg = get_preset(args.preset)
-    except CrossbarConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = get_preset(args.preset)  # an unknown name: CrossbarConfigError, one line from main
     stats = column_error(cfg)
     weights = column_error(cfg, conductances="gaussian_weights")
     params = cfg.to_dict()
