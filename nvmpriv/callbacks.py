@@ -214,6 +214,7 @@ class CrossbarAudit(Callback):
         self.history: list[dict[str, Any]] = []
         self._shadow_state: dict[str, torch.Tensor] | None = None
         self._audited_weights: str | None = None
+        self._checkpoint_epoch: int | None = None
         self._nf_cache: dict[str, float] = {}
         self._limits = self._budget(quick=False)
 
@@ -257,6 +258,12 @@ class CrossbarAudit(Callback):
             "shadow_state": self._shadow_state,
         }
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Remember which epoch the checkpoint's weights come from (for validate/test)."""
+        self._checkpoint_epoch = _checkpoint_epoch(checkpoint)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.results = state_dict.get("results", {})
@@ -282,7 +289,7 @@ class CrossbarAudit(Callback):
             shadow_net = self._shadow(pl_module, dm, sets) if self.shadow_epochs else None
             results = self._audit_configs(trainer, pl_module, net, shadow_net, sets)
         results["seconds"] = time.perf_counter() - start
-        results["epoch"] = _trained_epoch(trainer)
+        results["epoch"] = _trained_epoch(trainer, self._checkpoint_epoch)
         results["global_step"] = trainer.global_step
         restored = _restored_epoch(trainer)
         if restored is not None:
@@ -664,17 +671,17 @@ def format_table(payload: dict[str, Any]) -> str:
         cells = []
         for a in attacks:
             values = entry["attacks"][a]
-            mark = "!" if values.get("degenerate") else ""
-            degenerate = degenerate or bool(mark)
-            auc = f"{values['auc']:.3f}{mark}"
-            cells.append(f"{values['acc']:10.3f}/{auc:<11s}")
+            # the mark sits on the accuracy: a one-sided rule makes it 0.5 whatever the AUC
+            mark = "!" if values.get("degenerate") else " "
+            degenerate = degenerate or mark == "!"
+            cells.append(f"{values['acc']:9.3f}{mark}/{values['auc']:<11.3f}")
         lines.append(row + " ".join(cells))
     source = payload.get("threshold_source", "")
     lines.append(f"(MIA acc: threshold from {source}; acc = non-member accuracy; drop vs digital)")
     if degenerate:
         lines.append(
             "(! degenerate attack: constant scores, or a rule calling every sample a member or "
-            "none; its 0.5 is by construction, see degenerate_reason in results.json)"
+            "none; its accuracy 0.5 is by construction, see degenerate_reason in results.json)"
         )
     return "\n".join(lines)
 
@@ -698,16 +705,28 @@ class FiniteLossGuard(Callback):
             )
 
 
-def _trained_epoch(trainer: pl.Trainer) -> int:
-    """0-based index of the last epoch trained so far (``fit``), else the checkpoint's epoch.
+def _checkpoint_epoch(checkpoint: dict[str, Any]) -> int | None:
+    """0-based index of the last epoch a Lightning checkpoint's weights were trained in."""
+    try:
+        return max(
+            int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["ready"]) - 1, 0
+        )
+    except (KeyError, TypeError, ValueError):
+        epoch = checkpoint.get("epoch")
+        return int(epoch) if isinstance(epoch, int) else None
+
+
+def _trained_epoch(trainer: pl.Trainer, checkpoint_epoch: int | None) -> int | None:
+    """0-based index of the last epoch the audited weights were trained in.
 
     ``trainer.current_epoch`` is that index during validation but the count of finished epochs
-    once ``fit`` ends, so an audit at the end of ``fit`` would read one more than the last
-    scheduled one; the fit loop's ready-epoch counter means the same thing in both places.
+    once ``fit`` ends (and 0 in ``validate``/``test``, which restore no loop state), so ``fit``
+    reads the fit loop's epoch counter, and the other commands the checkpoint's
+    (``checkpoint_epoch``; ``None`` without a checkpoint).
     """
     if trainer.state.fn == "fit":
         return max(trainer.fit_loop.epoch_progress.current.ready - 1, 0)
-    return trainer.current_epoch
+    return checkpoint_epoch
 
 
 def _restored_epoch(trainer: pl.Trainer) -> int | None:

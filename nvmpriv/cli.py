@@ -63,6 +63,19 @@ def _logger_folder(config: Any) -> tuple[Any, str, str] | None:
 
 _KEYWORDS = ("last", "best", "hpc", "registry")
 
+#: What a run writes into its folder before the first step (config, split, logger set-up).
+_SET_UP_FILES = ("config.yaml", "hparams.yaml", "splits.npz")
+
+
+def _holds_set_up_files_only(log_dir: Path, trainer: Any) -> bool:
+    """Whether a run folder holds only what set-up wrote (no step, result or checkpoint)."""
+    if not log_dir.is_dir() or trainer.global_step != 0:
+        return False
+    return all(
+        p.is_file() and (p.name in _SET_UP_FILES or p.name.startswith("events.out.tfevents."))
+        for p in log_dir.iterdir()
+    )
+
 
 class NvmprivCLI(LightningCLI):
     """LightningCLI with nvmpriv's links between data and model and a resolved ``ckpt_path``."""
@@ -85,21 +98,18 @@ class NvmprivCLI(LightningCLI):
         Otherwise every failed attempt (a missing data file, a bad checkpoint) would take a
         ``version_N`` number, and the next good run would not land where the docs and the PPB
         configs' ``source_checkpoint`` expect it. A folder that existed before (``--ckpt_path
-        last`` resumes into it), holds a checkpoint, or saw a training step is kept.
+        last`` resumes into it), holds anything but set-up files (a checkpoint, results.json,
+        predictions), or saw a training step is kept; under DDP nothing is removed.
         """
         trainer = self.trainer
-        log_dir = Path(trainer.log_dir) if trainer.log_dir and trainer.world_size == 1 else None
-        fresh = log_dir is not None and trainer.logger is not None and not log_dir.exists()
+        # Single process only: trainer.log_dir is a collective under DDP.
+        single = trainer.world_size == 1 and trainer.logger is not None
+        log_dir = Path(trainer.log_dir) if single and trainer.log_dir else None
+        fresh = log_dir is not None and not log_dir.exists()
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            if (
-                fresh
-                and log_dir is not None
-                and log_dir.is_dir()
-                and trainer.global_step == 0
-                and not any(log_dir.rglob("*.ckpt"))
-            ):
+            if fresh and log_dir is not None and _holds_set_up_files_only(log_dir, trainer):
                 shutil.rmtree(log_dir, ignore_errors=True)
             raise
 

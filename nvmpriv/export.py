@@ -1123,12 +1123,12 @@ def run_name(config_path: str | os.PathLike[str], ckpt_path: str | os.PathLike[s
     Returns:
         The run name.
     """
-    ckpt = Path(ckpt_path)
-    if len(ckpt.parents) > 2 and ckpt.parent.name == "checkpoints":
-        return f"{ckpt.parents[1].parent.name}_{ckpt.parents[1].name}"
-    cfg = Path(config_path).absolute()
-    if cfg.name == "config.yaml" and (cfg.parent / "splits.npz").is_file():
-        return f"{cfg.parent.parent.name}_{cfg.parent.name}"
+    ckpt = Path(os.path.abspath(ckpt_path))  # "..", "." and relative paths name real folders
+    if ckpt.parent.name == "checkpoints" and ckpt.parents[1].name and ckpt.parents[2].name:
+        return f"{ckpt.parents[2].name}_{ckpt.parents[1].name}"
+    cfg = Path(os.path.abspath(config_path))
+    if cfg.name == "config.yaml" and (cfg.parent / "splits.npz").is_file() and cfg.parents[1].name:
+        return f"{cfg.parents[1].name}_{cfg.parent.name}"
     return Path(config_path).stem
 
 

@@ -85,7 +85,9 @@ class ExportOnnx(Callback):
     @staticmethod
     def _resumes_own_run(trainer: pl.Trainer) -> bool:
         """Whether ``fit`` continues from a checkpoint inside its own run folder."""
-        ckpt, log_dir = trainer.ckpt_path, trainer.log_dir
+        # logger.log_dir, not trainer.log_dir: the latter is a collective broadcast, and only
+        # rank 0 gets here (a DDP resume would hang).
+        ckpt, log_dir = trainer.ckpt_path, getattr(trainer.logger, "log_dir", None)
         if not ckpt or not log_dir or "://" in str(ckpt):
             return False
         return Path(ckpt).resolve().is_relative_to(Path(log_dir).resolve())
@@ -93,8 +95,8 @@ class ExportOnnx(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse, before training, an output file that exists (unless ``overwrite``).
 
-        Runs after Lightning restored the checkpoint, so it knows whether ``fit`` resumes its
-        own run (``--ckpt_path last``): that run's files are its own earlier exports, which the
+        Runs after Lightning restored the weights and callbacks of a checkpoint (``ckpt_path``
+        is known), so it knows whether ``fit`` resumes its own run (``--ckpt_path last``): that run's files are its own earlier exports, which the
         model this fit ends with replaces.
         """
         self._replace_own = False

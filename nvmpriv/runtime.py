@@ -30,7 +30,7 @@ session).
 Typical use::
 
     from nvmpriv.runtime import load
-    model = load("exports/quickstart_64x64_100k_seed0.onnx")
+    model = load("exports/quickstart_version_0_64x64_100k_seed0.onnx")
     probs = model.predict_proba(x)          # [n, C] float64, rows sum to 1
 """
 

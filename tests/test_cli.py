@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,9 @@ def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     fitted = Splits.load(quickstart_run)
     (new,) = {p.name for p in (work / "logs" / "quickstart").iterdir()} - before
     validated = Splits.load(work / "logs" / "quickstart" / new)
+    # the audit names the epoch the checkpoint's weights come from (the last of 40)
+    audited = json.loads((work / "logs" / "quickstart" / new / "results.json").read_text())
+    assert audited["epoch"] == 39
     assert validated.split_hash == fitted.split_hash
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     stored = state["Digits"]["indices"]["target_train"]
@@ -151,3 +155,23 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> 
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))
     # a run that failed before training takes no version number from the next good run
     assert not list(tmp_path.glob("logs/*/version_*"))
+
+
+def test_only_set_up_files_mark_a_folder_as_disposable(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from nvmpriv.cli import _holds_set_up_files_only
+
+    run = tmp_path / "version_0"
+    run.mkdir()
+    for name in ("config.yaml", "hparams.yaml", "splits.npz", "events.out.tfevents.1.vm.1.0"):
+        (run / name).write_text("")
+    fresh = SimpleNamespace(global_step=0)
+    assert _holds_set_up_files_only(run, fresh)
+    assert not _holds_set_up_files_only(run, SimpleNamespace(global_step=3))  # it trained
+    (run / "results.json").write_text("{}")  # e.g. a validate that failed after its audit
+    assert not _holds_set_up_files_only(run, fresh)
+    (run / "results.json").unlink()
+    (run / "checkpoints").mkdir()
+    assert not _holds_set_up_files_only(run, fresh)
+    assert not _holds_set_up_files_only(tmp_path / "missing", fresh)

@@ -175,7 +175,7 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     )
 
 
-def test_run_name_follows_the_run_folder(tmp_path: Path) -> None:
+def test_run_name_follows_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nvmpriv.export import run_name
 
     run = tmp_path / "logs" / "texas" / "version_3"
@@ -188,6 +188,11 @@ def test_run_name_follows_the_run_folder(tmp_path: Path) -> None:
     (run / "splits.npz").write_bytes(b"")
     assert run_name(run / "config.yaml", tmp_path / "elsewhere.ckpt") == "texas_version_3"
     assert run_name(tmp_path / "texas.yaml", tmp_path / "elsewhere.ckpt") == "texas"
+    # relative paths name the folders they point to
+    monkeypatch.chdir(run / "checkpoints")
+    assert run_name(tmp_path / "texas.yaml", "last.ckpt") == "texas_version_3"
+    monkeypatch.chdir(run)
+    assert run_name("config.yaml", "checkpoints/last.ckpt") == "texas_version_3"
 
 
 def test_cli_export_default_name_is_per_run(
