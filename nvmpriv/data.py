@@ -30,7 +30,7 @@ import json
 import random
 import zipfile
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,23 @@ class Splits:
             digest.update(role.encode())
             digest.update(self.indices[role].tobytes())
         return digest.hexdigest()[:16]
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Splits:
+        """The split a :meth:`MembershipDataModule.state_dict` stored in a checkpoint.
+
+        Args:
+            state: Mapping with ``indices``, ``data_hash`` and optionally ``dataset``, ``meta``.
+
+        Returns:
+            The split.
+        """
+        return cls(
+            {role: np.asarray(v) for role, v in state["indices"].items()},
+            str(state["data_hash"]),
+            str(state.get("dataset", "")),
+            state.get("meta"),
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write ``splits.npz`` atomically (a folder path gets ``splits.npz`` appended).
@@ -534,12 +551,7 @@ class MembershipDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the split of a checkpoint, after checking it matches the data."""
-        splits = Splits(
-            {role: np.asarray(v) for role, v in state_dict["indices"].items()},
-            state_dict["data_hash"],
-            state_dict["dataset"],
-            state_dict.get("meta"),
-        )
+        splits = Splits.from_state(state_dict)
         splits.check_matches(self.raw)
         self.splits = splits
         # Applied when the training loader is next built (see train_dataloader), not now: the

@@ -1058,6 +1058,20 @@ def _short_class(config: dict[str, Any], *path: str) -> str:
 _BLACKBOX_SKIP = {"seconds", "threshold", "n_members", "n_nonmembers"}
 
 
+def _is_cell_value(metric: str, value: Any) -> bool:
+    """Whether an attack's result field becomes a table column.
+
+    Numbers and flags do, and so do unmeasured TPRs (``None``): their column stays, empty,
+    rather than vanishing.
+    """
+    return isinstance(value, int | float) or (value is None and "tpr" in metric)
+
+
+def _cell_value(value: Any) -> Any:
+    # a flag (degenerate) becomes 0/1, so its mean over seeds is the share of flagged seeds
+    return int(value) if isinstance(value, bool) else value
+
+
 def _blackbox_columns(report: Path) -> dict[str, Any]:
     """``blackbox/<attack>/<metric>`` numbers of a ``python -m nvmpriv attack`` report."""
     try:
@@ -1069,10 +1083,8 @@ def _blackbox_columns(report: Path) -> dict[str, Any]:
         for metric, value in (values or {}).items():
             if metric in _BLACKBOX_SKIP:
                 continue
-            if isinstance(value, bool):
-                out[f"blackbox/{attack}/{metric}"] = int(value)
-            elif isinstance(value, int | float) or (value is None and "tpr" in metric):
-                out[f"blackbox/{attack}/{metric}"] = value
+            if _is_cell_value(metric, value):
+                out[f"blackbox/{attack}/{metric}"] = _cell_value(value)
     return out
 
 
@@ -1135,11 +1147,8 @@ def gather(spec: SweepSpec, cells: Iterable[Cell]) -> list[dict[str, Any]]:
                 row[key] = results.get(key)
             for attack, values in entry.get("attacks", {}).items():
                 for metric, value in values.items():
-                    if isinstance(value, bool):  # degenerate: 0/1, its mean the share of seeds
-                        row[f"mia/{attack}/{metric}"] = int(value)
-                    elif isinstance(value, int | float) or (value is None and "tpr" in metric):
-                        # an unmeasured TPR stays a column, empty, rather than vanishing
-                        row[f"mia/{attack}/{metric}"] = value
+                    if _is_cell_value(metric, value):
+                        row[f"mia/{attack}/{metric}"] = _cell_value(value)
             layers = entry.get("layers", {})
             for layer in entry.get("layer_order") or sorted(layers):  # older files: no order
                 # null in results.json: an exact crossbar (infinite SNR)

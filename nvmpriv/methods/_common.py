@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -165,8 +164,7 @@ def load_net_weights(
     net.load_state_dict(state)
     for value in ckpt.values():  # the data module's state_dict (see MembershipDataModule)
         if isinstance(value, Mapping) and "indices" in value and "data_hash" in value:
-            indices = {role: np.asarray(idx) for role, idx in value["indices"].items()}
-            return Splits(indices, str(value["data_hash"]), str(value.get("dataset", "")))
+            return Splits.from_state(value)
     return None
 
 
