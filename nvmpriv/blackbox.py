@@ -548,7 +548,15 @@ def _parser() -> CommandParser:
     )
     p.add_argument("--model", required=True, help="exported .onnx file")
     p.add_argument("--data", required=True, help="run folder, data config YAML, or .npz")
-    p.add_argument("--attacks", default="all", help="'all' or comma-separated names")
+    from nvmpriv.attack_models import LEARNED_ATTACKS
+
+    known = ", ".join(sorted(set(mia.SCORE_ATTACKS) | set(LEARNED_ATTACKS)))
+    p.add_argument(
+        "--attacks",
+        default="all",
+        help=f"'all' ({len(ALL_ATTACKS)} standard attacks: {', '.join(ALL_ATTACKS)}) or "
+        f"comma-separated from: {known}",
+    )
     p.add_argument(
         "--queries", type=positive_int, default=1, help="queries averaged per sample (k)"
     )

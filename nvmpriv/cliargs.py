@@ -9,7 +9,7 @@ that one line (exit 2). Standard library only, so every layer can use it.
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["CommandParser", "UsageError", "nonnegative_int", "positive_int"]
 
@@ -18,8 +18,40 @@ class UsageError(ValueError):
     """A command line the subcommand cannot parse."""
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a meaningful default.
+
+    ``argparse.ArgumentDefaultsHelpFormatter`` also prints ``(default: None)`` and
+    ``(default: False)`` for unset options and flags (and ``[]`` for empty lists), which says
+    nothing; help texts that already
+    state their default keep their own wording.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and not action.required
+            and default is not None
+            and default is not False
+            and default != argparse.SUPPRESS
+            and default != []
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 class CommandParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors raise :class:`UsageError` (one line)."""
+    """``argparse.ArgumentParser`` whose errors raise :class:`UsageError` (one line).
+
+    Its ``--help`` shows each option's default.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Raise instead of printing the usage block and exiting.

@@ -59,6 +59,23 @@ def test_other_subcommands_help(sub: str, capsys: pytest.CaptureFixture[str]) ->
     assert "--ckpt_path" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("sub", ["attack", "export", "sweep"])
+def test_extra_subcommands_help_shows_defaults(
+    sub: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([sub, "--help"])
+    assert done.value.code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: None" not in text and "default: False" not in text
+    expected = {
+        "attack": ["(default: 30)", "(default: 0)", "(default: all)", "lira_online"],
+        "export": ["(default: digital)", "(default: target_train)"],
+        "sweep": ["trainer.devices=2"],
+    }[sub]
+    assert all(e in text for e in expected), text
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("quick")
