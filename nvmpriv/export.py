@@ -1004,7 +1004,9 @@ def export_bytes(
 
 # ====================================================================== loading a run
 def load_run(
-    config_path: str | os.PathLike[str], ckpt_path: str | os.PathLike[str] | None
+    config_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str] | None,
+    overrides: Sequence[tuple[str, Any]] = (),
 ) -> tuple[nn.Module, Any]:
     """The trained net and the data module of a run (split restored from the checkpoint).
 
@@ -1012,6 +1014,8 @@ def load_run(
         config_path: Training config YAML (the one given to ``fit`` or the run's config.yaml).
         ckpt_path: Lightning checkpoint (``state_dict`` keys ``net.*``); ``None`` keeps the
             freshly initialised net (for tests).
+        overrides: ``(dotted key, value)`` pairs set in the config before anything is built,
+            e.g. ``("data.init_args.data_dir", "/new/place")`` when the data has moved.
 
     Returns:
         ``(net, datamodule)``.
@@ -1019,12 +1023,19 @@ def load_run(
     Raises:
         ExportError: On a missing or malformed file.
     """
-    from nvmpriv.yamlfile import read_yaml
+    from nvmpriv.yamlfile import read_yaml, set_dotted
 
     cfg_file = Path(config_path)
     if not cfg_file.is_file():
         raise ExportError(f"--config {cfg_file} not found; give the training YAML")
     cfg = read_yaml(cfg_file, "--config") or {}
+    for key, value in overrides:
+        if not isinstance(cfg, dict):
+            break  # reported below as not a fit config
+        try:
+            set_dotted(cfg, key, value)
+        except ValueError as exc:
+            raise ExportError(f"--set: {exc}") from None
     if (
         not isinstance(cfg, dict)
         or not isinstance(cfg.get("model"), dict)
@@ -1099,6 +1110,14 @@ def _parser() -> CommandParser:
         help="output .onnx (default exports/<run>_<crossbar>[_seed<S>].onnx)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the run's config before loading (YAML value), e.g. "
+        "data.init_args.data_dir=/new/place when the data has moved",
+    )
     return p
 
 
@@ -1195,9 +1214,18 @@ def cli_main(argv: list[str]) -> int:
     Raises:
         ExportError: On invalid options (printed as one line by ``nvmpriv.__main__``).
     """
+    from nvmpriv.yamlfile import parse_override
+
     args = _parser().parse_args(argv)
+    try:
+        overrides = [
+            parse_override(item, "--set", example="data.init_args.data_dir=/data")
+            for item in args.set
+        ]
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     config = load_crossbar(args.crossbar)
-    net, dm = load_run(args.config, args.ckpt_path)
+    net, dm = load_run(args.config, args.ckpt_path, overrides)
     run = run_name(args.config, args.ckpt_path)
     name = export_stem(run, config, args.seed)
     path = export_run(

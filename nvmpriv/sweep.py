@@ -23,7 +23,6 @@ needs Ray (``pip install 'nvmpriv[ray]'``) and a file system shared by the drive
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import io
@@ -47,7 +46,7 @@ import yaml
 from nvmpriv.atomic import atomic_write_json, atomic_write_text
 from nvmpriv.classpath import check_spec
 from nvmpriv.cliargs import CommandParser, nonnegative_int, positive_int
-from nvmpriv.yamlfile import read_yaml
+from nvmpriv.yamlfile import parse_override, read_yaml, set_dotted
 
 __all__ = [
     "AUDIT_CLASS",
@@ -443,47 +442,6 @@ def expand_grid(spec: SweepSpec) -> list[Cell]:
                 slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", slug)[:80]
                 cells.append(Cell(f"{slug}-{digest}", entry, seed, values, params))
     return cells
-
-
-def set_dotted(config: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``config[a][b][c] = value`` for ``path = "a.b.c"``, creating mappings as needed.
-
-    A numeric part indexes a list (``trainer.callbacks.0.init_args.monitor``).
-
-    Args:
-        config: The nested config (modified in place).
-        path: Dotted path.
-        value: New value (deep-copied).
-
-    Raises:
-        ValueError: A part of the path crosses a scalar or a list index is out of range.
-    """
-    parts = path.split(".")
-    node: Any = config
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(
-                    f"override {path!r}: {'.'.join(parts[:i]) or 'config'} is a list of "
-                    f"{len(node)}; use an index 0..{len(node) - 1}"
-                )
-            if last:
-                node[int(part)] = copy.deepcopy(value)
-            else:
-                node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise ValueError(
-                f"override {path!r}: {'.'.join(parts[:i])} is a {type(node).__name__}, "
-                "not a mapping; check the path against --print_config"
-            )
-        if last:
-            node[part] = copy.deepcopy(value)
-        else:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
 
 
 def _find_callback(config: dict[str, Any], name: str | tuple[str, ...]) -> dict[str, Any] | None:
@@ -1555,10 +1513,8 @@ def cli_main(argv: list[str]) -> int:
     if args.epochs is not None:  # positive_int already checked the counts
         overrides["trainer.max_epochs"] = args.epochs
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. trainer.max_epochs=5")
-        overrides[key] = yaml.safe_load(value)
+        key, value = parse_override(item, "--set", example="trainer.max_epochs=5")
+        overrides[key] = value
     changes: dict[str, Any] = {"overrides": overrides}
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)

@@ -7,13 +7,14 @@ notation as floats, as YAML 1.2 and jsonargparse (LightningCLI's configs) do.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["read_yaml"]
+__all__ = ["parse_override", "read_yaml", "set_dotted"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -65,3 +66,71 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ValueError(
             f"{what} {p} is not valid YAML{where}: {problem}; fix the syntax"
         ) from None
+
+
+def parse_override(item: str, option: str, *, example: str) -> tuple[str, Any]:
+    """Split a command-line ``KEY=VALUE`` override; the value is read as YAML (1.2 floats).
+
+    Args:
+        item: The word, e.g. ``data.init_args.data_dir=/data``.
+        option: The option that gave it, for the message (e.g. ``"--set"``).
+        example: A valid override shown in the message.
+
+    Returns:
+        ``(dotted key, value)``.
+
+    Raises:
+        ValueError: No ``=``, an empty key, or a value that is not valid YAML.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{option} {item!r}: expected KEY=VALUE, e.g. {example}")
+    try:
+        value = yaml.load(text, Loader=_Loader) if text.strip() else None
+    except yaml.YAMLError:
+        raise ValueError(
+            f"{option} {item!r}: the value is not valid YAML; quote it, e.g. {key}='...'"
+        ) from None
+    return key, value
+
+
+def set_dotted(config: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``config[a][b][c] = value`` for ``path = "a.b.c"``, creating mappings as needed.
+
+    A numeric part indexes a list (``trainer.callbacks.0.init_args.monitor``).
+
+    Args:
+        config: The nested config (modified in place).
+        path: Dotted path.
+        value: New value (deep-copied).
+
+    Raises:
+        ValueError: A part of the path crosses a scalar or a list index is out of range.
+    """
+    parts = path.split(".")
+    node: Any = config
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(
+                    f"override {path!r}: {'.'.join(parts[:i]) or 'config'} is a list of "
+                    f"{len(node)}; use an index 0..{len(node) - 1}"
+                )
+            if last:
+                node[int(part)] = copy.deepcopy(value)
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ValueError(
+                f"override {path!r}: {'.'.join(parts[:i])} is a {type(node).__name__}, "
+                "not a mapping; check the path against --print_config"
+            )
+        if last:
+            node[part] = copy.deepcopy(value)
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]

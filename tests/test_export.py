@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import write_location
 from torch import nn
 
 from nvmpriv import nets, runtime
@@ -173,6 +174,43 @@ def test_cli_export_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
         )
         == 2
     )
+
+
+def test_cli_export_set_overrides_the_run_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data moved since training: ``--set`` points the run's config at its new place."""
+    moved = tmp_path / "new_place"
+    moved.mkdir()
+    write_location(moved)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model:\n  class_path: nvmpriv.methods.StandardTraining\n  init_args:\n    net:\n"
+        "      class_path: nvmpriv.nets.ColumnFC\n"
+        "      init_args: {in_features: 446, num_classes: 30}\n"
+        "data:\n  class_path: nvmpriv.data.Location30\n"
+        f"  init_args: {{root: {tmp_path / 'old_place'}, batch_size: 32, seed: 0}}\n"
+    )
+    net = nets.ColumnFC(446, 30)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    out = tmp_path / "m.onnx"
+    args = ["export", "--config", str(cfg), "--ckpt_path", str(ckpt), "--crossbar", "32x32_100k"]
+    args += ["--output", str(out)]
+    assert main(args) == 2
+    assert "old_place" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--set", f"data.init_args.root={moved}"]) == 0
+    assert tuple(runtime.load(out).input_shape) == (446,)
+    cfg_before = cfg.read_text()
+    for bad, message in [
+        ("data.init_args", "expected KEY=VALUE"),
+        ("data.init_args.root.x=1", "not a mapping"),
+        ("data.init_args.root=[unclosed", "not valid YAML"),
+    ]:
+        assert main([*args, "--overwrite", "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert cfg.read_text() == cfg_before  # the run's own config is never rewritten
 
 
 def test_run_name_follows_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
