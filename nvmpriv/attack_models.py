@@ -219,8 +219,10 @@ def train_classifiers(
 ) -> list[nn.Module]:
     """Train ``R`` models at once, model ``r`` on the samples where ``masks[r]`` is True.
 
-    Model ``r`` depends only on ``seed``, ``r`` and its mask, not on how many models are trained
-    together, so the first models of a shared set equal a smaller set's. Like
+    With masks of equal size (as the shadow and reference sets are drawn), model ``r`` depends
+    only on ``seed``, ``r`` and its mask, not on how many models are trained together, so the
+    first models of a shared set equal a smaller set's; the batched path sizes its mixed batches
+    from the mean mask size, so unequal masks couple the models through that size. Like
     :func:`train_classifier` it runs on a forked RNG and leaves the caller's torch RNG untouched.
 
     With ``batched=True`` (and no BatchNorm or dropout) the ``R`` networks are stacked with ``torch.func``
@@ -1031,7 +1033,9 @@ def nasr_attack(
         shadow_y: Its labels.
         net_factory: Builds a network like the target's.
         n_shadow: Number of shadow models.
-        widths: Hidden-width scale (1.0 = Purchase sizes).
+        widths: Hidden-width scale: 1.0 is the paper's Purchase model (1024/512/64 and
+            128/64); the default 0.25 is a quarter-width model (256/128/64 and 32/64) that trains
+            in seconds on a CPU.
         train: Shadow training hyper-parameters.
         attack_epochs: Attack-model epochs.
         attack_lr: Attack-model learning rate.

@@ -127,8 +127,11 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
 
     Args:
         spec: Run folder (``config.yaml`` + ``splits.npz``), data config YAML, or ``.npz``.
-        max_samples: Cap on members, non-members, shadow and population arrays (first rows,
-            like :class:`nvmpriv.callbacks.CrossbarAudit`); ``None`` keeps all.
+        max_samples: Cap on the members, the non-members and each shadow role (the population:
+            twice it). From a run or a data YAML these are the split's fixed random subsets
+            (:meth:`nvmpriv.data.Splits.subset`), the members and non-members the same ones
+            :class:`nvmpriv.callbacks.CrossbarAudit` attacks; from an ``.npz``, the first rows.
+            ``None`` keeps all.
 
     Returns:
         The arrays.
@@ -191,16 +194,21 @@ def load_attack_data(spec: str | Path, *, max_samples: int | None = 1000) -> Att
         ) from None
     mx, my = dm.arrays("target_train", limit=max_samples)
     nx, ny = dm.arrays("target_test", limit=max_samples)
-    (stx, sty), (svx, svy) = dm.arrays("shadow_train"), dm.arrays("shadow_test")
+    # The attacker's own data: up to max_samples of each shadow role and twice that of the
+    # population, random subsets fixed by the split (raw files can be ordered by class).
+    (stx, sty) = dm.arrays("shadow_train", limit=max_samples)
+    (svx, svy) = dm.arrays("shadow_test", limit=max_samples)
     sx, sy = np.concatenate([stx, svx]), np.concatenate([sty, svy])
-    px, py = dm.arrays("population")
+    px, py = dm.arrays("population", limit=None if max_samples is None else 2 * max_samples)
     return AttackData(
         mx,
         my.astype(np.int64),
         nx,
         ny.astype(np.int64),
-        *_cap(sx, sy.astype(np.int64), None if max_samples is None else 2 * max_samples),
-        *_cap(px, py.astype(np.int64), None if max_samples is None else 2 * max_samples),
+        sx,
+        sy.astype(np.int64),
+        px,
+        py.astype(np.int64),
         source=str(path),
         split_hash=getattr(getattr(dm, "splits", None), "split_hash", None),
     )

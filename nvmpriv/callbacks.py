@@ -130,9 +130,11 @@ class CrossbarAudit(Callback):
             digital model is always audited as config ``digital``.
         attacks: Attack names from ``nvmpriv.attacks.SCORE_ATTACKS`` (threshold attacks).
         every_n_epochs: Audit every n-th validation epoch (the last epoch is always audited).
-        max_samples: Cap on members, non-members and each shadow set.
+        max_samples: Cap on members, non-members and each shadow set (a random subset of each
+            role fixed by the split, :meth:`nvmpriv.data.Splits.subset`).
         chip_seed: Seed of the simulated chip (one config + seed = one chip).
-        calibration_samples: Training samples used to calibrate DAC/ADC ranges.
+        calibration_samples: Training samples used to calibrate DAC/ADC ranges (the split's
+            fixed subset of ``target_train``, as the ONNX export calibrates).
         layer_samples: Samples for per-layer SNR / noise sensitivity (0 disables them).
         shadow_epochs: Train one shadow model (same net, Adam, on ``shadow_train``) for this many
             epochs at the first audit and choose thresholds on its outputs; ``None`` chooses the

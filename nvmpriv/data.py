@@ -181,6 +181,29 @@ class Splits:
             digest.update(self.indices[role].tobytes())
         return digest.hexdigest()[:16]
 
+    def subset(self, role: str, limit: int | None) -> np.ndarray:
+        """At most ``limit`` indices of a role: a random subset fixed by the split, sorted.
+
+        Raw files are often ordered (by class, by source file: CIFAR's training batches before
+        its test batch), so the first ``limit`` indices would be a skewed sample. The subset is
+        drawn from a permutation seeded by :attr:`split_hash` and the role, so it is the same in
+        every process and for every consumer of the split (audit, export, black-box attack), and
+        a smaller limit gives a subset of a larger one's.
+
+        Args:
+            role: One of :data:`ROLES`.
+            limit: Cap; ``None`` (or at least the role's size) keeps every index.
+
+        Returns:
+            Sorted ``int64`` indices.
+        """
+        idx = self.indices[role]
+        if limit is None or limit >= len(idx):
+            return idx
+        seed = [int(self.split_hash, 16) & 0xFFFFFFFF, ROLES.index(role)]
+        order = np.random.default_rng(seed).permutation(len(idx))
+        return np.sort(idx[order[: max(0, limit)]])
+
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Splits:
         """The split a :meth:`MembershipDataModule.state_dict` stored in a checkpoint.
@@ -486,13 +509,16 @@ class MembershipDataModule(pl.LightningDataModule):
 
         Args:
             role: One of :data:`ROLES`.
-            limit: Only the first ``limit`` samples of the role (converted alone, so an audit of
-                1,000 images does not convert the whole role).
+            limit: At most this many samples of the role, a random subset fixed by the split
+                (:meth:`Splits.subset`; converted alone, so an audit of 1,000 images does not
+                convert the whole role).
 
         Returns:
             ``(x, y)`` numpy arrays; images come as ``[n, C, H, W]`` in [0, 1].
         """
-        idx = self.indices(role)[:limit]
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+        idx = self._require_splits().subset(role, limit)
         return self._model_input(self.raw.features[idx]), self.raw.labels[idx]
 
     def _model_input(self, features: np.ndarray) -> np.ndarray:

@@ -102,13 +102,14 @@ def test_results_json_schema_and_values(fitted: tuple) -> None:
     assert payload["configs"]["ideal"]["attacks"] == digital["attacks"]
     # the logged AUC is the oracle AUC of the loss scores of the digital model
     dm = trainer.datamodule
-    (xm, ym), (xn, yn) = dm.arrays("target_train"), dm.arrays("target_test")
+    # the audit's capped sets: the split's fixed random subsets of the roles
+    (xm, ym), (xn, yn) = dm.arrays("target_train", 200), dm.arrays("target_test", 200)
     with torch.no_grad():
-        pm = torch.softmax(module.net.eval()(torch.as_tensor(xm[:200])), 1).double().numpy()
-        pn = torch.softmax(module.net(torch.as_tensor(xn[:200])), 1).double().numpy()
+        pm = torch.softmax(module.net.eval()(torch.as_tensor(xm)), 1).double().numpy()
+        pn = torch.softmax(module.net(torch.as_tensor(xn)), 1).double().numpy()
     from sklearn.metrics import roc_auc_score
 
-    s = np.concatenate([mia.loss_scores(pm, ym[:200]), mia.loss_scores(pn, yn[:200])])
+    s = np.concatenate([mia.loss_scores(pm, ym), mia.loss_scores(pn, yn)])
     truth = np.r_[np.ones(len(pm)), np.zeros(len(pn))]
     assert digital["attacks"]["loss"]["auc"] == pytest.approx(roc_auc_score(truth, s), abs=1e-6)
     from sklearn.metrics import roc_curve

@@ -140,3 +140,29 @@ def test_worker_augmentation_replays_after_a_resume(tmp_path: Path) -> None:
     torch.set_rng_state(state)
     resumed = torch.cat([x for x, _ in dm.train_dataloader()])
     assert torch.equal(uninterrupted, resumed)
+
+
+def test_capped_role_is_a_fixed_random_subset_not_the_first_rows() -> None:
+    # A raw file ordered by class: the first 100 of 450 members would hold about two classes.
+    labels = np.repeat(np.arange(10), 200)
+    split = Splits(make_splits(len(labels), seed=0), data_hash="x", dataset="ordered")
+    full = split.indices["target_train"]
+    small, large = split.subset("target_train", 50), split.subset("target_train", 100)
+    assert len(small) == 50 and len(large) == 100 and np.all(np.diff(large) > 0)
+    assert set(small) <= set(large) <= set(full)  # nested: a smaller cap is a subset
+    assert np.bincount(labels[full[:100]], minlength=10)[3:].sum() == 0  # what a prefix gives
+    counts = np.bincount(labels[large], minlength=10)
+    assert counts.min() >= 3 and counts.max() <= 20, counts
+    same = Splits(dict(split.indices), data_hash="x", dataset="ordered")
+    np.testing.assert_array_equal(same.subset("target_train", 100), large)
+    other = split.subset("target_test", 100)
+    assert not set(other) & set(large)
+    np.testing.assert_array_equal(split.subset("target_train", None), full)
+    np.testing.assert_array_equal(split.subset("target_train", 10**6), full)
+
+    dm = Digits()
+    x, y = dm.arrays("target_train", limit=40)
+    idx = dm.splits.subset("target_train", 40) if dm.splits is not None else None
+    assert idx is not None and len(x) == 40
+    np.testing.assert_array_equal(y, dm.raw.labels[idx])
+    assert not np.array_equal(idx, dm.indices("target_train")[:40])

@@ -69,6 +69,16 @@ def source(tmp_path: Path) -> Path:
             id="ref-test",
         ),
         pytest.param(
+            lambda: MinMaxTraining(net(), 10, reference_role="shadow_train"),
+            r"reference_role='shadow_train' is invalid \(the attacker's data\)",
+            id="ref-shadow",
+        ),
+        pytest.param(
+            lambda: ADMMMinMax(net(), 10, reference_role="population"),
+            r"reference_role='population' is invalid \(the attacker's data\)",
+            id="ref-population",
+        ),
+        pytest.param(
             lambda: MinMaxTraining(net(), 10, attack_features="x"), "attack_features", id="feat"
         ),
         pytest.param(lambda: ADMMMinMax(net(), 10, lam=-2.0), "lam=-2.0", id="admm-mm-lam"),

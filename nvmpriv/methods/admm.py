@@ -420,7 +420,8 @@ class ADMMMinMax(_AdmmSchedule, MinMaxTraining):
         attack_lr: Inference-model learning rate.
         attack_width: Inference-model width scale.
         attack_features: ``"probs"`` or ``"logits"``.
-        reference_role: Defender-owned reference role.
+        reference_role: Defender-owned reference role (see
+            :data:`nvmpriv.methods.minmax.REFERENCE_ROLES`).
         warmup_epochs: Epochs before the Min-Max game starts.
         optimizer: Classifier optimizer factory.
         lr_scheduler: Optional scheduler factory.

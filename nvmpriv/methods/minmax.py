@@ -6,7 +6,9 @@ Two players alternate on every training batch:
    :math:`h(f(x), \mathrm{onehot}(y)) \in \mathbb R` (a logit; Nasr et al.'s two-branch net,
    :class:`nvmpriv.attack_models.NasrAttackModel`) learns to output "member" on the current
    training batch and "non-member" on a fresh batch of the reference set, with the classifier
-   frozen and in eval mode:
+   frozen and in eval mode. With ``attack_steps`` > 1 every step reuses the current training
+   batch as its members (Nasr et al.'s Algorithm 1 draws a fresh member batch per step too; here
+   the members come from the Lightning loader, one batch per classifier step):
    :math:`\mathcal L_h = \tfrac12\,\mathrm{BCE}(h_{in}, 1) + \tfrac12\,\mathrm{BCE}(h_{ref}, 0)`.
 2. **Classifier step** (the injected optimizer, Adam 1e-3 by default):
 
@@ -23,11 +25,12 @@ Two players alternate on every training batch:
 and disjoint from the training set. Here it is the data module role ``reference_role``,
 ``target_val`` by default: the defender's own held-out data, disjoint from the members
 (``target_train``) *and* from the non-members used to evaluate attacks (``target_test``), and not
-the attacker's shadow/population data. Those two roles are therefore refused. The validation
+the attacker's shadow/population data, so every other role is refused. The validation
 metrics are still computed on ``target_val``, which the classifier never trains on.
 
 The inference model sees the classifier's softmax posteriors (``attack_features="probs"``, the
-default, as in Nasr et al.'s code) or its raw logits (``"logits"``). On digits, logits gave the
+default: the paper's prediction vector :math:`f(x)`) or its raw logits (``"logits"``, what the
+public ports of the code and the project's reference notes feed it). On digits, logits gave the
 classifier an easy way out (rescaling logits) that cost accuracy without lowering a loss-threshold
 attack, so posteriors are the default. Optimization is manual
 (two optimizers); a scheduler of the classifier's optimizer is stepped once per epoch.
@@ -48,11 +51,14 @@ from nvmpriv.data import ROLES
 from nvmpriv.methods._common import check_nonnegative, check_positive_int
 from nvmpriv.methods.base import MembershipModule, _adam
 
-__all__ = ["ATTACK_FEATURES", "MinMaxTraining"]
+__all__ = ["ATTACK_FEATURES", "REFERENCE_ROLES", "MinMaxTraining"]
 
 #: Allowed values of ``attack_features``.
 ATTACK_FEATURES: tuple[str, ...] = ("logits", "probs")
-_FORBIDDEN_REFERENCE = ("target_train", "target_test")
+#: Roles the defender owns besides its members: the target half's held-out data. The target's
+#: test set is the attacks' non-members, and the shadow roles and the population are the
+#: attacker's half of the data.
+REFERENCE_ROLES: tuple[str, ...] = ("target_val",)
 
 
 class MinMaxTraining(MembershipModule):
@@ -65,11 +71,12 @@ class MinMaxTraining(MembershipModule):
             training with a passive attacker).
         attack_steps: Inference-model steps per classifier step, >= 1.
         attack_lr: Adam learning rate of the inference model, > 0 (1e-4 in the reference).
-        attack_width: Width scale of :class:`~nvmpriv.attack_models.NasrAttackModel`
-            (1.0 = Purchase sizes 1024/512/64), > 0.
+        attack_width: Width scale of :class:`~nvmpriv.attack_models.NasrAttackModel`, > 0:
+            1.0 is the paper's Purchase model (1024/512/64 and 128/64); the default 0.25 is a
+            quarter-width model that keeps the game cheap on a CPU (the Texas configs use 0.5).
         attack_features: ``"probs"`` (softmax) or ``"logits"`` fed to the inference model.
-        reference_role: Data module role used as the defender's non-member reference set
-            (any role except ``target_train`` and ``target_test``).
+        reference_role: Data module role used as the defender's non-member reference set, one of
+            :data:`REFERENCE_ROLES` (``target_val``).
         warmup_epochs: Epochs of plain cross-entropy before the game starts, >= 0.
         optimizer: Classifier optimizer factory.
         lr_scheduler: Optional scheduler factory for the classifier optimizer.
@@ -103,12 +110,14 @@ class MinMaxTraining(MembershipModule):
             raise ValueError(
                 f"attack_features={attack_features!r} is invalid: choose one of {ATTACK_FEATURES}"
             )
-        if reference_role not in ROLES or reference_role in _FORBIDDEN_REFERENCE:
-            allowed = [r for r in ROLES if r not in _FORBIDDEN_REFERENCE]
+        if reference_role not in REFERENCE_ROLES:
+            why = {
+                "target_train": "the members",
+                "target_test": "the attacks' evaluation non-members",
+            }.get(reference_role, "the attacker's data" if reference_role in ROLES else "no role")
             raise ValueError(
-                f"reference_role={reference_role!r} is invalid: choose a defender-owned "
-                f"non-member role from {allowed} (target_train are the members, target_test the "
-                "evaluation non-members)"
+                f"reference_role={reference_role!r} is invalid ({why}): choose a defender-owned "
+                f"non-member role from {list(REFERENCE_ROLES)}"
             )
         self.attack_lr = float(attack_lr)
         self.attack_features = attack_features
