@@ -16,7 +16,7 @@ __all__ = ["EXTRA_COMMANDS", "main", "one_line"]
 
 #: Subcommand -> "module:function" taking ``argv`` and returning an exit code.
 EXTRA_COMMANDS: dict[str, str] = {
-    "crossbar": "nvmpriv.crossbar:cli_main",
+    "crossbar": "nvmpriv.crossbar_cli:cli_main",
     "export": "nvmpriv.export:cli_main",
     "attack": "nvmpriv.blackbox:cli_main",
     "sweep": "nvmpriv.sweep:cli_main",

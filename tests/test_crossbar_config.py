@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from nvmpriv.crossbar import PRESETS, CrossbarConfig, CrossbarConfigError, cli_main, get_preset
+from nvmpriv.crossbar import PRESETS, CrossbarConfig, CrossbarConfigError, get_preset
 from nvmpriv.crossbar.config import MEASURED_NF
 from nvmpriv.crossbar.metrics import nonideality_factor
+from nvmpriv.crossbar_cli import cli_main
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,18 @@ from nvmpriv.crossbar.metrics import nonideality_factor
         pytest.param({"p_stuck_min": 1.5}, "p_stuck_min", id="prob-above-one"),
         pytest.param({"variation_model": "uniform"}, "variation_model", id="bad-model"),
         pytest.param({"gradient": "none"}, "gradient", id="bad-gradient"),
+        pytest.param({"calibration_percentile": True}, "calibration_percentile", id="bool-pct"),
+        pytest.param({"p_stuck_min": True}, "p_stuck_min", id="bool-prob"),
+        pytest.param({"v_read": True}, "v_read", id="bool-v_read"),
+        pytest.param({"r_wire": True}, "r_wire", id="bool-r_wire"),
+        pytest.param(
+            {"drift_nu": 0.1, "drift_t0": float("inf"), "drift_time": float("inf")},
+            "drift_t0",
+            id="inf-drift-t0",
+        ),
+        pytest.param({"drift_nu": 0.1, "drift_time": float("inf")}, "drift_time", id="inf-drift"),
+        pytest.param({"read_noise_sigma": 0.5}, "read_noise_sigma", id="noise-sigma-without-on"),
+        pytest.param({"read_noise": True}, "read_noise_sigma", id="noise-on-without-sigma"),
     ],
 )
 def test_invalid_config_names_field_and_range(changes, field):

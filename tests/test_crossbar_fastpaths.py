@@ -335,6 +335,18 @@ def _input_grad(fn, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch
     return y.detach(), xx.grad
 
 
+def _assert_close_up_to_adc_ties(a: torch.Tensor, b: torch.Tensor, step: float) -> None:
+    """Equal to 1e-6, except at most 2 outputs one ADC step apart.
+
+    The fused and the unfused paths sum a tile's products in different orders, so a partial sum
+    that lands within float rounding of a code boundary (x.5 steps) may round either way.
+    """
+    diff = (a - b).abs()
+    off = diff > 1e-6 * (1 + b.abs())
+    assert int(off.sum()) <= 2, f"{int(off.sum())} outputs differ"
+    torch.testing.assert_close(diff[off], torch.full_like(diff[off], step), rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("range_factor", [1.5, 0.2])
 def test_ste_gradient_of_fused_path_equals_unfused_reference(kind, range_factor):
@@ -357,8 +369,9 @@ def test_ste_gradient_of_fused_path_equals_unfused_reference(kind, range_factor)
         assert bool(layer._fast_tiled(codes, unit, detect=True)[1]) == (range_factor < 1)
     y_fast, g_fast = _input_grad(layer, x)
     y_ref, g_ref = _input_grad(lambda t: layer._add_bias(layer._chip_reference(t)), x)
-    torch.testing.assert_close(y_fast, plain, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(y_ref, plain, rtol=1e-6, atol=1e-6)
+    step = float(layer.adc_range) / (2 ** (cfg.adc_bits - 1) - 1)
+    _assert_close_up_to_adc_ties(y_fast, plain, step)
+    _assert_close_up_to_adc_ties(y_ref, plain, step)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-7)
     assert g_fast.abs().sum() > 0
 

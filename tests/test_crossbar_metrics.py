@@ -35,3 +35,34 @@ def test_layer_noise_uniform_attenuation():
     assert res["0"].snr == pytest.approx(math.log10(f**2 / (1 - f) ** 2), rel=1e-4)
     assert res["2"].noise_sensitivity == pytest.approx((1 - f * f) ** 2, rel=1e-4)
     assert res["0"].snr_db == pytest.approx(10 * res["0"].snr)
+
+
+def test_layer_noise_runs_in_eval_mode_and_restores_modes():
+    # Same drift oracle as above, through a net with dropout and BatchNorm left in train mode:
+    # in eval mode dropout is the identity and BatchNorm an affine map of its running statistics
+    # (made positive here), so the attenuations are still f and f^2; the caller's modes and
+    # running statistics come back untouched.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 5, bias=False),
+        nn.BatchNorm1d(5, affine=False),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(5, 3, bias=False),
+    )
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[1].running_mean.zero_()
+        model[1].running_var.fill_(4.0)
+    cfg = CrossbarConfig(tile_size=4, drift_nu=0.1, drift_time=10.0)
+    f = 10.0**-0.1
+    chip = convert(model, cfg, seed=0)
+    model.train()
+    chip.train()
+    stats = [model[1].running_mean.clone(), model[1].running_var.clone()]
+    res = layer_noise(model, chip, torch.rand(32, 6) + 0.1)
+    assert res["0"].noise_sensitivity == pytest.approx((1 - f) ** 2, rel=1e-4)
+    assert res["4"].noise_sensitivity == pytest.approx((1 - f * f) ** 2, rel=1e-4)
+    assert all(m.training for m in model.modules()) and all(m.training for m in chip.modules())
+    assert torch.equal(model[1].running_mean, stats[0])
+    assert torch.equal(model[1].running_var, stats[1])

@@ -9,7 +9,6 @@ Typical use::
         logits = m(x)
 """
 
-from nvmpriv.crossbar.cli import cli_main
 from nvmpriv.crossbar.config import PRESETS, CrossbarConfig, CrossbarConfigError, get_preset
 from nvmpriv.crossbar.convert import (
     calibrate,
@@ -46,7 +45,6 @@ __all__ = [
     "LayerNoise",
     "NotCalibratedError",
     "calibrate",
-    "cli_main",
     "column_error",
     "convert",
     "crossbar_layers",

@@ -72,7 +72,10 @@ class CrossbarConfig:
     adc_bits: int | None = None
     """Per-tile ADC resolution (bits, sign included, >= 2) applied to every tile's column
     partial sums; ``None`` = ideal ADC (no quantization, no clipping). With bit slicing the ADC
-    digitizes each (input stream, weight slice) partial sum in units of one count."""
+    digitizes each (input stream, weight slice) partial sum in steps of 2^k counts, the least
+    power of two whose full scale covers a tile's largest nominal sum
+    (N (2^stream_width - 1)(2^slice_width - 1) counts; k = 0, one count per step, when the ADC
+    has the bits); device variation can push a sum past that range, and then it clips."""
 
     calibration_percentile: float = 100.0
     """Percentile of |value| over the calibration batch that sets DAC and ADC full scale
@@ -118,7 +121,9 @@ class CrossbarConfig:
     fraction of the target conductance); static per chip."""
 
     variation_model: str = "lognormal"
-    """``lognormal``: G * exp(sigma * z); ``gaussian``: G * (1 + sigma * z), clipped at 0."""
+    """``lognormal``: G * exp(s z - s^2 / 2) with s^2 = ln(1 + sigma^2), so the programmed G has
+    mean G and relative standard deviation sigma; ``gaussian``: G * (1 + sigma * z), clipped
+    at 0."""
 
     p_stuck_min: float = 0.0
     """Fraction of devices stuck at g_min (stuck-off, SA0), in [0, 1]; static per chip."""
@@ -271,9 +276,14 @@ def _check_bits(
         raise _fail(name, value, allowed, f"set {name} to a bit count in that range")
 
 
+def _is_real(value: object) -> bool:
+    """A finite int or float; ``True``/``False`` are not numbers in a config."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_nonneg(cfg: CrossbarConfig, name: str, unit: str) -> None:
     value = getattr(cfg, name)
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_real(value) or value < 0:
         raise _fail(name, value, f">= 0 {unit} (finite)", f"use a non-negative {name}")
 
 
@@ -302,15 +312,13 @@ def _validate(cfg: CrossbarConfig) -> None:
         isinstance(cfg.levels, bool) or not isinstance(cfg.levels, int) or cfg.levels < 2
     ):
         raise _fail("levels", cfg.levels, "an integer >= 2 or None", "use e.g. 16 or None")
-    if not isinstance(cfg.v_read, (int, float)) or not (
-        cfg.v_read > 0 and math.isfinite(cfg.v_read)
-    ):
+    if not _is_real(cfg.v_read) or not cfg.v_read > 0:
         raise _fail("v_read", cfg.v_read, "> 0 V", "use e.g. 0.25")
     # Codes must stay exact in float32 (24-bit significand).
     _check_bits(cfg, "dac_bits", 2, optional=True, maximum=24)
     _check_bits(cfg, "adc_bits", 2, optional=True, maximum=24)
     p = cfg.calibration_percentile
-    if not isinstance(p, (int, float)) or not (0 < p <= 100):
+    if not _is_real(p) or not (0 < p <= 100):
         raise _fail("calibration_percentile", p, "(0, 100] percent", "use 100 for max-abs")
     for name in ("input_bits", "weight_bits", "stream_width", "slice_width"):
         _check_bits(cfg, name, 1, optional=False)
@@ -350,7 +358,7 @@ def _validate(cfg: CrossbarConfig) -> None:
         raise _fail("variation_model", cfg.variation_model, str(_VARIATION_MODELS), "pick one")
     for name in ("p_stuck_min", "p_stuck_max"):
         value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or not (0 <= value <= 1):
+        if not _is_real(value) or not (0 <= value <= 1):
             raise _fail(name, value, "[0, 1]", "use a fraction of devices")
     if cfg.p_stuck_min + cfg.p_stuck_max > 1:
         raise _fail(
@@ -358,14 +366,24 @@ def _validate(cfg: CrossbarConfig) -> None:
         )
     _check_nonneg(cfg, "read_noise_sigma", "(relative)")
     _check_nonneg(cfg, "drift_nu", "(unitless)")
-    if not isinstance(cfg.drift_t0, (int, float)) or not cfg.drift_t0 > 0:
-        raise _fail("drift_t0", cfg.drift_t0, "> 0 s", "use e.g. 1.0")
-    if not isinstance(cfg.drift_time, (int, float)) or not cfg.drift_time >= cfg.drift_t0:
-        raise _fail("drift_time", cfg.drift_time, f">= drift_t0={cfg.drift_t0} s", "raise it")
+    if not _is_real(cfg.drift_t0) or not cfg.drift_t0 > 0:
+        raise _fail("drift_t0", cfg.drift_t0, "> 0 s (finite)", "use e.g. 1.0")
+    if not _is_real(cfg.drift_time) or not cfg.drift_time >= cfg.drift_t0:
+        raise _fail(
+            "drift_time", cfg.drift_time, f">= drift_t0={cfg.drift_t0} s (finite)", "raise it"
+        )
     if cfg.gradient not in _GRADIENTS:
         raise _fail("gradient", cfg.gradient, str(_GRADIENTS), "pick one")
     if not isinstance(cfg.read_noise, bool) or not isinstance(cfg.bit_slicing, bool):
         raise _fail("read_noise/bit_slicing", (cfg.read_noise, cfg.bit_slicing), "bool", "fix")
+    # Two fields switch one effect: a half-set pair would silently simulate no read noise.
+    if cfg.read_noise != (cfg.read_noise_sigma > 0):
+        raise _fail(
+            "read_noise_sigma",
+            cfg.read_noise_sigma,
+            "> 0 with read_noise=True, 0 with read_noise=False",
+            "set both (read_noise: true, read_noise_sigma: e.g. 0.05) or neither",
+        )
 
 
 # ---------------------------------------------------------------------- presets
@@ -406,7 +424,11 @@ def _roy(n: int) -> CrossbarConfig:
         r_sink=_R_SINK_100K,
         variation_sigma=0.02,
         variation_model="lognormal",
-        extra={"source": "Roy et al. Table II (R_on 100 kOhm, R_off/R_on 6, Vmax 0.25 V)"},
+        extra={
+            "source": "Roy et al. Table II (R_on 100 kOhm, R_off/R_on 6, Vmax 0.25 V)",
+            "added": "8-bit DAC, 10-bit per-tile ADC and 2 % lognormal variation are this "
+            "project's choices (Table II gives only the devices and the NF)",
+        },
     )
 
 
@@ -452,7 +474,11 @@ def _build_presets() -> dict[str, CrossbarConfig]:
         variation_sigma=0.0,
         extra={
             "source": "Roy et al. Table III: 16-bit fixed point, 4-bit streams and slices; "
-            "ADC 14 bits of magnitude + 1 sign bit for the differential readout"
+            "ADC 14 bits of magnitude + 1 sign bit for the differential readout",
+            "integer_bits": "Table III's 'integer bits 13' read as fractional bits (PUMA's "
+            "weight_bit_frac, default 12): 13 fractional + 3 integer bits (sign included); "
+            "use input_int_bits = weight_int_bits = 4 for the CIFAR-100 setting (12)",
+            "layout": "weight slices on separate N x N tiles, each with the tile's IR drop",
         },
     )
     for n in (32, 64, 128):

@@ -7,6 +7,7 @@ effects) or at every forward (converters, read noise).
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -127,9 +128,10 @@ def apply_variation(
 
     Args:
         g: Target conductances (siemens).
-        sigma: Relative standard deviation (unitless).
-        model: ``lognormal`` (``g * exp(sigma z)``) or ``gaussian`` (``g * (1 + sigma z)``,
-            clipped at 0).
+        sigma: Relative standard deviation of the programmed conductance (unitless).
+        model: ``lognormal`` (``g * exp(s z - s^2 / 2)`` with ``s^2 = ln(1 + sigma^2)``: mean
+            ``g`` and relative standard deviation ``sigma``, like the Gaussian model, but never
+            negative) or ``gaussian`` (``g * (1 + sigma z)``, clipped at 0).
         generator: Seeded generator (the chip's randomness).
 
     Returns:
@@ -139,7 +141,10 @@ def apply_variation(
         return g
     z = torch.randn(g.shape, generator=generator, dtype=g.dtype)
     if model == "lognormal":
-        return g * torch.exp(sigma * z)
+        # exp(sigma z) alone would raise the mean by exp(sigma^2 / 2) (a systematic gain of
+        # 65 % at sigma = 1) and give a relative spread above sigma.
+        s2 = math.log1p(sigma * sigma)
+        return g * torch.exp(math.sqrt(s2) * z - s2 / 2)
     return torch.clamp(g * (1 + sigma * z), min=0.0)
 
 

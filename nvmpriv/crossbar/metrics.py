@@ -96,7 +96,8 @@ def layer_noise(
     Forward hooks capture the output (pre-activation) of every crossbar layer of ``analog``
     and of the same-named module of ``digital``; both models see the same ``inputs``, and in
     ``analog`` every layer receives the (noisy) outputs of the crossbar layers before it, as
-    on the chip.
+    on the chip. Both run in eval mode (dropout off, BatchNorm on its running statistics, which
+    stay untouched), and each module's train/eval flag is restored afterwards.
 
     Args:
         digital: The digital model.
@@ -126,12 +127,19 @@ def layer_noise(
                 outs[key] = out.detach()
 
             handles.append(mod.register_forward_hook(hook))
+    # In train mode dropout would draw different masks for the two models (noise that is not
+    # the chip's) and BatchNorm would normalize by batch statistics and update the caller's.
+    modes = [(m, m.training) for model in (digital, analog) for m in model.modules()]
     try:
+        digital.eval()
+        analog.eval()
         digital(inputs)
         analog(inputs)
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes:
+            m.training = mode
     return {
         n: LayerNoise(
             snr=snr(outs[("d", n)], outs[("a", n)]),
