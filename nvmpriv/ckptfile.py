@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["check_checkpoint_file"]
+__all__ = ["check_checkpoint_file", "find_last_checkpoint", "last_checkpoint_of_config"]
 
 
 def check_checkpoint_file(path: str | Path, field: str = "--ckpt_path") -> None:
@@ -52,3 +53,42 @@ def check_checkpoint_file(path: str | Path, field: str = "--ckpt_path") -> None:
             f"{field} {path}: corrupted (record {bad!r} fails its CRC-32 check); restore the "
             "file from a copy or retrain"
         )
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
+    """The most recently written ``last.ckpt`` of an experiment's version folders.
+
+    Args:
+        save_dir: The logger's ``save_dir``.
+        name: The logger's ``name`` (experiment folder under ``save_dir``).
+
+    Returns:
+        ``<save_dir>/<name>/<version>/checkpoints/last.ckpt`` with the newest modification time,
+        or ``None`` when no version folder holds one.
+    """
+    candidates = list(Path(save_dir, name).glob("*/checkpoints/last.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def last_checkpoint_of_config(config: dict[str, Any]) -> Path | None:
+    """``--ckpt_path last`` for a plain fit config (a dict read from YAML), as ``fit`` finds it.
+
+    Args:
+        config: The run's config: ``trainer.logger`` (one mapping, a list, ``True`` or absent,
+            i.e. Lightning's default ``<default_root_dir>/lightning_logs``).
+
+    Returns:
+        The newest ``last.ckpt`` of the logger's experiment folder, or ``None``.
+    """
+    trainer = config.get("trainer") or {}
+    logger = trainer.get("logger", True) if isinstance(trainer, dict) else True
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if logger is None or logger is False:
+        return None
+    if logger is True:
+        root = trainer.get("default_root_dir") if isinstance(trainer, dict) else None
+        return find_last_checkpoint(str(root or "."), "lightning_logs")
+    init_args = (logger.get("init_args") if isinstance(logger, dict) else None) or {}
+    save_dir = init_args.get("save_dir") or init_args.get("root_dir") or "."
+    return find_last_checkpoint(str(save_dir), str(init_args.get("name") or "lightning_logs"))

@@ -23,26 +23,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from nvmpriv.callbacks import WritePredictions
-from nvmpriv.ckptfile import check_checkpoint_file
+from nvmpriv.ckptfile import check_checkpoint_file, find_last_checkpoint
 from nvmpriv.data import MembershipDataModule
 from nvmpriv.methods.base import MembershipModule
 
 __all__ = ["NvmprivCLI", "find_last_checkpoint", "run_lightning_cli"]
-
-
-def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
-    """The most recently written ``last.ckpt`` of an experiment's version folders.
-
-    Args:
-        save_dir: The logger's ``save_dir``.
-        name: The logger's ``name`` (experiment folder under ``save_dir``).
-
-    Returns:
-        ``<save_dir>/<name>/<version>/checkpoints/last.ckpt`` with the newest modification time,
-        or ``None`` when no version folder holds one.
-    """
-    candidates = list(Path(save_dir, name).glob("*/checkpoints/last.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
 def _logger_folder(config: Any) -> tuple[Any, str, str] | None:
@@ -106,11 +91,15 @@ class NvmprivCLI(LightningCLI):
         single = trainer.world_size == 1 and trainer.logger is not None
         log_dir = Path(trainer.log_dir) if single and trainer.log_dir else None
         fresh = log_dir is not None and not log_dir.exists()
+        fresh_parent = log_dir is not None and not log_dir.parent.exists()
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             if fresh and log_dir is not None and _holds_set_up_files_only(log_dir, trainer):
                 shutil.rmtree(log_dir, ignore_errors=True)
+                # The experiment folder (logs/<name>) too, if this run created it and it is empty.
+                if fresh_parent and not any(log_dir.parent.iterdir()):
+                    log_dir.parent.rmdir()
             raise
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

@@ -1015,7 +1015,7 @@ def load_run(
         ckpt_path: Lightning checkpoint (``state_dict`` keys ``net.*``); ``None`` keeps the
             freshly initialised net (for tests).
         overrides: ``(dotted key, value)`` pairs set in the config before anything is built,
-            e.g. ``("data.init_args.data_dir", "/new/place")`` when the data has moved.
+            e.g. ``("data.init_args.root", "/new/place")`` when the data has moved.
 
     Returns:
         ``(net, datamodule)``.
@@ -1087,7 +1087,12 @@ def _parser() -> CommandParser:
         description="Export a trained model (digital or on a simulated crossbar chip) to ONNX.",
     )
     p.add_argument("--config", required=True, help="training config YAML of the run")
-    p.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning checkpoint (.ckpt), or 'last': the newest last.ckpt of the config's run "
+        "folders, as fit --ckpt_path last finds it",
+    )
     p.add_argument(
         "--crossbar", default=DIGITAL, help="'digital', a preset name or a YAML of config fields"
     )
@@ -1116,7 +1121,7 @@ def _parser() -> CommandParser:
         default=[],
         metavar="KEY=VALUE",
         help="change the run's config before loading (YAML value), e.g. "
-        "data.init_args.data_dir=/new/place when the data has moved",
+        "data.init_args.root=/new/place when the data has moved",
     )
     return p
 
@@ -1202,6 +1207,32 @@ def export_run(
     )
 
 
+def _resolve_last(config_path: str, overrides: Sequence[tuple[str, Any]]) -> str:
+    """``--ckpt_path last``: the newest ``last.ckpt`` under the config's logger, as ``fit``."""
+    from nvmpriv.ckptfile import last_checkpoint_of_config
+    from nvmpriv.yamlfile import read_yaml, set_dotted
+
+    if not Path(config_path).is_file():
+        raise ExportError(f"--config {config_path} not found; give the training YAML")
+    cfg = read_yaml(config_path, "--config") or {}
+    if not isinstance(cfg, dict):
+        raise ExportError(
+            f"--config {config_path} needs 'model' and 'data' sections (a fit config)"
+        )
+    for key, value in overrides:
+        try:
+            set_dotted(cfg, key, value)
+        except ValueError as exc:
+            raise ExportError(f"--set: {exc}") from None
+    found = last_checkpoint_of_config(cfg)
+    if found is None:
+        raise ExportError(
+            f"--ckpt_path last: no version folder of the logger in {config_path} holds "
+            "checkpoints/last.ckpt; pass the checkpoint file itself"
+        )
+    return str(found)
+
+
 def cli_main(argv: list[str]) -> int:
     """``python -m nvmpriv export``.
 
@@ -1219,14 +1250,16 @@ def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         overrides = [
-            parse_override(item, "--set", example="data.init_args.data_dir=/data")
-            for item in args.set
+            parse_override(item, "--set", example="data.init_args.root=/data") for item in args.set
         ]
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     config = load_crossbar(args.crossbar)
-    net, dm = load_run(args.config, args.ckpt_path, overrides)
-    run = run_name(args.config, args.ckpt_path)
+    ckpt_path = (
+        _resolve_last(args.config, overrides) if args.ckpt_path == "last" else args.ckpt_path
+    )
+    net, dm = load_run(args.config, ckpt_path, overrides)
+    run = run_name(args.config, ckpt_path)
     name = export_stem(run, config, args.seed)
     path = export_run(
         net,

@@ -72,7 +72,7 @@ def parse_override(item: str, option: str, *, example: str) -> tuple[str, Any]:
     """Split a command-line ``KEY=VALUE`` override; the value is read as YAML (1.2 floats).
 
     Args:
-        item: The word, e.g. ``data.init_args.data_dir=/data``.
+        item: The word, e.g. ``data.init_args.root=/data``.
         option: The option that gave it, for the message (e.g. ``"--set"``).
         example: A valid override shown in the message.
 

@@ -170,8 +170,9 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> 
     assert len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))
-    # a run that failed before training takes no version number from the next good run
-    assert not list(tmp_path.glob("logs/*/version_*"))
+    # a run that failed before training takes no version number from the next good run, and
+    # leaves no empty experiment folder behind
+    assert not list(tmp_path.glob("logs/*"))
 
 
 def test_only_set_up_files_mark_a_folder_as_disposable(tmp_path: Path) -> None:

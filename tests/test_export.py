@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,38 @@ def test_cli_export_set_overrides_the_run_config(
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert cfg.read_text() == cfg_before  # the run's own config is never rewritten
+
+
+def test_cli_export_ckpt_path_last_finds_the_newest_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _write_config(tmp_path)
+    cfg.write_text(
+        cfg.read_text()
+        + "trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
+        "    init_args: {save_dir: logs, name: tiny}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ["export", "--config", str(cfg), "--ckpt_path", "last", "--crossbar", "digital"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last: no version folder" in err and len(err.strip().splitlines()) == 1
+    net = nets.ColumnFC(64, 10)
+    for version in (0, 1):
+        folder = tmp_path / "logs" / "tiny" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        state = {f"net.{k}": v * (version + 1) for k, v in net.state_dict().items()}
+        torch.save({"state_dict": state}, folder / "last.ckpt")
+        os.utime(folder / "last.ckpt", (1e9 + version, 1e9 + version))
+    assert main(args) == 0
+    out = tmp_path / "exports" / "tiny_version_1_digital.onnx"
+    assert f"wrote {out.relative_to(tmp_path)}" in capsys.readouterr().out
+    x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    twice = nets.ColumnFC(64, 10)
+    twice.load_state_dict({k: v * 2 for k, v in net.state_dict().items()})
+    with torch.no_grad():
+        expected = torch.softmax(twice.eval()(torch.as_tensor(x)), 1).numpy()
+    np.testing.assert_allclose(runtime.load(out).predict_proba(x), expected, rtol=1e-5)
 
 
 def test_run_name_follows_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

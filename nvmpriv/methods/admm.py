@@ -248,7 +248,8 @@ class _AdmmSchedule(MembershipModule):
         ):
             raise ValueError(
                 f"trainer.max_epochs={max_epochs} < admm_epochs + retrain_epochs = {needed}: "
-                f"set trainer.max_epochs to {needed} or lower the epochs"
+                f"set trainer.max_epochs to {needed} or lower model.init_args.admm_epochs "
+                "and model.init_args.retrain_epochs"
             )
         if self.candidates is not None and self.selected is None and self.phase == "admm":
             self._select()
