@@ -66,9 +66,19 @@ class NvmprivCLI(LightningCLI):
     """LightningCLI with nvmpriv's links between data and model and a resolved ``ckpt_path``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link the data set's class count into the method."""
+        """Link the data set's class count into the method; add ``--audit_crossbars``."""
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+        # jsonargparse cannot address one entry of trainer.callbacks from the command line
+        # (``--trainer.callbacks.crossbars=...`` lands on the last callback), so the audit's
+        # most changed setting gets its own option.
+        parser.add_argument(
+            "--audit_crossbars",
+            type=list[str] | None,
+            default=None,
+            help="Replace the CrossbarAudit callback's crossbars (preset names), e.g. "
+            "'[pytorx_64,64x64_100k]'.",
         )
 
     def before_predict(self) -> None:
@@ -117,9 +127,32 @@ class NvmprivCLI(LightningCLI):
         if subcommand is None:
             return
         self._resolve_last(subcommand)
+        self._apply_audit_crossbars(subcommand)
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if ckpt_path and ckpt_path not in _KEYWORDS and "://" not in str(ckpt_path):
             check_checkpoint_file(ckpt_path)
+
+    def _apply_audit_crossbars(self, subcommand: str) -> None:
+        config = self.config[subcommand]
+        names = config.get("audit_crossbars")
+        if names is None:
+            return
+        from nvmpriv.crossbar import get_preset
+
+        for name in names:
+            get_preset(name)  # an unknown name fails here, listing the presets
+        audits = [
+            cb
+            for cb in config.get("trainer.callbacks") or []
+            if str(getattr(cb, "class_path", "")).endswith("CrossbarAudit")
+        ]
+        if not audits:
+            raise ValueError(
+                "--audit_crossbars: the config has no nvmpriv.callbacks.CrossbarAudit callback; "
+                "add one under trainer.callbacks"
+            )
+        for cb in audits:
+            cb.init_args.crossbars = list(names)
 
     def _resolve_last(self, subcommand: str) -> None:
         config = self.config[subcommand]

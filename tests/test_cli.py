@@ -126,6 +126,29 @@ def test_predict_writes_probabilities(quickstart_run: Path) -> None:
     assert str(saved["role"]) == "target_test"
 
 
+def test_audit_crossbars_option_replaces_the_audits_presets(quickstart_run: Path) -> None:
+    work = quickstart_run.parents[2]
+    ckpt = quickstart_run / "checkpoints" / "last.ckpt"
+    config = str(ROOT / "lightning_configs/quickstart.yaml")
+    before = set((work / "logs" / "quickstart").iterdir())
+    out = run_cli(
+        "validate", "--config", config, f"--ckpt_path={ckpt}", "--audit_crossbars=[ideal]", cwd=work
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (new,) = set((work / "logs" / "quickstart").iterdir()) - before
+    results = json.loads((new / "results.json").read_text())
+    assert set(results["configs"]) == {"digital", "ideal"}
+    for bad, needle in [
+        ("--audit_crossbars=[no_such_chip]", "known presets"),
+        ("--trainer.callbacks=[]", "no nvmpriv.callbacks.CrossbarAudit callback"),
+    ]:
+        args = ["validate", "--config", config, f"--ckpt_path={ckpt}", bad]
+        if "callbacks" in bad:
+            args.append("--audit_crossbars=[ideal]")
+        out = run_cli(*args, cwd=work)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
+
+
 def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     work = quickstart_run.parents[2]
     ckpt = quickstart_run / "checkpoints" / "last.ckpt"
