@@ -1217,27 +1217,69 @@ def _markdown(rows: list[dict[str, Any]], spec: SweepSpec, plots: list[Path]) ->
         "balanced attack accuracy (chance 50).",
         "",
     ]
-    head = ["group", "crossbar", "n", "acc", "drop", "nf"] + [f"MIA {a}" for a in attacks]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
     order = _crossbar_order({k[1] for k in agg}, spec)
-    for group in dict.fromkeys(k[0] for k in agg):
-        for crossbar in order:
-            if (group, crossbar) not in agg:
-                continue
-            item = agg[(group, crossbar)]
-            s, n = item["stats"], item["n"]
-            nan = (math.nan, math.nan)
-            cells = [
-                group,
-                crossbar,
-                str(n),
-                _fmt(s.get("acc", nan), n),
-                _fmt(s.get("acc_drop", nan), n),
-                _fmt(s.get("nf", nan), n, pct=False),
+    nan = (math.nan, math.nan)
+
+    def table(head: list[str], values: Callable[[dict[str, Any], int], list[str]]) -> list[str]:
+        out = ["| " + " | ".join(["group", "crossbar", "n", *head]) + " |"]
+        out.append("|" + "---|" * (3 + len(head)))
+        for group in dict.fromkeys(k[0] for k in agg):
+            for crossbar in order:
+                if (group, crossbar) in agg:
+                    item = agg[(group, crossbar)]
+                    row = [group, crossbar, str(item["n"]), *values(item["stats"], item["n"])]
+                    out.append("| " + " | ".join(row) + " |")
+        return out
+
+    def auc(stat: tuple[float, float], n: int) -> str:
+        mean, std = stat
+        if math.isnan(mean):
+            return "–"
+        return f"{mean:.3f}" + (f" ± {std:.3f}" if n > 1 else "")
+
+    lines += table(
+        ["acc", "drop", "nf"] + [f"MIA {a}" for a in attacks],
+        lambda st, n: (
+            [
+                _fmt(st.get("acc", nan), n),
+                _fmt(st.get("acc_drop", nan), n),
+                _fmt(st.get("nf", nan), n, pct=False),
             ]
-            cells += [_fmt(s.get(f"mia/{a}/acc", nan), n) for a in attacks]
-            lines.append("| " + " | ".join(cells) + " |")
+            + [_fmt(st.get(f"mia/{a}/acc", nan), n) for a in attacks]
+        ),
+    )
+    # Threshold attacks read 50 % when the shadow threshold misses every target score (short
+    # runs); the AUC does not depend on a threshold.
+    lines += ["", "## MIA AUC", ""]
+    lines += table(
+        [f"AUC {a}" for a in attacks],
+        lambda st, n: [auc(st.get(f"mia/{a}/auc", nan), n) for a in attacks],
+    )
+    blackbox = sorted(
+        {
+            c.split("/")[1]
+            for r in rows
+            for c in r
+            if c.startswith("blackbox/") and c.count("/") == 2
+        }
+    )
+    if blackbox:
+        lines += [
+            "",
+            "## Black-box attacks on the exported files",
+            "",
+            "Accuracy (percent) / AUC of `python -m nvmpriv attack` on each cell's exported "
+            "files (reports and files under `runs/<cell_id>/`; all metrics in results.csv).",
+            "",
+        ]
+        lines += table(
+            [f"{a} acc / AUC" for a in blackbox],
+            lambda st, n: [
+                f"{_fmt(st.get(f'blackbox/{a}/accuracy', nan), n)} / "
+                f"{auc(st.get(f'blackbox/{a}/auc', nan), n)}"
+                for a in blackbox
+            ],
+        )
     if failed:
         lines += ["", "## Failed cells", "", "| cell | error |", "|---|---|"]
         for r in failed:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT
@@ -323,6 +324,14 @@ def test_sweep_rows_match_each_cells_results(ran: tuple[Path, Path, int]) -> Non
             assert float(row["ns/net.0"]) == 0.0 and float(row["nf"]) == 0.0
     table = (out / "results.md").read_text()
     assert "| quickstart | ideal | 2 |" in table and "bogus_field" in table
+    # the AUC table: mean ± std over the two seeds of the csv's AUCs
+    auc_part = table.split("## MIA AUC")[1].split("##")[0]
+    ideal = [r for r in done if r["crossbar"] == "ideal"]
+    aucs = [float(r["mia/confidence/auc"]) for r in ideal]
+    assert f"| quickstart | ideal | 2 | {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f} |" in (
+        auc_part
+    )
+    assert "Black-box" not in table  # no --blackbox, no such table
     assert (out / "plots" / "mia_vs_crossbar.png").stat().st_size > 0
     assert (out / "plots" / "acc_drop_vs_crossbar.png").stat().st_size > 0
 
@@ -372,8 +381,9 @@ def test_blackbox_step(ran: tuple[Path, Path, int], tmp_path: Path) -> None:
     assert sum(1 for ln in log.splitlines() if ln.startswith("$ ") and " fit " in ln) == 1
     rows = [r for r in read_csv(out / "results.csv") if r["cell_id"] == outcome.ran[0]]
     assert {r["crossbar"] for r in rows} == {"digital", "ideal"}
+    assert "gap acc / AUC" in (out / "results.md").read_text().split("## Black-box attacks")[1]
     for row in rows:
-        # The attack CLI scores every member/non-member, the audit only the first 200 of each,
+        # The attack CLI scores every member/non-member, the audit a subset of 200 of each,
         # so the closed form of the gap attack agrees up to sampling error.
         assert float(row["blackbox/gap/accuracy_upper_bound"]) == pytest.approx(
             max(0.5, 0.5 + (float(row["train_acc"]) - float(row["acc"])) / 2), abs=0.05
