@@ -22,10 +22,18 @@ EXTRA_COMMANDS: dict[str, str] = {
     "sweep": "nvmpriv.sweep:cli_main",
 }
 
+_TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
 _USAGE = (
     "usage: python -m nvmpriv {fit,validate,test,predict} --config CONFIG.yaml [overrides]\n"
     "       python -m nvmpriv {" + ",".join(EXTRA_COMMANDS) + "} [options]\n"
     "       add --debug to any command to see the traceback of an error\n"
+    "\n"
+    "  fit, validate, test, predict  train / evaluate a method (LightningCLI; --help per command)\n"
+    "  crossbar                      show a crossbar preset and its measured non-ideality\n"
+    "  export                        write a trained model (digital or on a chip) to ONNX\n"
+    "  attack                        membership inference against an exported ONNX file\n"
+    "  sweep                         run a grid of fit runs and gather tables and plots\n"
 )
 
 
@@ -129,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in EXTRA_COMMANDS:
             return _load_command(EXTRA_COMMANDS[argv[0]])(argv[1:])
+        if not argv[0].startswith("-") and argv[0] not in _TRAINER_COMMANDS:
+            known = ", ".join([*_TRAINER_COMMANDS, *EXTRA_COMMANDS])
+            raise ValueError(f"unknown command {argv[0]!r}; choose one of {known}")
         from nvmpriv.cli import run_lightning_cli
 
         run_lightning_cli(argv)

@@ -59,6 +59,15 @@ def test_other_subcommands_help(sub: str, capsys: pytest.CaptureFixture[str]) ->
     assert "--ckpt_path" in capsys.readouterr().out
 
 
+def test_unknown_command_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fitt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown command 'fitt'") and len(err.splitlines()) == 1
+    assert all(c in err for c in ("fit", "predict", "crossbar", "export", "attack", "sweep"))
+    assert main(["--help"]) == 0
+    assert "membership inference against an exported ONNX file" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("sub", ["attack", "export", "sweep"])
 def test_extra_subcommands_help_shows_defaults(
     sub: str, capsys: pytest.CaptureFixture[str]
