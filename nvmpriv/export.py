@@ -1003,6 +1003,23 @@ def export_bytes(
 
 
 # ====================================================================== loading a run
+def _read_run_config(cfg_file: Path, overrides: Sequence[tuple[str, Any]]) -> Any:
+    """The run's YAML with the ``--set`` overrides applied (not validated further)."""
+    from nvmpriv.yamlfile import read_yaml, set_dotted
+
+    if not cfg_file.is_file():
+        raise ExportError(f"--config {cfg_file} not found; give the training YAML")
+    cfg = read_yaml(cfg_file, "--config") or {}
+    for key, value in overrides:
+        if not isinstance(cfg, dict):
+            break  # the caller reports a config that is not a mapping
+        try:
+            set_dotted(cfg, key, value)
+        except ValueError as exc:
+            raise ExportError(f"--set: {exc}") from None
+    return cfg
+
+
 def load_run(
     config_path: str | os.PathLike[str],
     ckpt_path: str | os.PathLike[str] | None,
@@ -1023,19 +1040,8 @@ def load_run(
     Raises:
         ExportError: On a missing or malformed file.
     """
-    from nvmpriv.yamlfile import read_yaml, set_dotted
-
     cfg_file = Path(config_path)
-    if not cfg_file.is_file():
-        raise ExportError(f"--config {cfg_file} not found; give the training YAML")
-    cfg = read_yaml(cfg_file, "--config") or {}
-    for key, value in overrides:
-        if not isinstance(cfg, dict):
-            break  # reported below as not a fit config
-        try:
-            set_dotted(cfg, key, value)
-        except ValueError as exc:
-            raise ExportError(f"--set: {exc}") from None
+    cfg = _read_run_config(cfg_file, overrides)
     if (
         not isinstance(cfg, dict)
         or not isinstance(cfg.get("model"), dict)
@@ -1210,21 +1216,9 @@ def export_run(
 def _resolve_last(config_path: str, overrides: Sequence[tuple[str, Any]]) -> str:
     """``--ckpt_path last``: the newest ``last.ckpt`` under the config's logger, as ``fit``."""
     from nvmpriv.ckptfile import last_checkpoint_of_config
-    from nvmpriv.yamlfile import read_yaml, set_dotted
 
-    if not Path(config_path).is_file():
-        raise ExportError(f"--config {config_path} not found; give the training YAML")
-    cfg = read_yaml(config_path, "--config") or {}
-    if not isinstance(cfg, dict):
-        raise ExportError(
-            f"--config {config_path} needs 'model' and 'data' sections (a fit config)"
-        )
-    for key, value in overrides:
-        try:
-            set_dotted(cfg, key, value)
-        except ValueError as exc:
-            raise ExportError(f"--set: {exc}") from None
-    found = last_checkpoint_of_config(cfg)
+    cfg = _read_run_config(Path(config_path), overrides)
+    found = last_checkpoint_of_config(cfg) if isinstance(cfg, dict) else None
     if found is None:
         raise ExportError(
             f"--ckpt_path last: no version folder of the logger in {config_path} holds "
