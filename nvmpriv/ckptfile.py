@@ -13,7 +13,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_checkpoint_file", "find_last_checkpoint", "last_checkpoint_of_config"]
+__all__ = [
+    "check_checkpoint_file",
+    "find_last_checkpoint",
+    "last_checkpoint_of_config",
+    "logger_folder",
+]
 
 
 def check_checkpoint_file(path: str | Path, field: str = "--ckpt_path") -> None:
@@ -70,25 +75,43 @@ def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+def logger_folder(logger: Any, default_root_dir: Any = None) -> tuple[Any, str, str] | None:
+    """Where a configured logger writes: its init_args, ``save_dir`` and experiment ``name``.
+
+    Args:
+        logger: ``trainer.logger`` of a config (a ``class_path``/``init_args`` mapping or
+            namespace, a list of them, ``True`` for Lightning's default logger, or ``None``/
+            ``False``).
+        default_root_dir: ``trainer.default_root_dir`` (the default logger's root).
+
+    Returns:
+        ``(init_args, save_dir, name)``; ``init_args`` is ``None`` for the default logger.
+        ``None`` without a logger or without ``init_args``.
+    """
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if logger is None or logger is False:
+        return None
+    if logger is True:  # Lightning's default TensorBoardLogger under default_root_dir
+        return None, str(default_root_dir or "."), "lightning_logs"
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if init_args is None:
+        return None
+    save_dir = init_args.get("save_dir") or init_args.get("root_dir") or "."
+    return init_args, str(save_dir), str(init_args.get("name") or "lightning_logs")
+
+
 def last_checkpoint_of_config(config: dict[str, Any]) -> Path | None:
     """``--ckpt_path last`` for a plain fit config (a dict read from YAML), as ``fit`` finds it.
 
     Args:
-        config: The run's config: ``trainer.logger`` (one mapping, a list, ``True`` or absent,
-            i.e. Lightning's default ``<default_root_dir>/lightning_logs``).
+        config: The run's config; an absent ``trainer.logger`` is Lightning's default logger.
 
     Returns:
         The newest ``last.ckpt`` of the logger's experiment folder, or ``None``.
     """
     trainer = config.get("trainer") or {}
-    logger = trainer.get("logger", True) if isinstance(trainer, dict) else True
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    if logger is None or logger is False:
-        return None
-    if logger is True:
-        root = trainer.get("default_root_dir") if isinstance(trainer, dict) else None
-        return find_last_checkpoint(str(root or "."), "lightning_logs")
-    init_args = (logger.get("init_args") if isinstance(logger, dict) else None) or {}
-    save_dir = init_args.get("save_dir") or init_args.get("root_dir") or "."
-    return find_last_checkpoint(str(save_dir), str(init_args.get("name") or "lightning_logs"))
+    if not isinstance(trainer, dict):
+        trainer = {}
+    folder = logger_folder(trainer.get("logger", True), trainer.get("default_root_dir"))
+    return find_last_checkpoint(folder[1], folder[2]) if folder is not None else None

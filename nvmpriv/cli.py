@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from nvmpriv.callbacks import WritePredictions
-from nvmpriv.ckptfile import check_checkpoint_file, find_last_checkpoint
+from nvmpriv.ckptfile import check_checkpoint_file, find_last_checkpoint, logger_folder
 from nvmpriv.data import MembershipDataModule
 from nvmpriv.methods.base import MembershipModule
 
@@ -32,18 +32,7 @@ __all__ = ["NvmprivCLI", "find_last_checkpoint", "run_lightning_cli"]
 
 def _logger_folder(config: Any) -> tuple[Any, str, str] | None:
     """The logger's init_args namespace, ``save_dir`` and ``name`` (``None`` without a logger)."""
-    logger = config.get("trainer.logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    if logger is None or logger is False:
-        return None
-    if logger is True:  # Lightning's default TensorBoardLogger under default_root_dir
-        return None, str(config.get("trainer.default_root_dir") or "."), "lightning_logs"
-    init_args = logger.get("init_args") if hasattr(logger, "get") else None
-    if init_args is None:
-        return None
-    save_dir = init_args.get("save_dir") or init_args.get("root_dir") or "."
-    return init_args, str(save_dir), str(init_args.get("name") or "lightning_logs")
+    return logger_folder(config.get("trainer.logger"), config.get("trainer.default_root_dir"))
 
 
 _KEYWORDS = ("last", "best", "hpc", "registry")

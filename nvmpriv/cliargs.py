@@ -21,10 +21,9 @@ class UsageError(ValueError):
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to an option's help when it has a meaningful default.
 
-    ``argparse.ArgumentDefaultsHelpFormatter`` also prints ``(default: None)`` and
-    ``(default: False)`` for unset options and flags (and ``[]`` for empty lists), which says
-    nothing; help texts that already
-    state their default keep their own wording.
+    ``argparse.ArgumentDefaultsHelpFormatter`` also prints ``(default: None)``, ``(default:
+    False)`` and ``(default: [])`` for unset options, flags and empty lists, which say nothing;
+    help texts that already state their default keep their own wording.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:

@@ -479,11 +479,11 @@ class MembershipDataModule(pl.LightningDataModule):
         assert self.splits is not None
         return self.splits
 
-    def indices(self, role: str) -> np.ndarray:
-        """Index array of a role (see :data:`ROLES`)."""
+    def indices(self, role: str, limit: int | None = None) -> np.ndarray:
+        """Index array of a role (see :data:`ROLES`), optionally capped (:meth:`Splits.subset`)."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-        return self._require_splits().indices[role]
+        return self._require_splits().subset(role, limit)
 
     def dataset(self, role: str, *, augment: bool = False) -> Dataset[Any]:
         """A torch Dataset of one role.
@@ -516,9 +516,7 @@ class MembershipDataModule(pl.LightningDataModule):
         Returns:
             ``(x, y)`` numpy arrays; images come as ``[n, C, H, W]`` in [0, 1].
         """
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-        idx = self._require_splits().subset(role, limit)
+        idx = self.indices(role, limit)
         return self._model_input(self.raw.features[idx]), self.raw.labels[idx]
 
     def _model_input(self, features: np.ndarray) -> np.ndarray:
