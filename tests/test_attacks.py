@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import importlib
 import json
@@ -10,12 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+from scipy.special import softmax as scipy_softmax
 from scipy.stats import entropy as scipy_entropy
 from scipy.stats import norm
 from sklearn import metrics as skm
 
 from nvmpriv import attacks as A
-from nvmpriv.attacks import AttackInputError, AttackInputs, ReferenceScores
+from nvmpriv.attacks import AttackInputError, AttackInputs, ReferenceScores, SplitOutputs
 
 SUBMODULES = [
     "nvmpriv.attacks._validate",
@@ -460,9 +462,74 @@ def test_rmia_attack_detects_synthetic_members() -> None:
             np.zeros((r, m)), ref_p[:, n:], np.zeros((r, m), bool)
         ),
     )
-    res = A.run_attack("rmia_offline", inputs, gamma=1.0)
+    res = A.run_attack("rmia_offline", inputs, gamma=1.0, temperature=1.0)
     conf = A.run_attack("confidence", inputs)
     assert res.auc > conf.auc + 0.05 and res.auc > 0.75
+
+
+def test_tempered_true_label_probabilities_match_scipy_softmax() -> None:
+    rng = np.random.default_rng(21)
+    r, n, c = 3, 40, 5
+    logits = rng.normal(0, 3, (r, n, c))
+    y = rng.integers(0, c, n)
+    mask = rng.random((r, n)) < 0.5
+    for temperature in (0.5, 1.0, 2.0):
+        want = scipy_softmax(logits / temperature, axis=2)[:, np.arange(n), y]
+        from_logits = ReferenceScores.from_outputs(logits, y, mask, kind="logits")
+        from_probs = ReferenceScores.from_outputs(scipy_softmax(logits, axis=2), y, mask)
+        np.testing.assert_allclose(from_logits.p_true_at(temperature), want, rtol=1e-12)
+        np.testing.assert_allclose(from_probs.p_true_at(temperature), want, rtol=1e-9)
+        np.testing.assert_allclose(
+            from_probs.without(1).p_true_at(temperature), want[[0, 2]], rtol=1e-9
+        )
+        split = SplitOutputs.from_outputs(scipy_softmax(logits[0], axis=1), y, "probs", "x")
+        np.testing.assert_allclose(split.p_true_at(temperature), want[0], rtol=1e-9)
+
+
+def test_rmia_temperature_equals_rmia_scores_on_tempered_softmax() -> None:
+    rng = np.random.default_rng(22)
+    r, n, m, c = 4, 60, 50, 4
+    logits_x, logits_z = rng.normal(0, 2, (n, c)), rng.normal(0, 2, (m, c))
+    ref_x, ref_z = rng.normal(0, 2, (r, n, c)), rng.normal(0, 2, (r, m, c))
+    y_x, y_z = rng.integers(0, c, n), rng.integers(0, c, m)
+    mask_z = rng.random((r, m)) < 0.5
+    inputs = AttackInputs(
+        logits_x[: n // 2],
+        y_x[: n // 2],
+        logits_x[n // 2 :],
+        y_x[n // 2 :],
+        kind="logits",
+        reference=ReferenceScores.from_outputs(ref_x, y_x, np.zeros((r, n), bool), kind="logits"),
+        population_outputs=logits_z,
+        population_labels=y_z,
+        population_reference=ReferenceScores.from_outputs(ref_z, y_z, mask_z, kind="logits"),
+    )
+
+    def p_t(logits: np.ndarray, y: np.ndarray, t: float) -> np.ndarray:
+        return np.take_along_axis(scipy_softmax(logits / t, axis=-1), y[..., None], -1)[..., 0]
+
+    for t in (1.0, 2.0):
+        res = A.run_attack("rmia_offline", inputs, temperature=t, gamma=1.0)
+        want = A.rmia_scores(
+            p_t(logits_x, y_x, t),
+            p_t(ref_x, np.broadcast_to(y_x, (r, n)), t),
+            np.zeros((r, n), bool),
+            p_t(logits_z, y_z, t),
+            p_t(ref_z, np.broadcast_to(y_z, (r, m)), t),
+            mask_z,
+            gamma=1.0,
+        )
+        assert res.auc == pytest.approx(skm.roc_auc_score(np.arange(n) < n // 2, want))
+        assert res.extra["temperature"] == t
+    only_true = dataclasses.replace(
+        inputs,
+        reference=ReferenceScores(
+            np.zeros((r, n)), p_t(ref_x, np.broadcast_to(y_x, (r, n)), 1.0), np.zeros((r, n), bool)
+        ),
+    )
+    with pytest.raises(AttackInputError, match="temperature 2.0 needs the reference models' full"):
+        A.run_attack("rmia_offline", only_true)
+    assert A.run_attack("rmia_offline", only_true, temperature=1.0).auc >= 0.0
 
 
 # --------------------------------------------------------------------------- query averaging

@@ -13,7 +13,7 @@ from nvmpriv.attacks._validate import (
     check_logits,
     check_probabilities,
 )
-from nvmpriv.attacks.scores import logit_scaled_confidence, softmax
+from nvmpriv.attacks.scores import EPS, log_softmax, logit_scaled_confidence, softmax
 
 __all__ = ["AttackInputs", "ReferenceScores", "SplitOutputs"]
 
@@ -40,6 +40,29 @@ class SplitOutputs:
         if self.logits is not None:
             return logit_scaled_confidence(self.logits, self.labels, from_logits=True)
         return logit_scaled_confidence(self.probs, self.labels)
+
+    def log_probs(self) -> np.ndarray:
+        """Log-probabilities ``[n, C]``: exact from logits, else ``log max(p, EPS)``."""
+        if self.logits is not None:
+            return log_softmax(self.logits)
+        return np.log(np.maximum(self.probs, EPS))
+
+    def p_true_at(self, temperature: float = 1.0) -> np.ndarray:
+        """True-label probability of ``softmax(logits / temperature)``, shape ``[n]``.
+
+        Probabilities determine the logits up to a per-row constant, so this is exact for
+        outputs observed as probabilities too (up to the ``EPS`` floor).
+
+        Args:
+            temperature: Softmax temperature (dimensionless, > 0).
+
+        Returns:
+            ``p_T(y | x)`` per sample.
+        """
+        idx = np.arange(self.labels.size)
+        if temperature == 1.0:
+            return self.probs[idx, self.labels]
+        return softmax(self.log_probs(), temperature)[idx, self.labels]
 
     @classmethod
     def from_outputs(
@@ -83,11 +106,15 @@ class ReferenceScores:
         phi: Logit-scaled confidence ``[R, N]`` of each reference model on each sample.
         p_true: Probability of the true label ``[R, N]``, in ``[0, 1]``.
         in_mask: ``[R, N]`` bool, True where the sample was in that model's training set.
+        log_probs: Log-probabilities of every class ``[R, N, C]``, or ``None`` when only the
+            true-label probabilities were kept; needed for tempered probabilities
+            (:meth:`p_true_at`).
     """
 
     phi: np.ndarray
     p_true: np.ndarray
     in_mask: np.ndarray
+    log_probs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         phi = np.asarray(self.phi, dtype=np.float64)
@@ -109,6 +136,15 @@ class ReferenceScores:
             )
         if mask.dtype != bool:
             raise AttackInputError(f"reference in_mask must be boolean, got dtype {mask.dtype}")
+        if self.log_probs is not None:
+            lp = np.asarray(self.log_probs, dtype=np.float64)
+            if lp.ndim != 3 or lp.shape[:2] != phi.shape or lp.shape[2] < 2:
+                raise AttackInputError(
+                    f"reference log_probs must have shape {(*phi.shape, 'C>=2')}, got {lp.shape}"
+                )
+            if not np.all(np.isfinite(lp)) or lp.max() > 1e-6:
+                raise AttackInputError("reference log_probs must be finite and <= 0")
+            object.__setattr__(self, "log_probs", lp)
         object.__setattr__(self, "phi", phi)
         object.__setattr__(self, "p_true", np.clip(p, 0.0, 1.0))
         object.__setattr__(self, "in_mask", mask)
@@ -146,12 +182,45 @@ class ReferenceScores:
             raise AttackInputError(
                 f"reference outputs must have shape [n_ref, n_samples, n_classes], got {out.shape}"
             )
-        phis, ps = [], []
+        phis, ps, lps = [], [], []
         for r in range(out.shape[0]):
             split = SplitOutputs.from_outputs(out[r], labels, kind, f"reference[{r}]")
             phis.append(split.phi)
-            ps.append(split.probs[np.arange(split.labels.size), split.labels])
-        return cls(phi=np.stack(phis), p_true=np.stack(ps), in_mask=np.asarray(in_mask))
+            ps.append(split.p_true_at(1.0))
+            lps.append(split.log_probs())
+        return cls(
+            phi=np.stack(phis),
+            p_true=np.stack(ps),
+            in_mask=np.asarray(in_mask),
+            log_probs=np.stack(lps),
+        )
+
+    def p_true_at(self, temperature: float = 1.0) -> np.ndarray:
+        """True-label probabilities ``[R, N]`` of ``softmax(logits / temperature)``.
+
+        Args:
+            temperature: Softmax temperature (dimensionless, > 0).
+
+        Returns:
+            ``p_true`` itself at temperature 1, else the tempered probabilities.
+
+        Raises:
+            AttackInputError: If ``temperature != 1`` and the full outputs were not kept.
+        """
+        if temperature == 1.0:
+            return self.p_true
+        if not temperature > 0:
+            raise AttackInputError(f"temperature must be > 0, got {temperature}")
+        if self.log_probs is None:
+            raise AttackInputError(
+                f"temperature {temperature} needs the reference models' full outputs: build "
+                "ReferenceScores with from_outputs (or pass log_probs), or use temperature 1"
+            )
+        scaled = self.log_probs / temperature
+        top = scaled.max(axis=2)
+        log_norm = top + np.log(np.exp(scaled - top[..., None]).sum(axis=2))
+        log_true = np.log(np.maximum(self.p_true, EPS)) / temperature
+        return np.exp(np.minimum(log_true - log_norm, 0.0))
 
     def without(self, j: int) -> ReferenceScores:
         """Return the scores of all reference models except model ``j``.
@@ -163,7 +232,8 @@ class ReferenceScores:
             Scores of ``R - 1`` models.
         """
         keep = np.arange(self.n_ref) != j
-        return ReferenceScores(self.phi[keep], self.p_true[keep], self.in_mask[keep])
+        lp = None if self.log_probs is None else self.log_probs[keep]
+        return ReferenceScores(self.phi[keep], self.p_true[keep], self.in_mask[keep], lp)
 
 
 @dataclass(frozen=True)
@@ -283,10 +353,17 @@ class AttackInputs:
         """Number of classes ``C``."""
         return int(self.split("member").probs.shape[1])
 
-    def target_p_true(self) -> np.ndarray:
-        """Target's true-label probability on members then non-members ``[n_in + n_out]``."""
+    def target_p_true(self, temperature: float = 1.0) -> np.ndarray:
+        """Target's true-label probability on members then non-members ``[n_in + n_out]``.
+
+        Args:
+            temperature: Softmax temperature (see :meth:`SplitOutputs.p_true_at`).
+
+        Returns:
+            The probabilities, members first.
+        """
         parts = [self.split(s) for s in ("member", "nonmember")]
-        return np.concatenate([s.probs[np.arange(s.labels.size), s.labels] for s in parts])
+        return np.concatenate([s.p_true_at(temperature) for s in parts])
 
     def target_phi(self) -> np.ndarray:
         """Target's logit-scaled confidence on members then non-members ``[n_in + n_out]``."""

@@ -304,9 +304,15 @@ def rmia_attack(
     gamma: float = 2.0,
     a: float = 0.3,
     online: bool = False,
+    temperature: float = 2.0,
     calibration_models: int = 8,
 ) -> AttackResult:
     """RMIA on the target candidates using ``reference``, ``population_*`` fields.
+
+    ``P(.|theta)`` is the true-label probability of ``softmax(logits / temperature)`` for the
+    target and every reference model alike (2 in the RMIA authors' code; 1 is the plain
+    softmax). Outputs observed as probabilities give the same tempered values, since they fix
+    the logits up to a per-row constant.
 
     Args:
         inputs: Target outputs, ``reference``, ``population_outputs``/``labels`` and
@@ -314,13 +320,15 @@ def rmia_attack(
         gamma: Likelihood-ratio threshold (see :func:`rmia_scores`).
         a: Offline correction coefficient.
         online: Average IN and OUT reference models.
+        temperature: Softmax temperature (dimensionless, > 0).
         calibration_models: At most this many held-out models for the calibration.
 
     Returns:
         Result named ``rmia_online`` or ``rmia_offline``.
 
     Raises:
-        AttackInputError: If reference or population fields are missing.
+        AttackInputError: If reference or population fields are missing, or ``temperature``
+            is not 1 and a reference set kept only true-label probabilities.
     """
     t0 = time.perf_counter()
     ref, pref = inputs.reference, inputs.population_reference
@@ -328,28 +336,36 @@ def rmia_attack(
         raise AttackInputError(
             "RMIA needs inputs.reference, population_outputs/labels and population_reference"
         )
-    pop = inputs.split("population")
-    p_z = pop.probs[np.arange(pop.labels.size), pop.labels]
+    if not temperature > 0:
+        raise AttackInputError(f"temperature must be > 0, got {temperature}")
+    p_z = inputs.split("population").p_true_at(temperature)
+    ref_p, pref_p = ref.p_true_at(temperature), pref.p_true_at(temperature)
     n_in = inputs.split("member").labels.size
     kw: dict[str, Any] = {"gamma": gamma, "a": a, "online": online}
     scores = rmia_scores(
-        inputs.target_p_true(), ref.p_true, ref.in_mask, p_z, pref.p_true, pref.in_mask, **kw
+        inputs.target_p_true(temperature), ref_p, ref.in_mask, p_z, pref_p, pref.in_mask, **kw
     )
-    extra: dict[str, object] = {"n_ref": ref.n_ref, "n_population": int(p_z.size), **kw}
+    extra: dict[str, object] = {
+        "n_ref": ref.n_ref,
+        "n_population": int(p_z.size),
+        "temperature": temperature,
+        **kw,
+    }
     thr = None
     cal = _calibration_set(inputs)
     if cal is not None and cal.n_ref == pref.n_ref:
+        cal_p = cal.p_true_at(temperature)
 
         def fn(j: int, rest: ReferenceScores) -> np.ndarray:
             keep = np.arange(pref.n_ref) != j
             # The real target never trained on z, so the stand-in only uses z it did not see.
             z = ~pref.in_mask[j] if (~pref.in_mask[j]).any() else np.ones(pref.n_samples, bool)
             return rmia_scores(
-                cal.p_true[j],
-                rest.p_true,
+                cal_p[j],
+                np.delete(cal_p, j, axis=0),
                 rest.in_mask,
-                pref.p_true[j][z],
-                pref.p_true[keep][:, z],
+                pref_p[j][z],
+                pref_p[keep][:, z],
                 pref.in_mask[keep][:, z],
                 **kw,
             )
