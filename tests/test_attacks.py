@@ -527,7 +527,9 @@ def test_rmia_temperature_equals_rmia_scores_on_tempered_softmax() -> None:
             np.zeros((r, n)), p_t(ref_x, np.broadcast_to(y_x, (r, n)), 1.0), np.zeros((r, n), bool)
         ),
     )
-    with pytest.raises(AttackInputError, match="temperature 2.0 needs the reference models' full"):
+    with pytest.raises(
+        AttackInputError, match=r"temperature 2\.0 needs the reference models. full"
+    ):
         A.run_attack("rmia_offline", only_true)
     assert A.run_attack("rmia_offline", only_true, temperature=1.0).auc >= 0.0
 
