@@ -494,6 +494,39 @@ def check_cell_config(config: dict[str, Any], cell_id: str) -> None:
             raise ValueError(f"cell {cell_id}: {exc}") from None
 
 
+def check_cell_data(config: dict[str, Any], cell_id: str, checked: set[str]) -> None:
+    """Read a cell's data set as its run would (``--dry-run``), once per distinct data spec.
+
+    A missing, corrupt or mislabelled data file then stops the dry run with the loader's
+    message instead of failing every cell. Data modules with ``download: true`` are skipped,
+    since a dry run must not fetch anything.
+
+    Args:
+        config: The output of :func:`cell_config` (already checked by
+            :func:`check_cell_config`).
+        cell_id: Named in the message.
+        checked: Keys of the data specs read so far; updated in place.
+
+    Raises:
+        ValueError: The data module cannot be built or its files cannot be read.
+    """
+    spec = config.get("data")
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key in checked or not isinstance(spec, dict):
+        return
+    checked.add(key)
+    from nvmpriv.classpath import instantiate  # imports torch via the data module
+
+    try:
+        data = instantiate(spec)
+        if getattr(data, "download", False):
+            return
+        _ = data.raw
+    except (ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"cell {cell_id}: data: {first}") from None
+
+
 def cell_config(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
     """The resolved ``fit`` config of a cell.
 
@@ -1565,8 +1598,11 @@ def cli_main(argv: list[str]) -> int:
     spec = _replace(spec, **changes)
     if args.dry_run:
         cells = expand_grid(spec)[: args.max_cells]
+        checked: set[str] = set()
         for cell in cells:
-            check_cell_config(cell_config(spec, cell), cell.cell_id)
+            config = cell_config(spec, cell)
+            check_cell_config(config, cell.cell_id)
+            check_cell_data(config, cell.cell_id, checked)
         for cell in cells:
             state = "done" if is_finished(spec, cell) else "todo"
             print(

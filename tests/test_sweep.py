@@ -17,6 +17,7 @@ import yaml
 from conftest import ROOT
 
 from nvmpriv import sweep as sw
+from nvmpriv.data import Digits
 
 SHIPPED = sorted((ROOT / "lightning_configs" / "sweeps").glob("*.yaml"))
 TINY_AUDIT = {
@@ -230,6 +231,32 @@ def test_dry_run_checks_every_cell(tmp_path: Path, override: dict, match: str) -
     with pytest.raises(ValueError, match=r"cell broken-.*: " + match):
         sw.cli_main(["--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"])
     assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_reads_each_data_set_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    texas = str(ROOT / "lightning_configs" / "texas.yaml")
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    path = write_sweep(tmp_path, configs=[texas], overrides={"data.init_args.root": str(empty)})
+    with pytest.raises(
+        ValueError, match=r"cell texas-.*: data: texas100: data file .*feats not found"
+    ):
+        sw.cli_main(["--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"])
+    assert not (tmp_path / "o").exists() and not any(empty.iterdir())
+    # download: true is left to the run (a dry run fetches nothing)
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"]["data.init_args.download"] = True
+    path.write_text(yaml.safe_dump(spec))
+    assert sw.cli_main(["--config", str(path), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert not any(empty.iterdir())
+    # the quickstart data (digits) is read once for its two cells
+    reads: list[str] = []
+    original = Digits.load_raw
+    monkeypatch.setattr(Digits, "load_raw", lambda self: reads.append("x") or original(self))
+    (tmp_path / "good").mkdir()
+    good = write_sweep(tmp_path / "good", configs=[str(ROOT / "lightning_configs/quickstart.yaml")])
+    assert sw.cli_main(["--config", str(good), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert reads == ["x"]
 
 
 def test_set_dotted() -> None:
