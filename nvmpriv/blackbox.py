@@ -568,7 +568,11 @@ def _parser() -> CommandParser:
     p.add_argument(
         "--queries", type=positive_int, default=1, help="queries averaged per sample (k)"
     )
-    p.add_argument("--output", default="report.json", help="report path (ROC PNG next to it)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="report path; ROC PNG next to it (default: <model>.attack.json beside the model)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--shadow-net", default=None, help="class path of the attacker's net")
     p.add_argument(
@@ -592,6 +596,8 @@ def cli_main(argv: list[str]) -> int:
         Exit code.
     """
     args = _parser().parse_args(argv)
+    if args.output is None:
+        args.output = str(Path(args.model).with_suffix(".attack.json"))
     _check_output(Path(args.output), args.overwrite)
     names = _parse_attacks(args.attacks)
     model = load(args.model)

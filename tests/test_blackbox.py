@@ -110,7 +110,7 @@ def test_cli_attack_without_checkpoints(
     run: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     shutil.rmtree(run["run_dir"] / "checkpoints")
-    out = run["root"] / "report" / "report.json"
+    out = run["chip"].with_suffix(".attack.json")  # the default: beside the model
     code = main(
         [
             "attack",
@@ -126,8 +126,6 @@ def test_cli_attack_without_checkpoints(
             "2",
             "--queries",
             "2",
-            "--output",
-            str(out),
         ]
     )
     assert code == 0
