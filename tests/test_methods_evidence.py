@@ -392,7 +392,7 @@ def test_minmax_lowers_membership_attack_accuracy(tmp_path: Path) -> None:
     mm = MinMaxTraining(ColumnFC(64, 10, dropout=0.0), 10, lam=2.0, attack_steps=3, attack_lr=1e-3)
     t = fit(mm, dm, tmp_path / "mm", 60)
     mm_mia, mm_acc = mia_and_acc(mm.net, dm)
-    # Measured (torch 2.13 CPU): standard 0.621 MIA / 0.929 acc; Min-Max 0.598 / 0.886.
+    # Measured (torch 2.13 CPU): standard 0.621 MIA / 0.929 acc; Min-Max 0.606 / 0.898.
     assert mm_mia < std_mia - 0.01, (mm_mia, std_mia)
     assert mm_acc >= std_acc - 0.08, (mm_acc, std_acc)  # stated margin: 8 points
     assert "train/attack_acc" in t.callback_metrics

@@ -320,13 +320,60 @@ def test_minmax_reference_batches_are_augmented_like_member_batches(tmp_path: Pa
     )
     trainer.fit(model, datamodule=dm)
     plain = dm.dataset(model.reference_role)[0][0]
-    served = model._reference_loader.dataset
+    served = model._loaders["reference"].dataset
     torch.manual_seed(0)
     draws = [served[0][0] for _ in range(8)]
     # Random-crop padding is zero; the fixture's pixels are uniform uint8, so zero borders and
     # differing draws of one sample come from the augmentation only.
     assert any(not torch.equal(d, plain) for d in draws)
     assert any(bool((d[:, 0, :] == 0).all() or (d[:, :, 0] == 0).all()) for d in draws)
+
+
+def test_minmax_attack_steps_draw_fresh_member_batches(tmp_path: Path) -> None:
+    """Nasr et al.'s Algorithm 1 samples members and reference data for every attack step: the
+    first step uses the classifier's batch, later ones fresh batches of the members only."""
+    import lightning.pytorch as pl
+    from torch import nn
+
+    from nvmpriv.data import Digits
+    from nvmpriv.methods import MinMaxTraining
+
+    dm = Digits(batch_size=16, seed=0, max_samples=200)
+    model = MinMaxTraining(nn.Sequential(nn.Linear(64, 10)), 10, attack_steps=3)
+    seen: list[tuple[str, torch.Tensor]] = []
+    attack_step = model.attack_step
+    training_step = model.training_step
+
+    def record_attack(x: torch.Tensor, y: torch.Tensor, optimizer: object) -> object:
+        seen.append(("attack", x.clone()))
+        return attack_step(x, y, optimizer)
+
+    def record_batch(batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        seen.append(("batch", batch[0].clone()))
+        return training_step(batch, batch_idx)
+
+    model.attack_step = record_attack  # type: ignore[method-assign]
+    model.training_step = record_batch  # type: ignore[method-assign]
+    pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    ).fit(model, datamodule=dm)
+    assert [kind for kind, _ in seen] == ["batch", "attack", "attack", "attack"] * 2
+    members = {tuple(row.tolist()) for row in dm.arrays("target_train")[0]}
+    for i in (0, 4):
+        batch, first, *fresh = (x for _, x in seen[i : i + 4])
+        assert torch.equal(first, batch)
+        for x in fresh:
+            assert not torch.equal(x, batch)
+            assert all(tuple(row.tolist()) in members for row in x)  # members, not references
 
 
 def test_source_checkpoint_of_another_membership_split_is_refused(tmp_path: Path) -> None:

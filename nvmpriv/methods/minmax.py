@@ -6,9 +6,9 @@ Two players alternate on every training batch:
    :math:`h(f(x), \mathrm{onehot}(y)) \in \mathbb R` (a logit; Nasr et al.'s two-branch net,
    :class:`nvmpriv.attack_models.NasrAttackModel`) learns to output "member" on the current
    training batch and "non-member" on a fresh batch of the reference set, with the classifier
-   frozen and in eval mode. With ``attack_steps`` > 1 every step reuses the current training
-   batch as its members (Nasr et al.'s Algorithm 1 draws a fresh member batch per step too; here
-   the members come from the Lightning loader, one batch per classifier step):
+   frozen and in eval mode. The first step's members are the current training batch; with
+   ``attack_steps`` > 1 every further step draws a fresh member batch from a second shuffled,
+   augmented pass over ``target_train``, as Nasr et al.'s Algorithm 1 samples both sets per step:
    :math:`\mathcal L_h = \tfrac12\,\mathrm{BCE}(h_{in}, 1) + \tfrac12\,\mathrm{BCE}(h_{ref}, 0)`.
 2. **Classifier step** (the injected optimizer, Adam 1e-3 by default):
 
@@ -125,8 +125,8 @@ class MinMaxTraining(MembershipModule):
         self.warmup_epochs = check_positive_int(warmup_epochs, "warmup_epochs", minimum=0)
         self.attack_model = NasrAttackModel(num_classes, widths=float(attack_width))
         self.automatic_optimization = False
-        self._reference_iter: Iterator[Any] | None = None
-        self._reference_loader: Any = None
+        self._loaders: dict[str, Any] = {}
+        self._iters: dict[str, Iterator[Any]] = {}
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
 
     # ------------------------------------------------------------------ data
@@ -144,29 +144,36 @@ class MinMaxTraining(MembershipModule):
             )
         # Augmented like the member batches (train_dataloader): otherwise, on images, the
         # inference model can tell members from reference samples by the augmentation alone.
-        self._reference_loader = dm.dataloader(self.reference_role, shuffle=True, augment=True)
-        self._reference_iter = None
+        self._loaders = {
+            "reference": dm.dataloader(self.reference_role, shuffle=True, augment=True)
+        }
+        if self.attack_steps > 1:
+            self._loaders["members"] = dm.dataloader("target_train", shuffle=True, augment=True)
+        self._iters.clear()
 
     def on_train_epoch_start(self) -> None:
-        """Start a fresh pass over the reference set.
+        """Start fresh passes over the reference set (and the extra member batches).
 
         Every epoch draws its reference order at the same point of the RNG stream, so a run
         resumed from an epoch-end checkpoint sees the same reference batches as an uninterrupted
         one (an iterator carried across epochs cannot be checkpointed).
         """
         super().on_train_epoch_start()
-        self._reference_iter = None
+        self._iters.clear()
 
-    def _next_reference(self) -> tuple[Tensor, Tensor]:
-        if self._reference_loader is None:
-            raise RuntimeError("the reference loader is built in on_fit_start; call trainer.fit")
-        if self._reference_iter is None:
-            self._reference_iter = iter(self._reference_loader)
+    def _next_batch(self, kind: str) -> tuple[Tensor, Tensor]:
+        """Next batch of ``kind`` (``"reference"`` or ``"members"``), restarting the pass at the end."""
+        loader = self._loaders.get(kind)
+        if loader is None:
+            raise RuntimeError(f"the {kind} loader is built in on_fit_start; call trainer.fit")
+        it = self._iters.get(kind)
+        if it is None:
+            it = self._iters[kind] = iter(loader)
         try:
-            x, y = next(self._reference_iter)
+            x, y = next(it)
         except StopIteration:
-            self._reference_iter = iter(self._reference_loader)
-            x, y = next(self._reference_iter)
+            it = self._iters[kind] = iter(loader)
+            x, y = next(it)
         return x.to(self.device), y.to(self.device)
 
     # ------------------------------------------------------------------ players
@@ -206,7 +213,7 @@ class MinMaxTraining(MembershipModule):
         Returns:
             ``(loss, accuracy)`` of the inference model on this member/reference pair.
         """
-        xr, yr = self._next_reference()
+        xr, yr = self._next_batch("reference")
         h_in = self.attack_logit(self._frozen_logits(x), y)
         h_out = self.attack_logit(self._frozen_logits(xr), yr)
         loss = 0.5 * F.binary_cross_entropy_with_logits(h_in, torch.ones_like(h_in))
@@ -227,8 +234,9 @@ class MinMaxTraining(MembershipModule):
         clf_opt, att_opt = self.optimizers()  # type: ignore[attr-defined]
         game_on = self.current_epoch >= self.warmup_epochs
         if game_on:
-            for _ in range(self.attack_steps):
-                att_loss, att_acc = self.attack_step(x, y, att_opt)
+            for step in range(self.attack_steps):
+                xm, ym = (x, y) if step == 0 else self._next_batch("members")
+                att_loss, att_acc = self.attack_step(xm, ym, att_opt)
             self.log("train/attack_loss", att_loss)
             self.log("train/attack_acc", att_acc, prog_bar=True)
         loss, logits = self.training_loss(x, y)
