@@ -211,9 +211,11 @@ def test_pgd_validation_does_not_shift_training(tmp_path: Path) -> None:
     assert torch.equal(weights[0], weights[1])
 
 
-def test_minmax_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("attack_steps", [1, 3])
+def test_minmax_resumes_exactly(tmp_path: Path, attack_steps: int) -> None:
     """Two epochs in one go equal one epoch, a checkpoint, and a resumed second epoch (the
-    reference batches per epoch, 5, are not a multiple of the reference set's batches)."""
+    reference batches per epoch, 5, are not a multiple of the reference set's batches; with 3
+    attack steps the extra member batches are drawn too)."""
     import lightning.pytorch as pl
 
     from nvmpriv.data import Digits
@@ -221,7 +223,7 @@ def test_minmax_resumes_exactly(tmp_path: Path) -> None:
 
     def run(epochs: int, root: Path, ckpt: Path | None = None) -> torch.Tensor:
         pl.seed_everything(0)
-        model = MinMaxTraining(net(), 10)
+        model = MinMaxTraining(net(), 10, attack_steps=attack_steps)
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="cpu",
