@@ -1,7 +1,7 @@
 r"""Export a trained model, digital or programmed onto a simulated crossbar chip, to ONNX.
 
 Every crossbar layer (:class:`nvmpriv.crossbar.CrossbarLinear` / ``CrossbarConv2d``) becomes one
-node of the custom domain ``nvmpriv`` (version 1): ``CrossbarGemm`` or ``CrossbarConv``. Its
+node of the custom domain ``nvmpriv`` (version :data:`DOMAIN_VERSION`): ``CrossbarGemm`` or ``CrossbarConv``. Its
 inputs are the input activations and the programmed chip as initializers (``w_tiles``: per-tile
 effective weights, or weight slices in counts with bit slicing; ``bias``; ``noise_tiles``: read
 noise variance per unit squared input), its attributes the scalars (DAC/ADC bits and steps,
@@ -70,7 +70,7 @@ from nvmpriv.crossbar import (
     crossbar_layers,
     get_preset,
 )
-from nvmpriv.runtime import CONTENT_DIGEST_KEY, DOMAIN_VERSION, content_digest
+from nvmpriv.runtime import CONTENT_DIGEST_KEY, DOMAIN_VERSION, check_noise_seed, content_digest
 
 __all__ = [
     "DIGITAL",
@@ -785,7 +785,13 @@ def resolve_output(output: str | os.PathLike[str] | None, name: str) -> Path:
 def _atomic_write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; pass --overwrite or choose another --output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(
+            f"--output {path}: {path.parent} is not a folder (a file is in the way); choose "
+            "another --output"
+        ) from None
     fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -940,7 +946,14 @@ def export_bytes(
         if calib is not None:
             example = calib[:2].clone()
         base = int(chip_seed if noise_seed is None else noise_seed)
-        for i, (name, layer) in enumerate(crossbar_layers(chip).items()):
+        layers = crossbar_layers(chip)
+        if config.has_read_noise:
+            try:
+                check_noise_seed(base, len(layers))
+            except ValueError as exc:
+                which = "--seed (the default noise seed)" if noise_seed is None else "--noise-seed"
+                raise ExportError(f"{which}: {exc}") from None
+        for i, (name, layer) in enumerate(layers.items()):
             key = name or "root"
             specs[key] = _LayerSpec(key, layer, _layer_state(layer), base + i)
         mapping = {id(s.layer): _ExportStub(k, s.layer) for k, s in specs.items()}

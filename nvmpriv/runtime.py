@@ -55,11 +55,13 @@ from onnx.reference.op_run import OpRun
 __all__ = [
     "CONTENT_DIGEST_KEY",
     "DOMAIN_VERSION",
+    "NOISE_SEED_LIMIT",
     "REQUIRED_METADATA",
     "CrossbarConv",
     "CrossbarGemm",
     "OnnxModelError",
     "Predictor",
+    "check_noise_seed",
     "content_digest",
     "load",
     "read_metadata",
@@ -82,6 +84,10 @@ DOMAIN_VERSION = 2
 #: metadata_props key of the SHA-256 digest over everything else in the file (see
 #: :func:`content_digest`); files written before it existed load without the check.
 CONTENT_DIGEST_KEY = "nvmpriv.content_sha256"
+#: Noise seeds must stay below this: onnxruntime's ``RandomNormalLike`` takes its seed as a
+#: float32 attribute, which holds every integer only up to 2**24 (larger seeds would round onto
+#: each other, and the nodes ``seed + i`` would share one noise stream).
+NOISE_SEED_LIMIT = 2**24
 #: Least work (seconds, one thread) worth a concurrent chunk of a query batch.
 _MIN_CHUNK_SECONDS = 5e-3
 _FIX = "re-export it with `python -m nvmpriv export --config ... --ckpt_path ... --crossbar ...`"
@@ -436,6 +442,102 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def check_noise_seed(seed: int, n_nodes: int) -> int:
+    """Validate the base seed of ``n_nodes`` per-query noise generators (``seed + i`` each).
+
+    Args:
+        seed: Base seed.
+        n_nodes: Number of crossbar nodes.
+
+    Returns:
+        The seed as an int.
+
+    Raises:
+        ValueError: If a node's seed would reach :data:`NOISE_SEED_LIMIT` or ``seed < 0``.
+    """
+    top = NOISE_SEED_LIMIT - max(n_nodes, 1)
+    if isinstance(seed, bool) or not 0 <= int(seed) <= top:
+        raise ValueError(
+            f"noise seed {seed!r} is out of range: use 0 <= seed <= {top} (onnxruntime stores "
+            f"RandomNormalLike seeds as float32, exact below 2**24, and node i uses seed + i)"
+        )
+    return int(seed)
+
+
+def _shape_of(value: Any) -> list[int | None] | None:
+    """Dimensions of a graph value (``None`` for symbolic ones), or ``None`` without a shape."""
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type" or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [
+        d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def _checked_metadata(
+    file: Path, model: onnx.ModelProto, meta: dict[str, str]
+) -> tuple[tuple[int, ...], int]:
+    """Parse the shape metadata and check every metadata claim against the graph itself."""
+    try:
+        raw_shape = json.loads(meta["nvmpriv.input_shape"])
+        num_classes = int(meta["nvmpriv.num_classes"])
+        if meta["nvmpriv.crossbar"] != "digital" and not isinstance(
+            json.loads(meta["nvmpriv.crossbar"]), dict
+        ):
+            raise ValueError("nvmpriv.crossbar is neither 'digital' nor a JSON object")
+    except (ValueError, TypeError) as exc:
+        raise _fail(file, f"malformed nvmpriv metadata ({exc})") from None
+    if (
+        not isinstance(raw_shape, list)
+        or not raw_shape
+        or not all(type(d) is int and d > 0 for d in raw_shape)
+    ):
+        raise _fail(file, f"malformed nvmpriv.input_shape {raw_shape!r} (positive integers)")
+    if num_classes < 2:
+        raise _fail(file, f"malformed nvmpriv.num_classes {num_classes} (at least 2)")
+    input_shape = tuple(raw_shape)
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    outputs = {v.name: v for v in model.graph.output}
+    name_in, name_out = meta["nvmpriv.input_name"], meta["nvmpriv.output_name"]
+    if [v.name for v in inputs] != [name_in] or name_out not in outputs:
+        raise _fail(
+            file,
+            f"its metadata names input {name_in!r} and output {name_out!r} but the graph has "
+            f"inputs {[v.name for v in inputs]} and outputs {list(outputs)} (edited or corrupt)",
+        )
+    dims = _shape_of(inputs[0])
+    if dims is not None and (
+        len(dims) != len(input_shape) + 1
+        or any(d not in (None, 0, w) for d, w in zip(dims[1:], input_shape, strict=False))
+    ):
+        raise _fail(
+            file,
+            f"its metadata input_shape {list(input_shape)} disagrees with the graph input "
+            f"{['batch' if d is None else d for d in dims]} (edited or corrupt)",
+        )
+    out_dims = _shape_of(outputs[name_out])
+    if out_dims and out_dims[-1] not in (None, 0, num_classes):
+        raise _fail(
+            file,
+            f"its metadata num_classes {num_classes} disagrees with the graph output's "
+            f"{out_dims[-1]} classes (edited or corrupt)",
+        )
+    bodies = {(f.domain, f.name, f.overload) for f in model.functions}
+    unbound = [
+        n.name or n.op_type
+        for n in model.graph.node
+        if n.domain == "nvmpriv" and (n.domain, n.op_type, n.overload) not in bodies
+    ]
+    if unbound:
+        raise _fail(
+            file,
+            f"crossbar nodes {unbound[:3]} lack their ONNX function bodies (truncated or corrupt "
+            "file)",
+        )
+    return input_shape, num_classes
+
+
 def _reseed(model: onnx.ModelProto, seed: int) -> None:
     """Give every crossbar node's noise generator the seed ``seed + i``."""
     index = 0
@@ -491,7 +593,25 @@ class Predictor:
         return raw if raw == "digital" else dict(json.loads(raw))
 
     def _check(self, x: Any) -> np.ndarray:
-        arr = np.asarray(x, dtype=np.float32)
+        try:
+            raw = np.asarray(x)
+        except ValueError as exc:  # ragged nested sequences
+            raise OnnxModelError(
+                f"{self.path.name}: input is not a rectangular array ({exc}); pass one "
+                "[n, features] array"
+            ) from None
+        if raw.dtype.kind not in "biuf":
+            raise OnnxModelError(
+                f"{self.path.name}: input has dtype {raw.dtype}; query real numbers (float32)"
+            )
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise OnnxModelError(f"{self.path.name}: input holds NaN/inf; query finite values")
+        arr = raw.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise OnnxModelError(
+                f"{self.path.name}: input values reach {np.abs(raw).max():.3g}, beyond float32 "
+                "(3.4e38); scale the queries into the model's input range"
+            )
         want = self.input_shape
         if arr.ndim == len(want) and tuple(arr.shape) == want:
             arr = arr[None]
@@ -500,9 +620,29 @@ class Predictor:
                 f"{self.path.name}: input has shape {tuple(arr.shape)} but the model expects "
                 f"(n, {', '.join(map(str, want))}); reshape the queries to that width"
             )
-        if not np.isfinite(arr).all():
-            raise OnnxModelError(f"{self.path.name}: input holds NaN/inf; query finite values")
         return np.ascontiguousarray(arr)
+
+    def _checked_output(self, probs: np.ndarray) -> np.ndarray:
+        """Rows renormalised to sum to 1, after checking they are probabilities at all."""
+        if probs.ndim != 2 or probs.shape[1] != self.num_classes:
+            raise OnnxModelError(
+                f"{self.path.name}: output has shape {probs.shape}, not (n, {self.num_classes}) "
+                f"as its metadata states; {_FIX}"
+            )
+        if not probs.size:
+            return probs
+        if not np.isfinite(probs).all():
+            raise OnnxModelError(
+                f"{self.path.name}: output holds NaN/inf for finite inputs (an overflow inside "
+                "the model); query inputs in the range the model was trained on"
+            )
+        sums = probs.sum(axis=1)
+        if probs.min() < -1e-6 or np.abs(sums - 1.0).max() > 1e-3:
+            raise OnnxModelError(
+                f"{self.path.name}: output is not probabilities (min {probs.min():.3g}, row sums "
+                f"{sums.min():.4g} to {sums.max():.4g}) though its metadata says so; {_FIX}"
+            )
+        return probs / sums[:, None]
 
     def predict_proba(self, x: Any, *, batch_size: int = 1024) -> np.ndarray:
         """Class probabilities of the exported model.
@@ -515,10 +655,14 @@ class Predictor:
             ``[n, C]`` float64 probabilities (rows renormalised to sum to 1).
 
         Raises:
-            OnnxModelError: If the input shape does not match the metadata.
+            OnnxModelError: If the input is not a finite real array of the metadata's shape, or
+                the output is not probabilities.
+            ValueError: If ``batch_size < 1``.
         """
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         arr = self._check(x)
-        size = max(1, int(batch_size))
+        size = int(batch_size)
         if self._chunk_runner is not None and len(arr) >= 2 * self._min_rows:
             # one chunk per worker, each worth a thread, each on one onnxruntime thread
             size = min(size, max(self._min_rows, -(-len(arr) // self._workers)))
@@ -529,7 +673,7 @@ class Predictor:
             outs = [self._run(arr[start : start + size]) for start in range(0, len(arr), size)]
         self.queries += len(arr)
         probs = np.concatenate(outs) if outs else np.zeros((0, self.num_classes))
-        return probs / probs.sum(axis=1, keepdims=True)
+        return self._checked_output(probs)
 
     __call__ = predict_proba
 
@@ -600,8 +744,6 @@ def load(
             f"missing nvmpriv metadata {missing} (not written by nvmpriv export, or truncated)",
         )
     try:
-        input_shape = tuple(int(d) for d in json.loads(meta["nvmpriv.input_shape"]))
-        num_classes = int(meta["nvmpriv.num_classes"])
         domain_version = int(meta.get("nvmpriv.domain_version") or DOMAIN_VERSION)
     except (ValueError, TypeError) as exc:
         raise _fail(file, f"malformed nvmpriv metadata ({exc})") from None
@@ -630,8 +772,13 @@ def load(
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _fail(file, f"fails the ONNX checker ({first})") from None
+    input_shape, num_classes = _checked_metadata(file, model, meta)
     if seed is not None:
-        _reseed(model, int(seed))
+        n_nodes = sum(n.domain == "nvmpriv" for n in model.graph.node)
+        try:
+            _reseed(model, check_noise_seed(seed, n_nodes))
+        except ValueError as exc:
+            raise _fail(file, str(exc), "pass a smaller seed") from None
     input_name, output_name = meta["nvmpriv.input_name"], meta["nvmpriv.output_name"]
     workers, chunk_runner = 1, None
     if reference:

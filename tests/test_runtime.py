@@ -14,7 +14,7 @@ from torch import nn
 
 from nvmpriv import nets, runtime
 from nvmpriv.crossbar import convert, get_preset
-from nvmpriv.export import export_model
+from nvmpriv.export import ExportError, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISY = get_preset("64x64_100k").replace(name="noisy", read_noise=True, read_noise_sigma=0.2)
@@ -260,6 +260,17 @@ def test_rows_per_chunk_from_probe_timing(monkeypatch: pytest.MonkeyPatch) -> No
     [
         ("nvmpriv.domain_version", "7", r"newer nvmpriv .*v7; this evaluator knows v2.*upgrade"),
         ("nvmpriv.output", "logits", "its output is 'logits', not 'probabilities'"),
+        ("nvmpriv.input_name", "x", r"names input 'x' .* graph has inputs \['input'\]"),
+        ("nvmpriv.output_name", "y", r"output 'y' .* outputs \['probabilities'\]"),
+        ("nvmpriv.input_shape", "[32]", r"input_shape \[32\] disagrees with the graph input"),
+        ("nvmpriv.input_shape", "[8, 8]", r"input_shape \[8, 8\] disagrees"),
+        ("nvmpriv.input_shape", "[64.5]", r"malformed nvmpriv.input_shape \[64.5\]"),
+        ("nvmpriv.input_shape", "[true]", r"malformed nvmpriv.input_shape \[True\]"),
+        ("nvmpriv.input_shape", "[]", r"malformed nvmpriv.input_shape \[\]"),
+        ("nvmpriv.num_classes", "5", "num_classes 5 disagrees with the graph output's 10"),
+        ("nvmpriv.num_classes", "1", r"malformed nvmpriv.num_classes 1 \(at least 2\)"),
+        ("nvmpriv.crossbar", "{not json", "malformed nvmpriv metadata"),
+        ("nvmpriv.crossbar", "[1, 2]", "neither 'digital' nor a JSON object"),
     ],
 )
 def test_metadata_the_evaluator_cannot_honour(
@@ -294,3 +305,101 @@ def test_digest_survives_resaving_with_external_data(tmp_path: Path, fc_file: Pa
             extra.unlink()
     with pytest.raises(runtime.OnnxModelError, match="external weight files cannot be read"):
         runtime.load(ext)
+
+
+def _resave(model: onnx.ModelProto, path: Path, *, digest: bool = True) -> Path:
+    """Save an edited export as a consistent file (digest recomputed) or as an undigested one."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.pop(runtime.CONTENT_DIGEST_KEY, None)
+    onnx.helper.set_model_props(model, meta)
+    if digest:
+        meta[runtime.CONTENT_DIGEST_KEY] = runtime.content_digest(model)
+        onnx.helper.set_model_props(model, meta)
+    onnx.save(model, path)
+    return path
+
+
+def test_crossbar_nodes_without_their_function_bodies_are_refused(
+    tmp_path: Path, fc_file: Path
+) -> None:
+    """A file cut inside its metadata can keep every required key yet lose the digest and the
+    function bodies (they are stored after the metadata): it must not load as an older file."""
+    for digest in (True, False):
+        model = onnx.load(fc_file)
+        del model.functions[:]
+        path = _resave(model, tmp_path / f"cut{digest}.onnx", digest=digest)
+        for reference in (False, True):
+            with pytest.raises(runtime.OnnxModelError, match=r"lack their ONNX function bodies"):
+                runtime.load(path, reference=reference)
+
+
+def test_outputs_that_are_not_probabilities_are_refused(tmp_path: Path) -> None:
+    path, _ = _export(tmp_path, _fc(), "digital", [64])
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    for reference in (False, True):  # finite inputs that overflow inside the net
+        with pytest.raises(runtime.OnnxModelError, match="NaN/inf for finite inputs"):
+            runtime.load(path, reference=reference).predict_proba(np.full((2, 64), 3e38))
+    model = onnx.load(path)
+    (soft,) = [n for n in model.graph.node if n.op_type == "Softmax"]
+    model.graph.node.remove(soft)
+    for node in model.graph.node:  # the logits become the output, still named "probabilities"
+        for i, name in enumerate(node.output):
+            if name == soft.input[0]:
+                node.output[i] = soft.output[0]
+    logits = _resave(model, tmp_path / "logits.onnx")
+    for reference in (False, True):
+        with pytest.raises(runtime.OnnxModelError, match=r"logits\.onnx: output is not probab"):
+            runtime.load(logits, reference=reference).predict_proba(x)
+
+
+def test_queries_that_are_not_real_finite_arrays(fc_file: Path) -> None:
+    model = runtime.load(fc_file)
+    x = np.random.default_rng(0).random((3, 64))
+    cases = [
+        (x + 1j, "dtype complex128; query real numbers"),
+        (np.full((2, 64), "a"), "dtype <U1"),
+        ([[0.0] * 64, [0.0] * 63], "not a rectangular array"),
+        (np.full((2, 64), 1e39), "reach 1e\\+39, beyond float32"),
+        (np.full((2, 64), np.nan), "NaN/inf"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(runtime.OnnxModelError, match=match):
+            model.predict_proba(bad)
+    for size in (0, -3, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            model.predict_proba(x, batch_size=size)
+    assert model.predict_proba(x.astype(int)).shape == (3, 10)  # integers are real numbers
+
+
+def test_noise_seeds_stay_exact_in_float32(tmp_path: Path) -> None:
+    """onnxruntime's RandomNormalLike seed is a float32: seeds from 2**24 on would round onto
+    each other (seed and seed + 1 giving one noise stream), so they are refused."""
+    path, x = _export(tmp_path, _fc(), "noisy", [64])
+    n_nodes = sum(n.domain == "nvmpriv" for n in onnx.load(path).graph.node)
+    top = runtime.NOISE_SEED_LIMIT - n_nodes
+    q = x.numpy()
+    first, second = (runtime.load(path, seed=s).predict_proba(q) for s in (top - 1, top))
+    assert not np.array_equal(first, second)
+    for bad in (top + 1, 2**26, -1):
+        with pytest.raises(runtime.OnnxModelError, match=rf"noise seed {bad} is out of range"):
+            runtime.load(path, seed=bad)
+    with pytest.raises(ExportError, match=r"--noise-seed: noise seed 67108864 is out of range"):
+        export_model(
+            _fc(), NOISY, tmp_path / "n1.onnx", input_shape=[64], calibration=x, noise_seed=2**26
+        )
+    with pytest.raises(ExportError, match=r"--seed \(the default noise seed\)"):
+        export_model(
+            _fc(), NOISY, tmp_path / "n2.onnx", input_shape=[64], calibration=x, chip_seed=2**30
+        )
+    assert not (tmp_path / "n1.onnx").exists() and not (tmp_path / "n2.onnx").exists()
+    # the chip seed alone is free when there is no read noise
+    export_model(
+        _fc(), get_preset("ideal"), tmp_path / "big.onnx", input_shape=[64], chip_seed=2**30
+    )
+
+
+def test_export_into_a_file_instead_of_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(ExportError, match=r"afile is not a folder \(a file is in the way\)"):
+        export_model(_fc(), None, tmp_path / "afile" / "m.onnx", input_shape=[64])
+    assert (tmp_path / "afile").read_text() == "keep me"
