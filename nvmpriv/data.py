@@ -446,6 +446,15 @@ class MembershipDataModule(pl.LightningDataModule):
             self._raw = raw
         return self._raw
 
+    def prepare_data(self) -> None:
+        """Fetch the files (``download: true``) once per node before any process reads them.
+
+        Lightning runs this on one process per node, before ``setup`` on every process, so DDP
+        ranks do not download and extract into one folder at the same time.
+        """
+        if getattr(self, "download", False):
+            _ = self.raw
+
     def setup(self, stage: str | None = None) -> None:
         """Read the data, draw or reload the split and save it next to the run's logs."""
         if self.splits is None:
@@ -690,7 +699,14 @@ class _ImageFiles(MembershipDataModule):
         except DataFileError:
             if not self.download:
                 raise
-        self._fetch()
+        try:
+            self._fetch()
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision's checks
+            reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+            raise DataFileError(
+                f"{type(self).__name__}: download into {self.root} failed ({reason}); fetch the "
+                "files by hand (the error without download: true names them and their source)"
+            ) from None
         return self._read()
 
     def _augmentation(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

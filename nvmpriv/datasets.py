@@ -27,6 +27,7 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from nvmpriv.atomic import atomic_save_npz
 
 __all__ = [
     "ARCHIVES",
+    "IMAGE_SOURCES",
     "DataFileError",
     "RawDataset",
     "atomic_save_npz",
@@ -57,7 +59,17 @@ ARCHIVES: dict[str, str] = {
     "location30": "https://github.com/privacytrustlab/datasets/raw/master/dataset_location.tgz",
 }
 
-_CACHE_VERSION = 1
+#: Where the image sets come from (torchvision downloads them with ``download: true``).
+IMAGE_SOURCES: dict[str, str] = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "mnist": "https://yann.lecun.com/exdb/mnist/",
+    "fashionmnist": "https://github.com/zalandoresearch/fashion-mnist",
+    "svhn": "http://ufldl.stanford.edu/housenumbers/",
+}
+
+#: Bump when the cache layout or its stamp changes (old caches are then rebuilt).
+_CACHE_VERSION = 2
 
 
 class DataFileError(ValueError):
@@ -101,9 +113,17 @@ def content_hash(features: np.ndarray, labels: np.ndarray) -> str:
 
 
 def _missing(path: Path, name: str) -> DataFileError:
-    source = ARCHIVES.get(name, "")
-    hint = f" from {source} (or pass download: true)" if source else " (or pass download: true)"
-    return DataFileError(f"{name}: data file {path} not found; fetch and extract the archive{hint}")
+    if name in ARCHIVES:
+        fix = f"fetch and extract the archive from {ARCHIVES[name]} (or pass download: true)"
+    else:
+        source = IMAGE_SOURCES.get(name)
+        fix = f"fetch it from {source} (or pass download: true)" if source else "fetch it"
+    return DataFileError(f"{name}: data file {path} not found; {fix}")
+
+
+def _corrupt(path: Path, name: str, exc: BaseException) -> DataFileError:
+    reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    return DataFileError(f"{name}: {path} is truncated or corrupt ({reason}); download it again")
 
 
 def _download_archive(name: str, root: Path) -> None:
@@ -120,8 +140,23 @@ def _download_archive(name: str, root: Path) -> None:
                 f"{name}: download of {url} failed ({exc}); download it by hand and extract it "
                 f"into {root}"
             ) from exc
-        with tarfile.open(tmp) as archive:
-            archive.extractall(root, filter="data")
+        # Extract beside the data, then move each complete file into place: a corrupt archive
+        # or an interrupted extraction leaves no partial data file that would pass as present.
+        with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as staging:
+            try:
+                with tarfile.open(tmp) as archive:
+                    archive.extractall(staging, filter="data")
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+                reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+                raise DataFileError(
+                    f"{name}: the archive downloaded from {url} is corrupt or truncated "
+                    f"({reason}); try again, or download it by hand and extract it into {root}"
+                ) from None
+            for file in sorted(Path(staging).rglob("*")):
+                if file.is_file():
+                    target = root / file.relative_to(staging)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(file, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -158,7 +193,8 @@ def _general_csv(path: Path, name: str) -> np.ndarray:
     try:
         table = np.loadtxt(path, delimiter=",", quotechar='"', dtype=np.float64, ndmin=2)
     except ValueError as exc:
-        reason = str(exc).splitlines()[0]
+        # numpy's own advice ("use usecols ...") is wrong for a truncated file: drop it
+        reason = str(exc).splitlines()[0].split("; use `usecols`")[0].split(". use `usecols`")[0]
         raise DataFileError(
             f"{name}: {path} is not a valid numeric CSV ({reason}); the file is truncated or "
             "corrupt -- re-extract the archive"
@@ -202,8 +238,9 @@ def _cached(
     cache = sources[0].with_name(sources[0].name + ".nvmpriv.npz")
     # Size and modification time: an edited file of the same size must not hit a stale cache.
     stats = [p.stat() for p in sources]
+    # The set's name too: another loader pointed at the same file must parse (and check) it.
     stamp = np.array(
-        [f"{_CACHE_VERSION}:" + ";".join(f"{st.st_size}@{st.st_mtime_ns}" for st in stats)]
+        [f"{_CACHE_VERSION}:{name}:" + ";".join(f"{st.st_size}@{st.st_mtime_ns}" for st in stats)]
     )
     if cache.exists():
         try:
@@ -301,7 +338,7 @@ def load_texas100(root: str | Path, *, download: bool = False) -> RawDataset:
     name, n_features = "texas100", 6169
     root = Path(root)
     feats, labels_path = _texas_paths(root)
-    if not feats.is_file() and download:
+    if not (feats.is_file() and labels_path.is_file()) and download:
         _download_archive(name, root)
         feats, labels_path = _texas_paths(root)
     for path in (feats, labels_path):
@@ -409,6 +446,11 @@ def load_cifar(root: str | Path, *, num_classes: int) -> RawDataset:
     images, labels = [], []
     for file in files:
         batch = _unpickle(folder / file, name)
+        if not isinstance(batch, dict) or "data" not in batch or key not in batch:
+            raise DataFileError(
+                f"{name}: {folder / file} is not a {name} batch (no 'data' and {key!r} entries); "
+                "wrong CIFAR variant or corrupt file -- download it again"
+            )
         data = np.asarray(batch["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataFileError(
@@ -433,10 +475,15 @@ def _read_idx(path: Path, name: str) -> np.ndarray:
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise _missing(path, name)
-    raw = gzip.decompress(found.read_bytes()) if found.suffix == ".gz" else found.read_bytes()
+    try:
+        raw = gzip.decompress(found.read_bytes()) if found.suffix == ".gz" else found.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise _corrupt(found, name, exc) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataFileError(f"{name}: {found} is not an unsigned-byte IDX file; re-download it")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataFileError(f"{name}: {found} ends inside its IDX header; truncated file")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -500,10 +547,16 @@ def load_svhn(root: str | Path) -> RawDataset:
         try:
             mat = loadmat(path)
             images, labels = np.asarray(mat["X"], np.uint8), np.asarray(mat["y"]).reshape(-1)
-        except (ValueError, KeyError, OSError) as exc:
+        except Exception as exc:  # scipy raises MatReadError, IndexError, ... on non-.mat bytes
             raise DataFileError(
-                f"{name}: {path} is not an SVHN .mat file ({exc}); re-download"
-            ) from exc
+                f"{name}: {path} is not an SVHN .mat file ({type(exc).__name__}: {exc}); "
+                "re-download"
+            ) from None
+        if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != labels.size:
+            raise DataFileError(
+                f"{name}: {path} holds X of shape {images.shape} and {labels.size} labels, not "
+                "[32, 32, 3, n] and n; re-download"
+            )
         xs.append(images.transpose(3, 0, 1, 2))
         ys.append(np.where(labels == 10, 0, labels).astype(np.int64))
     x, y = np.concatenate(xs), np.concatenate(ys)

@@ -166,3 +166,30 @@ def test_capped_role_is_a_fixed_random_subset_not_the_first_rows() -> None:
     assert idx is not None and len(x) == 40
     np.testing.assert_array_equal(y, dm.raw.labels[idx])
     assert not np.array_equal(idx, dm.indices("target_train")[:40])
+
+
+def test_prepare_data_downloads_once_before_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning runs prepare_data on one process per node before setup on every process: the
+    download happens there, so DDP ranks do not fetch and extract into one folder at once."""
+    import tarfile
+
+    from nvmpriv import datasets
+
+    source = tmp_path / "src"
+    source.mkdir()
+    write_purchase(source, n=30)
+    archive = source / "purchase.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "dataset_purchase", arcname="dataset_purchase")
+    monkeypatch.setitem(datasets.ARCHIVES, "purchase100", archive.as_uri())
+    offline = Purchase100(root=str(tmp_path / "offline"))
+    offline.prepare_data()  # nothing to fetch and nothing read without download: true
+    assert not (tmp_path / "offline").exists() and offline._raw is None
+    dm = Purchase100(root=str(tmp_path / "data"), download=True)
+    dm.prepare_data()
+    assert (tmp_path / "data" / "dataset_purchase").is_file()
+    monkeypatch.setitem(datasets.ARCHIVES, "purchase100", "file:///nonexistent.tgz")
+    dm.setup("fit")  # reads what prepare_data fetched
+    assert dm.raw.features.shape == (30, 600)

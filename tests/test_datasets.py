@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +212,91 @@ def test_read_only_data_folder_is_parsed_without_caching(
     table = np.loadtxt(path, delimiter=",")
     np.testing.assert_array_equal(raw.features, table[:, 1:])
     assert not (tmp_path / "dataset_purchase.nvmpriv.npz").exists()
+
+
+def test_broken_image_files_name_the_file(tmp_path: Path) -> None:
+    """Truncated gzip, an IDX file cut in its header, an HTML page saved as .mat and a CIFAR
+    batch of the other variant: each a DataFileError naming the file (a bare EOFError or
+    IndexError before, which also kept download: true from fetching the file again)."""
+    raw_dir = write_mnist(tmp_path / "gz", n=4, compress=True)
+    gz = raw_dir / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:20])
+    with pytest.raises(DataFileError, match=r"train-images-idx3-ubyte\.gz is truncated or corrupt"):
+        ds.load_mnist_idx(tmp_path / "gz")
+    raw_dir = write_mnist(tmp_path / "idx", n=4)
+    idx = raw_dir / "train-labels-idx1-ubyte"
+    idx.write_bytes(idx.read_bytes()[:6])
+    with pytest.raises(DataFileError, match=r"train-labels-idx1-ubyte ends inside its IDX header"):
+        ds.load_mnist_idx(tmp_path / "idx")
+    for split in ("train", "test"):
+        (tmp_path / f"{split}_32x32.mat").write_text("<html>404 not found</html>\n")
+    with pytest.raises(DataFileError, match=r"train_32x32\.mat is not an SVHN \.mat file"):
+        ds.load_svhn(tmp_path)
+    sub = tmp_path / "cifar-100-python"
+    sub.mkdir()
+    for name in ("train", "test"):  # CIFAR-10-style batches where CIFAR-100 ones belong
+        with (sub / name).open("wb") as handle:
+            pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, handle)
+    with pytest.raises(DataFileError, match=r"cifar-100-python/train is not a cifar100 batch"):
+        ds.load_cifar(tmp_path, num_classes=100)
+
+
+def test_missing_image_file_names_its_source(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataFileError,
+        match=r"cifar-10-batches-py/data_batch_1 not found; fetch it "
+        r"from https://www\.cs\.toronto\.edu/~kriz/cifar-10-python\.tar\.gz",
+    ):
+        ds.load_cifar(tmp_path, num_classes=10)
+    with pytest.raises(DataFileError, match=r"svhn: .* fetch it from http://ufldl"):
+        ds.load_svhn(tmp_path)
+
+
+def test_a_cache_written_for_another_data_set_is_not_served(tmp_path: Path) -> None:
+    path = write_location(tmp_path, n=20)
+    parsed: list[str] = []
+
+    def parse(tag: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            parsed.append(tag)
+            return np.ones((3, 5), np.uint8), np.zeros(3, np.int64)
+
+        return run
+
+    ds._cached("location30", [path], 30, parse("location"))
+    ds._cached("location30", [path], 30, parse("again"))  # a cache hit
+    ds._cached("purchase100", [path], 100, parse("purchase"))  # the other loader parses
+    assert parsed == ["location", "purchase"]
+
+
+def _archive(folder: Path, files: dict[str, bytes]) -> Path:
+    path = folder / "archive.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_download_extracts_whole_files_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    write_purchase(source, n=30)
+    good = _archive(source, {"dataset_purchase": (source / "dataset_purchase").read_bytes()})
+    broken = source / "broken.tgz"
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    root = tmp_path / "data"
+    monkeypatch.setitem(ds.ARCHIVES, "purchase100", broken.as_uri())
+    with pytest.raises(DataFileError, match=r"archive downloaded from file://.* is corrupt"):
+        ds.load_purchase100(root, download=True)
+    assert not any(p.is_file() for p in root.rglob("*"))  # no partial data file, no temp files
+    monkeypatch.setitem(ds.ARCHIVES, "purchase100", good.as_uri())
+    raw = ds.load_purchase100(root, download=True)
+    assert raw.features.shape == (30, 600)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "dataset_purchase",
+        "dataset_purchase.nvmpriv.npz",
+    ]
