@@ -11,6 +11,9 @@ forward), and the peak of live tensor memory allocated by one forward
 same forward with the ADC's round and clamp taken out of the fast paths: the per-tile partial sums
 are still computed and summed, which any per-tile-ADC simulator must do, so it is a lower bound
 on the ratio that eager torch can reach on this machine (the output is then not the chip's).
+The ``torch`` column is the same forward on the pure-torch path (native fused GEMM + ADC kernel
+switched off), ``diff`` the largest output difference between the two paths; the main ratio
+uses the native kernel where it loaded (the first line says whether it did).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from nvmpriv.crossbar import PRESETS, CrossbarLinear, convert
 from nvmpriv.crossbar import layers as xbar_layers
 from nvmpriv.crossbar.circuit import column_currents
 from nvmpriv.crossbar.layers import release_workspaces
+from nvmpriv.crossbar.native import native_status
 
 
 def texas_fc() -> nn.Module:
@@ -76,9 +80,16 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
     with torch.no_grad():
         t_dig = median_seconds(lambda: model(x), repeats)
         t_xb = median_seconds(lambda: chip(x), repeats)
+        y_native = chip(x)
+        with mock.patch.object(xbar_layers, "_native_kernel", lambda u, qmax: None):
+            t_torch = median_seconds(lambda: chip(x), repeats)
+            diff = float((chip(x) - y_native).abs().max())
         # Lower bound of any per-tile-ADC forward in eager torch: the same chunked loop with the
         # ADC's round and clamp removed (per-tile partial sums still materialized and summed).
-        with mock.patch.object(xbar_layers, "_quantize_rows", lambda p, qmax, clip, check: []):
+        with (
+            mock.patch.object(xbar_layers, "_quantize_rows", lambda p, qmax, clip, check: []),
+            mock.patch.object(xbar_layers, "_native_kernel", lambda u, qmax: None),
+        ):
             t_floor = median_seconds(lambda: chip(x), repeats)
         m_dig = peak_mb(lambda: model(x))
         release_workspaces()  # count the fast path's scratch buffers in its peak memory
@@ -105,6 +116,8 @@ def case(name: str, model: nn.Module, cfg_name: str, x: torch.Tensor, repeats: i
         "crossbar_ms": 1e3 * t_xb,
         "ratio": t_xb / t_dig,
         "floor_ratio": t_floor / t_dig,
+        "torch_ratio": t_torch / t_dig,
+        "diff": diff,
         "program_s": t_prog,
         "program_cpu_s": c_prog,
         "program_per_fwd": t_prog / t_dig,
@@ -177,8 +190,9 @@ def main() -> None:
         xr = torch.randn(args.resnet_batch, 3, 32, 32)
         rows.append(case("CIFAR ResNet-18", net, "64x64_100k", xr, max(2, args.repeats // 2)))
     print(f"torch {torch.__version__}, threads={args.threads}, no_grad, median of repeats")
+    print(native_status())
     hdr = (
-        f"{'case':<16} {'config':<22} {'digital ms':>10} {'xbar ms':>9} {'ratio':>6} {'floor':>6} "
+        f"{'case':<16} {'config':<22} {'digital ms':>10} {'xbar ms':>9} {'ratio':>6} {'torch':>6} {'diff':>7} {'floor':>6} "
         f"{'program s':>9} {'prog cpu s':>10} {'prog/dig fwd':>12} {'mem dig MB':>10} "
         f"{'mem xbar MB':>11} {'grad dig ms':>11} {'grad xbar ms':>12} {'grad ratio':>10}"
     )
@@ -186,7 +200,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['case']:<16} {r['config']:<22} {r['digital_ms']:>10.1f} {r['crossbar_ms']:>9.1f} "
-            f"{r['ratio']:>6.2f} {r['floor_ratio']:>6.2f} {r['program_s']:>9.1f} {r['program_cpu_s']:>10.1f} "
+            f"{r['ratio']:>6.2f} {r['torch_ratio']:>6.2f} {r['diff']:>7.1e} {r['floor_ratio']:>6.2f} {r['program_s']:>9.1f} {r['program_cpu_s']:>10.1f} "
             f"{r['program_per_fwd']:>12.0f} {r['mem_digital_mb']:>10.1f} "
             f"{r['mem_crossbar_mb']:>11.1f} {r['grad_digital_ms']:>11.1f} "
             f"{r['grad_crossbar_ms']:>12.1f} {r['grad_crossbar_ms'] / r['grad_digital_ms']:>10.2f}"

@@ -31,6 +31,7 @@ from torch import nn
 from nvmpriv.crossbar import functional as XF
 from nvmpriv.crossbar.circuit import effective_conductance
 from nvmpriv.crossbar.config import CrossbarConfig
+from nvmpriv.crossbar.native import MAX_QMAX, NativeAdcGemm, adc_gemm_kernel
 
 __all__ = [
     "CrossbarConv2d",
@@ -117,6 +118,13 @@ def _quantize_rows(p: torch.Tensor, qmax: int, clip: list[bool], check: list[boo
             if flag:
                 p[i].clamp_(-qmax, qmax)
     return reach
+
+
+def _native_kernel(u: torch.Tensor, qmax: int) -> NativeAdcGemm | None:
+    """The fused GEMM + ADC kernel where it applies to input ``u`` (float32 on the CPU)."""
+    if u.device.type != "cpu" or u.dtype != torch.float32 or qmax > MAX_QMAX:
+        return None
+    return adc_gemm_kernel()
 
 
 def release_workspaces() -> None:
@@ -324,6 +332,7 @@ class CrossbarLayer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(not config.needs_calibration))
         self._calibrating = False
         self._adc_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        self._packed_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.program()
 
     # ------------------------------------------------------------------ lowering hooks
@@ -438,6 +447,7 @@ class CrossbarLayer(nn.Module):
         else:
             self.register_buffer("noise_dense", torch.empty(0), False)
         self._adc_cache = None
+        self._packed_cache = None
         self._build_tiled()
 
     def _build_tiled(self) -> None:
@@ -900,6 +910,23 @@ class CrossbarLinear(CrossbarLayer):
         w = w_all[0]
         b, m = xt.shape[1], w.shape[-1]
         clip, check = _row_flags(l1_all[0], _abs_max(u2), qmax, detect)
+        kernel = _native_kernel(u, qmax)
+        if kernel is not None:
+            cache = self._packed_cache
+            if cache is None or cache[0] is not w_all:
+                cache = (w_all, kernel.pack(w))
+                self._packed_cache = cache
+            out = torch.empty(b, m, dtype=u.dtype)
+            rows = kernel.matmul(
+                xt,
+                cache[1],
+                out,
+                qmax=qmax,
+                scale=float(step),
+                packed=True,
+                check=check if detect else None,
+            )
+            return out.view(*lead, m), [(0, r) for r in rows]
         reach: list[tuple[int, int]] = []
         chunk = max(1, min(n_r, _CHUNK_ELEMENTS // max(1, b * m)))
         buf = _workspace("psum", (chunk, b, m), u)
@@ -1146,7 +1173,20 @@ class CrossbarConv2d(CrossbarLayer):
         clip, check = _row_flags(l1_all, _abs_max(u), qmax, detect)
         reach = []
         y = _workspace("acc", (n_g, m, b * big_l), u)
-        if n_r == 1:  # one tile row per output: a single batched GEMM over the groups
+        kernel = _native_kernel(u, qmax)
+        if kernel is not None:
+            for g in range(n_g):
+                rows = kernel.matmul(
+                    wt[g],
+                    xt[g],
+                    y[g],
+                    qmax=qmax,
+                    scale=float(step),
+                    packed=False,
+                    check=check[g] if detect else None,
+                )
+                reach += [(g, r) for r in rows]
+        elif n_r == 1:  # one tile row per output: a single batched GEMM over the groups
             p = torch.bmm(wt[:, 0], xt[:, 0], out=y)
             rows = _quantize_rows(p, qmax, [c[0] for c in clip], [c[0] for c in check])
             reach = [(g, 0) for g in rows]
@@ -1164,7 +1204,7 @@ class CrossbarConv2d(CrossbarLayer):
                         y[g].copy_(part)
                     else:
                         y[g].add_(part)
-        if not (isinstance(step, float) and step == 1.0):
+        if kernel is None and not (isinstance(step, float) and step == 1.0):
             y.mul_(step)
         # [G, M, B, L] -> [B, G*M, H', W'] (a fresh tensor: y is scratch space)
         out = torch.empty(b, n_g * m, h_out, w_out, dtype=u.dtype, device=u.device)
