@@ -90,6 +90,42 @@ def test_kernel_result_does_not_depend_on_the_thread_count():
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("k", "stride", "dilation", "size"), [(3, 1, 1, 8), (3, 2, 1, 9), ((2, 3), 1, 2, 7)]
+)
+def test_kernel_gathers_convolution_panels_like_unfold(k, stride, dilation, size):
+    # oracle: torch's unfold (im2col) followed by the definition, written as NCHW
+    gen = torch.Generator().manual_seed(4)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    b, c, m, ts = 3, 5, 10, 16
+    x = dyadic((b, c, size + 2, size + 2), gen)  # already padded
+    rows = c * kh * kw
+    n_r = -(-rows // ts)
+    cols = torch.nn.functional.unfold(x, (kh, kw), dilation=dilation, stride=stride)
+    h_out = (size + 2 - dilation * (kh - 1) - 1) // stride + 1
+    w_out = (size + 2 - dilation * (kw - 1) - 1) // stride + 1
+    big_l = h_out * w_out
+    rhs = torch.zeros(n_r * ts, b * big_l)
+    rhs[:rows] = cols.permute(1, 0, 2).reshape(rows, b * big_l)
+    a = dyadic((n_r, m, ts), gen)
+    ref = torch_adc_gemm(a, rhs.view(n_r, ts, -1), 20, 0.5)  # [m, b*L]
+    out = torch.full((b, m, h_out, w_out), float("nan"))
+    geometry = (kh, kw, stride, stride, dilation, dilation, h_out, w_out, rows)
+    kernel.matmul(
+        a,
+        x,
+        out,
+        qmax=20,
+        scale=0.5,
+        packed=False,
+        out_strides=(big_l, big_l, m * big_l),
+        n_cols=b * big_l,
+        conv=(0, *geometry),
+    )
+    assert torch.equal(out, ref.view(m, b, h_out, w_out).transpose(0, 1))
+
+
+@needs_kernel
 def test_kernel_rejects_bad_operands():
     a = torch.zeros(2, 3, 8)
     with pytest.raises(ValueError, match="qmax"):
@@ -97,6 +133,16 @@ def test_kernel_rejects_bad_operands():
     with pytest.raises(ValueError, match="unit last stride"):
         kernel.matmul(
             a, torch.zeros(2, 4, 8).mT, torch.zeros(3, 4), qmax=3, scale=1.0, packed=False
+        )
+    with pytest.raises(ValueError, match="must fit in out"):
+        kernel.matmul(
+            a,
+            torch.zeros(2, 8, 4),
+            torch.zeros(11),
+            qmax=3,
+            scale=1.0,
+            packed=False,
+            out_strides=(4, 4, 0),
         )
 
 
@@ -137,6 +183,7 @@ def test_linear_chip_native_equals_pure_torch(monkeypatch, preset):
         dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
         dict(in_channels=16, out_channels=16, kernel_size=3, stride=2, padding=1, groups=16),
         dict(in_channels=20, out_channels=6, kernel_size=(3, 2), dilation=2, padding=(2, 1)),
+        dict(in_channels=24, out_channels=4, kernel_size=1, groups=2),
     ],
 )
 def test_conv_chip_native_equals_pure_torch(monkeypatch, conv):

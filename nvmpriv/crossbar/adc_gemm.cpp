@@ -39,10 +39,27 @@ inline vf load(const float* p) {
 
 inline vf splat(float x) { return vf{} + x; }
 
+// Output addressing: element (i, j) at base + i*ldc + (j / block)*ld_block + j % block, so a
+// convolution writes its [channels, batch * positions] result straight into NCHW.
+struct Out {
+  float* base;
+  int64_t ldc, block, ld_block;
+  void store(int i, int64_t j, const float* row, int n) const {
+    float* r = base + i * ldc;
+    for (int q = 0; q < n;) {
+      const int64_t off = j % block;
+      const int run = static_cast<int>(n - q < block - off ? n - q : block - off);
+      std::memcpy(r + (j / block) * ld_block + off, row + q, run * sizeof(float));
+      q += run;
+      j += run;
+    }
+  }
+};
+
 template <int R>
 inline __attribute__((always_inline)) void micro_tile(
-    const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int n_r, int ts, float* c,
-    int64_t ldc, int nc, float qmax, float scale, const uint8_t* check, float thr,
+    const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int n_r, int ts, const Out& c,
+    int64_t j0, int nc, float qmax, float scale, const uint8_t* check, float thr,
     uint8_t* reach) {
   vf acc[R][NV];
   for (int i = 0; i < R; ++i)
@@ -87,23 +104,23 @@ inline __attribute__((always_inline)) void micro_tile(
       const vf v = acc[i][j] * scale;
       std::memcpy(row + j * kLanes, &v, sizeof(vf));
     }
-    std::memcpy(c + i * ldc, row, nc * sizeof(float));
+    c.store(i, j0, row, nc);
   }
 }
 
 void panel_rows(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, const float* bp,
-                int n_r, int ts, float* c, int64_t ldc, int nc, float qmax, float scale,
+                int n_r, int ts, const Out& c, int64_t j0, int nc, float qmax, float scale,
                 const uint8_t* check, float thr, uint8_t* reach) {
   for (int i0 = 0; i0 < m_rows; i0 += MR) {
     const float* ai = a + i0 * sa_i;
-    float* ci = c + i0 * ldc;
+    const Out ci{c.base + i0 * c.ldc, c.ldc, c.block, c.ld_block};
     switch (m_rows - i0 >= MR ? MR : m_rows - i0) {
-      case 6: micro_tile<6>(ai, sa_t, sa_i, bp, n_r, ts, ci, ldc, nc, qmax, scale, check, thr, reach); break;
-      case 5: micro_tile<5>(ai, sa_t, sa_i, bp, n_r, ts, ci, ldc, nc, qmax, scale, check, thr, reach); break;
-      case 4: micro_tile<4>(ai, sa_t, sa_i, bp, n_r, ts, ci, ldc, nc, qmax, scale, check, thr, reach); break;
-      case 3: micro_tile<3>(ai, sa_t, sa_i, bp, n_r, ts, ci, ldc, nc, qmax, scale, check, thr, reach); break;
-      case 2: micro_tile<2>(ai, sa_t, sa_i, bp, n_r, ts, ci, ldc, nc, qmax, scale, check, thr, reach); break;
-      default: micro_tile<1>(ai, sa_t, sa_i, bp, n_r, ts, ci, ldc, nc, qmax, scale, check, thr, reach); break;
+      case 6: micro_tile<6>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
+      case 5: micro_tile<5>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
+      case 4: micro_tile<4>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
+      case 3: micro_tile<3>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
+      case 2: micro_tile<2>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
+      default: micro_tile<1>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
     }
   }
 }
@@ -119,6 +136,32 @@ void pack_panel(const float* b, int64_t sb_t, int64_t sb_k, int n_r, int ts, int
     }
 }
 
+// Convolution input gathered straight into a packed panel (im2col without the unfolded matrix).
+// geo: strides of the padded NCHW input (b, c, h, w; elements), first channel of the group,
+// kh, kw, stride h, stride w, dilation h, dilation w, output h, output w, real rows k.
+void gather_conv_panel(const float* x, const int64_t* geo, int n_rows, int64_t j0, int nc,
+                       float* dst) {
+  const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
+  const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
+  const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
+  int64_t off[NR];
+  for (int q = 0; q < nc; ++q) {
+    const int64_t pos = j0 + q, l = pos % (h_out * w_out);
+    off[q] = (pos / (h_out * w_out)) * s_b + (l / w_out) * sh * s_h + (l % w_out) * sw * s_w;
+  }
+  for (int r = 0; r < n_rows; ++r) {
+    float* d = dst + static_cast<int64_t>(r) * NR;
+    if (r >= k) {
+      std::memset(d, 0, NR * sizeof(float));
+      continue;
+    }
+    const int64_t c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
+    const float* xr = x + (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
+    for (int q = 0; q < nc; ++q) d[q] = xr[off[q]];
+    for (int q = nc; q < NR; ++q) d[q] = 0.f;
+  }
+}
+
 inline int panel_cols(int n_cols, int p) {
   const int nc = n_cols - p * NR;
   return nc > NR ? NR : nc;
@@ -129,7 +172,7 @@ inline int panel_cols(int n_cols, int p) {
 extern "C" {
 
 // Interface version checked by the loader; bump with any signature change.
-int nvmpriv_adc_abi(void) { return 2; }
+int nvmpriv_adc_abi(void) { return 4; }
 
 // Packed panel width (columns).
 int nvmpriv_adc_panel_width(void) { return NR; }
@@ -157,18 +200,22 @@ void nvmpriv_adc_pack(const float* b, int64_t sb_t, int64_t sb_k, int n_r, int t
 
 // Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t), ADC(s) = round(clamp(s)).
 //   A: element [t, i, k] at a[t*sa_t + i*sa_i + k], i < m_rows, k < ts.
-//   B: packed by nvmpriv_adc_pack when `packed`, else element [t, k, j] at
-//      b[t*sb_t + k*sb_k + j] (each panel is then packed into a private buffer before use).
-//   C: row-major, leading dimension ldc.
+//   B: packed by nvmpriv_adc_pack when `packed`; else, with `conv` (see gather_conv_panel),
+//      gathered from the padded NCHW input b of a convolution; else element [t, k, j] at
+//      b[t*sb_t + k*sb_k + j]. Unpacked panels are packed into a private buffer before use.
+//   C: element (i, j) at c[i*ldc + (j / block)*ld_block + j % block] (block >= 1).
 //   check (may be NULL): per tile row, whether to record in reach[thread * n_r + t] that a
 //   partial sum's magnitude reached thr before conversion; reach holds n_threads * n_r bytes.
 // Panels are shared over n_threads OpenMP threads where built with OpenMP. Returns 0, or -1
 // when a packing buffer could not be allocated.
 int nvmpriv_adc_gemm(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, const float* b,
-                     int64_t sb_t, int64_t sb_k, int packed, int n_r, int ts, int n_cols,
-                     int p0, int p1, float* c, int64_t ldc, float qmax, float scale,
-                     const uint8_t* check, float thr, uint8_t* reach, int n_threads) {
+                     int64_t sb_t, int64_t sb_k, int packed, const int64_t* conv, int n_r,
+                     int ts, int n_cols,
+                     int p0, int p1, float* c, int64_t ldc, int64_t block, int64_t ld_block,
+                     float qmax, float scale, const uint8_t* check, float thr, uint8_t* reach,
+                     int n_threads) {
   const int64_t panel = static_cast<int64_t>(n_r) * ts * NR;
+  const Out out{c, ldc, block, ld_block};
   int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads > 0 ? n_threads : 1) reduction(| : failed)
@@ -196,11 +243,15 @@ int nvmpriv_adc_gemm(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, con
           failed = 1;
           continue;
         }
-        pack_panel(b, sb_t, sb_k, n_r, ts, p * NR, nc, buf);
+        if (conv != nullptr) {
+          gather_conv_panel(b, conv, n_r * ts, static_cast<int64_t>(p) * NR, nc, buf);
+        } else {
+          pack_panel(b, sb_t, sb_k, n_r, ts, p * NR, nc, buf);
+        }
         bp = buf;
       }
-      panel_rows(a, sa_t, sa_i, m_rows, bp, n_r, ts, c + p * NR, ldc, nc, qmax, scale, check,
-                 thr, reach + static_cast<int64_t>(tid) * n_r);
+      panel_rows(a, sa_t, sa_i, m_rows, bp, n_r, ts, out, static_cast<int64_t>(p) * NR, nc, qmax,
+                 scale, check, thr, reach + static_cast<int64_t>(tid) * n_r);
     }
     std::free(buf);
   }

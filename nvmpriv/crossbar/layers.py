@@ -1168,25 +1168,38 @@ class CrossbarConv2d(CrossbarLayer):
             return p.mul_(step), reach
         wt = self._adc_layout(w_all)[0]  # [G, n_r, M, N]
         m = wt.shape[2]
+        kernel = _native_kernel(u, qmax)
+        if kernel is not None:
+            # im2col gathered panel by panel inside the kernel, codes summed in registers and
+            # written straight into NCHW: no unfolded matrix, no partial sums, no transpose
+            xp, h_out, w_out = self._padded_input(u)
+            big_l = h_out * w_out
+            clip, check = _row_flags(l1_all, _abs_max(u), qmax, detect)
+            out = torch.empty(b, n_g * m, h_out, w_out, dtype=u.dtype, device=u.device)
+            cin_g = self.in_channels // n_g
+            geometry = (*self.kernel_size, *self.stride, *self.dilation, h_out, w_out)
+            found: list[tuple[int, int]] = []
+            for g in range(n_g):
+                rows = kernel.matmul(
+                    wt[g],
+                    xp,
+                    out[:, g * m :],
+                    qmax=qmax,
+                    scale=float(step),
+                    packed=False,
+                    check=check[g] if detect else None,
+                    out_strides=(big_l, big_l, n_g * m * big_l),
+                    n_cols=b * big_l,
+                    conv=(g * cin_g, *geometry, self.rows_per_group),
+                )
+                found += [(g, r) for r in rows]
+            return out, found
         xt, h_out, w_out = self._im2col_tiles(u)  # [G, n_r, N, B*L]
         big_l = h_out * w_out
         clip, check = _row_flags(l1_all, _abs_max(u), qmax, detect)
         reach = []
         y = _workspace("acc", (n_g, m, b * big_l), u)
-        kernel = _native_kernel(u, qmax)
-        if kernel is not None:
-            for g in range(n_g):
-                rows = kernel.matmul(
-                    wt[g],
-                    xt[g],
-                    y[g],
-                    qmax=qmax,
-                    scale=float(step),
-                    packed=False,
-                    check=check[g] if detect else None,
-                )
-                reach += [(g, r) for r in rows]
-        elif n_r == 1:  # one tile row per output: a single batched GEMM over the groups
+        if n_r == 1:  # one tile row per output: a single batched GEMM over the groups
             p = torch.bmm(wt[:, 0], xt[:, 0], out=y)
             rows = _quantize_rows(p, qmax, [c[0] for c in clip], [c[0] for c in check])
             reach = [(g, 0) for g in rows]
@@ -1204,7 +1217,7 @@ class CrossbarConv2d(CrossbarLayer):
                         y[g].copy_(part)
                     else:
                         y[g].add_(part)
-        if kernel is None and not (isinstance(step, float) and step == 1.0):
+        if not (isinstance(step, float) and step == 1.0):
             y.mul_(step)
         # [G, M, B, L] -> [B, G*M, H', W'] (a fresh tensor: y is scratch space)
         out = torch.empty(b, n_g * m, h_out, w_out, dtype=u.dtype, device=u.device)
@@ -1227,13 +1240,8 @@ class CrossbarConv2d(CrossbarLayer):
         zero = torch.zeros_like(next(iter(parts.values())))
         return torch.cat([parts.get(g, zero) for g in range(n_g)], 1)
 
-    def _im2col_tiles(self, u: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Unfolded input as crossbar rows per tile: ``[G, n_r, N, B*H'*W']`` (one gather copy).
-
-        Row ``(c, i, j)`` of group ``g`` holds ``u_pad[b, g*Cin_g + c, h*s + i*d, w*s + j*d]``
-        for every output position ``(b, h, w)``; rows past K (tile padding) are zero.
-        """
-        n, n_r, n_g = self.config.tile_size, self.n_row_tiles, self.groups
+    def _padded_input(self, u: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Zero-padded input (a scratch buffer when padding is needed) and the output size."""
         kh, kw = self.kernel_size
         ph, pw = (int(v) for v in self.padding)
         if ph or pw:
@@ -1243,11 +1251,24 @@ class CrossbarConv2d(CrossbarLayer):
             xp[:, :, ph : ph + h, pw : pw + w].copy_(u)
         else:
             xp = u
-        b, c, hp, wp = xp.shape
         dh, dw = self.dilation
         sh, sw = self.stride
-        h_out = (hp - dh * (kh - 1) - 1) // sh + 1
-        w_out = (wp - dw * (kw - 1) - 1) // sw + 1
+        h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        return xp, h_out, w_out
+
+    def _im2col_tiles(self, u: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Unfolded input as crossbar rows per tile: ``[G, n_r, N, B*H'*W']`` (one gather copy).
+
+        Row ``(c, i, j)`` of group ``g`` holds ``u_pad[b, g*Cin_g + c, h*s + i*d, w*s + j*d]``
+        for every output position ``(b, h, w)``; rows past K (tile padding) are zero.
+        """
+        n, n_r, n_g = self.config.tile_size, self.n_row_tiles, self.groups
+        kh, kw = self.kernel_size
+        xp, h_out, w_out = self._padded_input(u)
+        b, c = xp.shape[:2]
+        dh, dw = self.dilation
+        sh, sw = self.stride
         s_b, s_c, s_h, s_w = xp.stride()
         patches = xp.as_strided(
             (b, c, kh, kw, h_out, w_out), (s_b, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw)

@@ -36,7 +36,7 @@ import torch
 __all__ = ["NativeAdcGemm", "adc_gemm_kernel", "native_status"]
 
 _SOURCE = Path(__file__).with_name("adc_gemm.cpp")
-_ABI = 2
+_ABI = 4
 # The kernel rounds with the 1.5 * 2**23 trick, exact for |partial sum| <= 2**22 after clamping.
 MAX_QMAX = 2**22
 # Below this many multiply-adds per call the thread hand-off costs more than it saves.
@@ -150,7 +150,7 @@ class NativeAdcGemm:
         lib.nvmpriv_adc_pack.argtypes = [_P, _I64, _I64, _I, _I, _I, _P]
         lib.nvmpriv_adc_pack.restype = None
         lib.nvmpriv_adc_gemm.argtypes = [
-            *(_P, _I64, _I64, _I, _P, _I64, _I64, _I, _I, _I, _I, _I, _I, _P, _I64),
+            *(_P, _I64, _I64, _I, _P, _I64, _I64, _I, _P, _I, _I, _I, _I, _I, _P, _I64, _I64, _I64),
             *(_F, _F, _P, _F, _P, _I),
         ]
         lib.nvmpriv_adc_gemm.restype = _I
@@ -212,6 +212,9 @@ class NativeAdcGemm:
         scale: float,
         packed: bool,
         check: list[bool] | None = None,
+        out_strides: tuple[int, int, int] | None = None,
+        n_cols: int | None = None,
+        conv: tuple[int, ...] | None = None,
     ) -> list[int]:
         """``out = scale * sum_t clamp(round(a[t] @ b[t]), -qmax, qmax)`` (float32, CPU).
 
@@ -219,23 +222,48 @@ class NativeAdcGemm:
             a: ``[n_r, m, ts]`` left operand (any strides with a unit last stride); the kernel
                 broadcasts its elements.
             b: ``[n_r, ts, n]`` right operand (unit last stride), or its :meth:`pack` result
-                when ``packed``.
-            out: ``[m, n]`` destination (unit last stride), overwritten.
+                when ``packed`` (then ``n`` is ``out``'s second dimension).
+            out: ``[m, n]`` destination (unit last stride), overwritten; with ``out_strides`` any
+                tensor whose first element is element ``(0, 0)``.
             qmax: ADC clip level in steps (``1 <= qmax <= 2**22``).
             scale: Factor applied to the summed codes (the ADC step).
             packed: Whether ``b`` is packed.
             check: Per tile row, whether to report partial sums reaching ``qmax`` (before
                 rounding, relative margin 1e-6).
+            out_strides: ``(ldc, block, ld_block)``: element ``(i, j)`` of the result goes to
+                ``out`` offset ``i*ldc + (j // block)*ld_block + j % block`` (a convolution's
+                ``[channels, batch*positions]`` result written straight into NCHW).
+            n_cols: Number of result columns ``n`` (default: ``b``'s last dimension, or
+                ``out``'s second when ``packed``).
+            conv: Gather the right operand from a convolution's padded NCHW input ``b``
+                instead: ``(channel offset, kh, kw, stride h, stride w, dilation h,
+                dilation w, output h, output w, rows k)``; rows ``k .. n_r*ts`` are zero and
+                column ``j`` is output position ``j`` of ``(batch, h, w)`` (needs ``n_cols``).
 
         Returns:
             The checked tile rows whose partial sums reached the clip level.
         """
         n_r, m, ts = a.shape
-        n = out.shape[1]
-        if a.stride(2) != 1 or out.stride(1) != 1 or not (1 <= qmax <= MAX_QMAX):
-            raise ValueError("adc matmul: unit last strides and 1 <= qmax <= 2**22 required")
+        if out_strides is None:
+            if out.dim() != 2 or out.stride(1) != 1:
+                raise ValueError("adc matmul: out needs a unit last stride")
+            out_strides = (out.stride(0), out.shape[1], 0)
+        n = n_cols if n_cols is not None else out.shape[1] if packed else b.shape[2]
+        geo = None
+        if conv is not None:
+            if b.dim() != 4 or packed or n_cols is None:
+                raise ValueError("adc matmul: conv needs an NCHW input, unpacked, and n_cols")
+            geo = torch.tensor([*b.stride(), *conv], dtype=torch.int64)
+        ldc, block, ld_block = out_strides
+        last = (m - 1) * ldc + ((n - 1) // block) * ld_block + (n - 1) % block
+        room = out.untyped_storage().nbytes() // out.element_size() - out.storage_offset()
+        if a.stride(2) != 1 or not (1 <= qmax <= MAX_QMAX) or block < 1 or not 0 <= last < room:
+            raise ValueError(
+                "adc matmul: a needs a unit last stride, 1 <= qmax <= 2**22, and the result "
+                "must fit in out"
+            )
         n_p = math.ceil(n / self.panel_width)
-        if not packed and b.stride(2) != 1:
+        if not packed and geo is None and b.stride(2) != 1:
             raise ValueError("adc matmul: b needs a unit last stride")
         check_t = None if check is None else torch.tensor(check, dtype=torch.uint8)
         check_ptr = None if check_t is None else check_t.data_ptr()
@@ -246,14 +274,15 @@ class NativeAdcGemm:
         # OpenMP builds share panels inside one call; otherwise one call per range of panels
         ranges = [(0, n_p)] if self.openmp else self._ranges(n_p, threads)
         reach = torch.zeros(len(ranges), threads if self.openmp else 1, n_r, dtype=torch.uint8)
-        sb_t, sb_k = (0, 0) if packed else (b.stride(0), b.stride(1))
+        sb_t, sb_k = (0, 0) if packed or geo is not None else (b.stride(0), b.stride(1))
+        geo_ptr = None if geo is None else geo.data_ptr()
         lib = self._lib
 
         def part(i: int) -> None:
             p0, p1 = ranges[i]
             rc = lib.nvmpriv_adc_gemm(
                 *(a.data_ptr(), a.stride(0), a.stride(1), m, b.data_ptr(), sb_t, sb_k),
-                *(int(packed), n_r, ts, n, p0, p1, out.data_ptr(), out.stride(0)),
+                *(int(packed), geo_ptr, n_r, ts, n, p0, p1, out.data_ptr(), ldc, block, ld_block),
                 *(float(qmax), scale, check_ptr, thr, reach[i].data_ptr()),
                 threads if self.openmp else 1,
             )
