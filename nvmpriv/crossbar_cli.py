@@ -7,6 +7,7 @@ import json
 from nvmpriv.cliargs import CommandParser, UsageError
 from nvmpriv.crossbar.config import PRESETS, get_preset
 from nvmpriv.crossbar.metrics import column_error
+from nvmpriv.crossbar.native import native_status
 
 __all__ = ["cli_main"]
 
@@ -55,8 +56,11 @@ def cli_main(argv: list[str]) -> int:
         "scope": "IR drop only (wire, source and sink resistance); stuck-at faults, variation, "
         "drift, read noise, DAC and ADC are not part of NF",
     }
+    # which ADC path this machine runs (native fused kernel, or pure torch and why)
+    simulator = native_status()
     if args.json:
-        print(json.dumps({"preset": args.preset, "params": params, "measured": measured}))
+        out = {"preset": args.preset, "params": params, "measured": measured}
+        print(json.dumps({**out, "simulator": simulator}))
         return 0
     width = max(len(k) for k in params)
     print(f"crossbar preset {args.preset!r}")
@@ -66,4 +70,5 @@ def cli_main(argv: list[str]) -> int:
     print(f"  {'mean rel. col. error':<{width}}  {stats.mean_abs_rel:.4f}")
     print(f"  {'NF (Gaussian weights)':<{width}}  {weights.nf:.4f}")
     print(f"  (NF and column error: {measured['scope']})")
+    print(f"simulator: {simulator}")
     return 0

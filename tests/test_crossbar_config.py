@@ -105,11 +105,13 @@ def test_cli_json(capsys):
     assert abs(out["measured"]["nf"] - 0.14) <= 0.02
     assert 0.0 < out["measured"]["nf_gaussian_weights"] < out["measured"]["nf"]
     assert out["measured"]["mean_relative_column_error"] >= out["measured"]["nf"] - 1e-12
+    assert out["simulator"].startswith(("native: ", "pure torch: "))
 
 
 def test_cli_text_and_errors(capsys):
     assert cli_main(["--preset", "ideal"]) == 0
-    assert "NF" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "NF" in text and "simulator: " in text
     with pytest.raises(CrossbarConfigError, match="known presets"):
         cli_main(["--preset", "nope"])
     # through python -m nvmpriv: the common one-line error and exit code 2
