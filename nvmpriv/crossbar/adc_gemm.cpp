@@ -149,6 +149,12 @@ void gather_conv_panel(const float* x, const int64_t* geo, int n_rows, int64_t j
     const int64_t pos = j0 + q, l = pos % (h_out * w_out);
     off[q] = (pos / (h_out * w_out)) * s_b + (l / w_out) * sh * s_h + (l % w_out) * sw * s_w;
   }
+  // runs of positions whose inputs are adjacent in memory (stride-1 image rows) are copied
+  int run_start[NR + 1];
+  int n_runs = 0;
+  for (int q = 0; q < nc; ++q)
+    if (q == 0 || off[q] != off[q - 1] + 1) run_start[n_runs++] = q;
+  run_start[n_runs] = nc;
   for (int r = 0; r < n_rows; ++r) {
     float* d = dst + static_cast<int64_t>(r) * NR;
     if (r >= k) {
@@ -157,7 +163,14 @@ void gather_conv_panel(const float* x, const int64_t* geo, int n_rows, int64_t j
     }
     const int64_t c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
     const float* xr = x + (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
-    for (int q = 0; q < nc; ++q) d[q] = xr[off[q]];
+    for (int u = 0; u < n_runs; ++u) {
+      const int q0 = run_start[u], len = run_start[u + 1] - q0;
+      if (len >= 8) {
+        std::memcpy(d + q0, xr + off[q0], len * sizeof(float));
+      } else {
+        for (int q = q0; q < q0 + len; ++q) d[q] = xr[off[q]];
+      }
+    }
     for (int q = nc; q < NR; ++q) d[q] = 0.f;
   }
 }
