@@ -909,9 +909,11 @@ class CrossbarLinear(CrossbarLayer):
         w_all, l1_all = self._adc_tiles(unit)
         w = w_all[0]
         b, m = xt.shape[1], w.shape[-1]
-        clip, check = _row_flags(l1_all[0], _abs_max(u2), qmax, detect)
         kernel = _native_kernel(u, qmax)
         if kernel is not None:
+            # the kernel always clamps (exact no-op where it cannot act): only gradients need
+            # the per-row bounds, to know which rows to check for clipping
+            check = _row_flags(l1_all[0], _abs_max(u2), qmax, True)[1] if detect else None
             cache = self._packed_cache
             if cache is None or cache[0] is not w_all:
                 cache = (w_all, kernel.pack(w))
@@ -924,9 +926,10 @@ class CrossbarLinear(CrossbarLayer):
                 qmax=qmax,
                 scale=float(step),
                 packed=True,
-                check=check if detect else None,
+                check=check,
             )
             return out.view(*lead, m), [(0, r) for r in rows]
+        clip, check = _row_flags(l1_all[0], _abs_max(u2), qmax, detect)
         reach: list[tuple[int, int]] = []
         chunk = max(1, min(n_r, _CHUNK_ELEMENTS // max(1, b * m)))
         buf = _workspace("psum", (chunk, b, m), u)
@@ -1174,7 +1177,7 @@ class CrossbarConv2d(CrossbarLayer):
             # written straight into NCHW: no unfolded matrix, no partial sums, no transpose
             xp, h_out, w_out = self._padded_input(u)
             big_l = h_out * w_out
-            clip, check = _row_flags(l1_all, _abs_max(u), qmax, detect)
+            checks = _row_flags(l1_all, _abs_max(u), qmax, True)[1] if detect else None
             out = torch.empty(b, n_g * m, h_out, w_out, dtype=u.dtype, device=u.device)
             cin_g = self.in_channels // n_g
             geometry = (*self.kernel_size, *self.stride, *self.dilation, h_out, w_out)
@@ -1187,7 +1190,7 @@ class CrossbarConv2d(CrossbarLayer):
                     qmax=qmax,
                     scale=float(step),
                     packed=False,
-                    check=check[g] if detect else None,
+                    check=None if checks is None else checks[g],
                     out_strides=(big_l, big_l, n_g * m * big_l),
                     n_cols=b * big_l,
                     conv=(g * cin_g, *geometry, self.rows_per_group),
