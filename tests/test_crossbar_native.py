@@ -146,6 +146,16 @@ def test_kernel_rejects_bad_operands():
         )
 
 
+@needs_kernel
+def test_empty_batches_pass_through():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 25, 3)).eval()
+    x = torch.randn(6, 4, 5, 5)
+    chip = convert(net, PRESETS["32x32_100k"], seed=0, calibration=x).eval()
+    with torch.no_grad():
+        assert chip(x[:0]).shape == (0, 3)
+
+
 def _pure_torch(monkeypatch):
     monkeypatch.setattr(xbar_layers, "_native_kernel", lambda u, qmax: None)
 

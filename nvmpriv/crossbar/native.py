@@ -255,6 +255,8 @@ class NativeAdcGemm:
                 raise ValueError("adc matmul: conv needs an NCHW input, unpacked, and n_cols")
             geo = torch.tensor([*b.stride(), *conv], dtype=torch.int64)
         ldc, block, ld_block = out_strides
+        if m == 0 or n == 0:
+            return []
         last = (m - 1) * ldc + ((n - 1) // block) * ld_block + (n - 1) % block
         room = out.untyped_storage().nbytes() // out.element_size() - out.storage_offset()
         if a.stride(2) != 1 or not (1 <= qmax <= MAX_QMAX) or block < 1 or not 0 <= last < room:
