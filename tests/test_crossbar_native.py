@@ -126,6 +126,28 @@ def test_kernel_gathers_convolution_panels_like_unfold(k, stride, dilation, size
 
 
 @needs_kernel
+def test_build_without_openmp_splits_panels_over_python_threads(monkeypatch, tmp_path):
+    # processes whose torch does not run libgomp get a build without -fopenmp, threaded from
+    # Python: same result as the definition at any thread count
+    monkeypatch.setenv("NVMPRIV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_libgomp_loaded", lambda: False)
+    plain = native.NativeAdcGemm(native._build(native._compiler()))
+    assert not plain.openmp
+    gen = torch.Generator().manual_seed(5)
+    a = dyadic((4, 200, 32), gen)
+    b = dyadic((4, 32, 300), gen)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            out = torch.empty(200, 300)
+            reach = plain.matmul(a, b, out, qmax=3, scale=1.0, packed=False, check=[True] * 4)
+            assert torch.equal(out, torch_adc_gemm(a, b, 3, 1.0)) and reach == [0, 1, 2, 3]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_kernel_rejects_bad_operands():
     a = torch.zeros(2, 3, 8)
     with pytest.raises(ValueError, match="qmax"):

@@ -120,6 +120,15 @@ def _quantize_rows(p: torch.Tensor, qmax: int, clip: list[bool], check: list[boo
     return reach
 
 
+def _clip_checks(l1: torch.Tensor, u: torch.Tensor, qmax: int, detect: bool) -> Any:
+    """Per tile row, whether to report clipping to the native kernel (``None``: no report).
+
+    The kernel always clamps (an exact no-op where the clamp cannot act), so only gradients,
+    which must know the clipped tiles, need the per-row bounds and their pass over ``u``.
+    """
+    return _row_flags(l1, _abs_max(u), qmax, True)[1] if detect else None
+
+
 def _native_kernel(u: torch.Tensor, qmax: int) -> NativeAdcGemm | None:
     """The fused GEMM + ADC kernel where it applies to input ``u`` (float32 on the CPU)."""
     if u.device.type != "cpu" or u.dtype != torch.float32 or qmax > MAX_QMAX:
@@ -911,9 +920,7 @@ class CrossbarLinear(CrossbarLayer):
         b, m = xt.shape[1], w.shape[-1]
         kernel = _native_kernel(u, qmax)
         if kernel is not None:
-            # the kernel always clamps (exact no-op where it cannot act): only gradients need
-            # the per-row bounds, to know which rows to check for clipping
-            check = _row_flags(l1_all[0], _abs_max(u2), qmax, True)[1] if detect else None
+            check = _clip_checks(l1_all[0], u2, qmax, detect)
             cache = self._packed_cache
             if cache is None or cache[0] is not w_all:
                 cache = (w_all, kernel.pack(w))
@@ -1177,7 +1184,7 @@ class CrossbarConv2d(CrossbarLayer):
             # written straight into NCHW: no unfolded matrix, no partial sums, no transpose
             xp, h_out, w_out = self._padded_input(u)
             big_l = h_out * w_out
-            checks = _row_flags(l1_all, _abs_max(u), qmax, True)[1] if detect else None
+            checks = _clip_checks(l1_all, u, qmax, detect)
             out = torch.empty(b, n_g * m, h_out, w_out, dtype=u.dtype, device=u.device)
             cin_g = self.in_channels // n_g
             geometry = (*self.kernel_size, *self.stride, *self.dilation, h_out, w_out)

@@ -48,6 +48,10 @@ _STATE: dict[str, object] = {}
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
+def _disabled() -> bool:
+    return os.environ.get("NVMPRIV_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _cache_dir() -> Path:
     env = os.environ.get("NVMPRIV_CACHE_DIR")
     if env:
@@ -319,7 +323,7 @@ def adc_gemm_kernel() -> NativeAdcGemm | None:
         The loaded kernel, or ``None`` when ``NVMPRIV_NATIVE=0``, no C++ compiler is found, or
         building, loading or the self-check failed (warned once per process).
     """
-    if os.environ.get("NVMPRIV_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled():
         return None
     with _LOCK:
         if "kernel" in _STATE:
@@ -356,6 +360,6 @@ def native_status() -> str:
     kernel = adc_gemm_kernel()
     if kernel is not None:
         return f"native: {kernel.path}"
-    if os.environ.get("NVMPRIV_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled():
         return "pure torch: disabled by NVMPRIV_NATIVE"
     return f"pure torch: {_STATE.get('reason', 'unavailable')}"
