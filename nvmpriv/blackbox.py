@@ -444,6 +444,7 @@ def attack_model(
         timing[name] = time.perf_counter() - t0
     report: dict[str, Any] = {
         "model": str(predictor.path),
+        "engine": predictor.engine,
         "crossbar": predictor.metadata.get("nvmpriv.crossbar_name", ""),
         "chip_seed": predictor.metadata.get("nvmpriv.chip_seed", ""),
         "split_hash": predictor.metadata.get("nvmpriv.split_hash", ""),
@@ -524,7 +525,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'attack':28s} {'acc':>6s} {'acc_ub':>6s} {'auc':>6s} {'tpr@1%':>7s} "
         f"{'tpr@.1%':>7s} {'queries':>8s} {'sec':>6s}"
     )
-    lines = [f"model {report['model']} (crossbar {report['crossbar']})", head, "-" * len(head)]
+    engine = f"; {report['engine']}" if report.get("engine") else ""
+    lines = [f"model {report['model']} (crossbar {report['crossbar']}{engine})", head]
+    lines.append("-" * len(head))
     notes: dict[str, None] = {}  # ordered set: one note per distinct reason
     for name, e in report["attacks"].items():
         acc = "   n/a" if e.get("accuracy") is None else f"{e['accuracy']:6.3f}"

@@ -1,10 +1,16 @@
 """Evaluate an exported nvmpriv ONNX file: numpy + onnx + onnxruntime, never torch.
 
-Two paths:
+Three engines (``Predictor.engine`` says which one runs a file):
 
-* fast (default): stock onnxruntime (CPU). The ``nvmpriv`` crossbar nodes carry their
-  computation as ONNX functions in standard ops, which onnxruntime inlines, so no custom-op
-  library is loaded.
+* native (default where it applies): the deterministic crossbar nodes with a per-tile ADC (no
+  read noise, no bit slicing) run on the fused GEMM + ADC kernel the torch simulator uses
+  (:mod:`nvmpriv.native`, compiled on first use with the machine's C++ compiler), everything
+  else on onnxruntime, the graph cut into standard-op segments at those nodes
+  (:mod:`nvmpriv.runtime_native`). Same function as the bodies below to float32 precision.
+* onnxruntime (``load(path, native=False)``, ``NVMPRIV_NATIVE=0``, no compiler, or no
+  qualifying node): stock onnxruntime (CPU). The ``nvmpriv`` crossbar nodes carry their
+  computation as ONNX functions in standard ops, which onnxruntime inlines, so the file needs
+  no custom-op library anywhere.
 * reference (``load(path, reference=True)``): ``onnx.reference.ReferenceEvaluator`` with the
   numpy implementations :class:`CrossbarGemm` and :class:`CrossbarConv` below, written from the
   forward equation in :class:`nvmpriv.crossbar.CrossbarLayer`'s docstring (im2col for
@@ -18,9 +24,12 @@ same sequence. Measured with onnxruntime 1.32: with a ``seed`` attribute, two ru
 session differ and run ``i`` of two sessions agree; without a seed onnxruntime behaves the
 same way (its default seed is fixed too). Pass ``seed=`` to :func:`load` for another sequence.
 
-Threads. A deterministic crossbar file (no read noise) runs one query batch as several chunks
-concurrently, one onnxruntime thread each: its per-tile ADC passes (``Round``, ``Clip``) are
-single-threaded elementwise kernels that intra-op threads do not spread (measured on 2 cores:
+Threads. The native engine threads inside its kernel (OpenMP) and its onnxruntime segments
+(intra-op threads, not spinning between calls, so that they leave the cores to the kernel).
+On the onnxruntime engine, a deterministic crossbar file (no read noise) runs one query batch
+as several chunks concurrently, one onnxruntime thread each: its per-tile ADC passes
+(``Round``, ``Clip``) are single-threaded elementwise kernels that intra-op threads do not
+spread (measured on 2 cores:
 1.03-1.36x faster, bit-identical output). A chunk is at least ~5 ms of work (a probe at load
 time, on random inputs, times one row); the chunks run on a second, single-threaded session and
 batches too small to split run in one piece with intra-op threads. Digital files and files with
@@ -61,6 +70,7 @@ __all__ = [
     "CrossbarGemm",
     "OnnxModelError",
     "Predictor",
+    "activation_quantizer",
     "check_noise_seed",
     "content_digest",
     "load",
@@ -102,6 +112,29 @@ def _quantize(x: np.ndarray, step: float, qmax: int) -> np.ndarray:
     """Symmetric uniform quantizer ``clip(round(x / step), -qmax, qmax) * step`` (float32)."""
     s = np.float32(step)
     return (np.clip(np.round(x / s), -qmax, qmax) * s).astype(np.float32)
+
+
+def activation_quantizer(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """DoReFa input quantizer of a quantized layer, in the float32 operations torch uses.
+
+    Args:
+        x: Layer input.
+        bits: Activation bits (``0``: no quantizer, ``x`` as float32).
+        signed: The signed form of Tanh nets (inputs in ``[-1, 1]``) instead of ``[0, 1]``.
+
+    Returns:
+        The quantized input (float32).
+    """
+    if not bits:
+        return x.astype(np.float32, copy=False)
+    n = np.float32(2.0**bits - 1)
+    if signed:
+        clipped = np.clip(x.astype(np.float32), np.float32(-1), np.float32(1))
+        r = (clipped + np.float32(1)) * np.float32(0.5) * n
+        q = (r + (np.round(r) - r)) / n
+        return (q * np.float32(2) - np.float32(1)).astype(np.float32)
+    r = np.clip(x.astype(np.float32), np.float32(0), np.float32(1)) * n
+    return ((r + (np.round(r) - r)) / n).astype(np.float32)
 
 
 class _CrossbarOp(OpRun):
@@ -152,16 +185,7 @@ class _CrossbarOp(OpRun):
         """DAC-quantized inputs, or bit-sliced stream digits stacked on axis 0 (count S)."""
         a = self
         bits = int(getattr(a, "act_bits", 0) or 0)
-        if bits and int(getattr(a, "act_signed", 0) or 0):  # signed (Tanh-input) form
-            n = np.float32(2.0**bits - 1)
-            clipped = np.clip(x.astype(np.float32), np.float32(-1), np.float32(1))
-            r = (clipped + np.float32(1)) * np.float32(0.5) * n
-            q = (r + (np.round(r) - r)) / n
-            x = (q * np.float32(2) - np.float32(1)).astype(np.float32)
-        elif bits:  # DoReFa input quantizer of a quantized layer
-            n = np.float32(2.0**bits - 1)
-            r = np.clip(x.astype(np.float32), np.float32(0), np.float32(1)) * n
-            x = ((r + (np.round(r) - r)) / n).astype(np.float32)
+        x = activation_quantizer(x, bits, bool(int(getattr(a, "act_signed", 0) or 0)))
         if a.bit_slicing:
             qmax = 2 ** (a.input_bits - 1) - 1
             codes = np.clip(np.round(x.astype(np.float64) * 2.0**a.input_frac_bits), -qmax, qmax)
@@ -570,6 +594,8 @@ class Predictor:
         input_shape: Shape of one input (no batch dimension).
         num_classes: Number of classes C.
         reference: Whether the numpy reference evaluator runs it.
+        engine: What evaluates it: ``"onnxruntime"``, ``"onnxruntime + native crossbar
+            kernel (N nodes)"`` or ``"reference"``.
         queries: Number of samples queried so far.
     """
 
@@ -578,6 +604,7 @@ class Predictor:
     input_shape: tuple[int, ...]
     num_classes: int
     reference: bool
+    engine: str
     _runner: Any = field(repr=False)
     _input_name: str = "input"
     _output_name: str = "probabilities"
@@ -693,6 +720,21 @@ def _chunk_parallel(model: onnx.ModelProto) -> bool:
     return crossbar and not noisy
 
 
+def _native_runner(model: onnx.ModelProto, session: Any, threads: int) -> Any:
+    """The native-kernel runner of a file with qualifying crossbar nodes, else ``None``."""
+    from nvmpriv import runtime_native
+
+    if not runtime_native.native_nodes(model):
+        return None
+    lib = runtime_native.native_library()
+    if lib is None:
+        return None
+    try:
+        return runtime_native.NativeGraphRunner(model, lib, session, threads)
+    except ValueError:  # nothing left to run natively once checked, or an uncuttable graph
+        return None
+
+
 def _rows_per_chunk(run: Any, input_shape: tuple[int, ...]) -> int:
     """Rows of about :data:`_MIN_CHUNK_SECONDS` of work, from timed single-threaded probes."""
     rng = np.random.default_rng(0)
@@ -715,6 +757,7 @@ def load(
     reference: bool = False,
     seed: int | None = None,
     threads: int | None = None,
+    native: bool = True,
 ) -> Predictor:
     """Load an nvmpriv export for querying.
 
@@ -727,6 +770,10 @@ def load(
         threads: CPU threads to use (``None``: all available): onnxruntime intra-op threads,
             and for a deterministic crossbar file also the number of concurrent
             single-threaded chunks a large batch is split into (see the module docstring).
+        native: Evaluate the deterministic per-tile-ADC crossbar nodes with the native fused
+            kernel and the rest with onnxruntime (:mod:`nvmpriv.runtime_native`) where a C++
+            compiler is available; ``False`` (or ``NVMPRIV_NATIVE=0``) runs the whole file on
+            onnxruntime's function bodies.
 
     Returns:
         The predictor.
@@ -781,6 +828,7 @@ def load(
             raise _fail(file, str(exc), "pass a smaller seed") from None
     input_name, output_name = meta["nvmpriv.input_name"], meta["nvmpriv.output_name"]
     workers, chunk_runner = 1, None
+    engine = "reference" if reference else "onnxruntime"
     if reference:
         from onnx.reference import ReferenceEvaluator
 
@@ -792,18 +840,27 @@ def load(
         n_threads = max(1, int(threads) if threads is not None else (cores or 1))
         data = model.SerializeToString()
 
-        def session(intra: int) -> Any:
+        def session(intra: int, data: bytes = data, spin: bool = True) -> Any:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = intra
             opts.inter_op_num_threads = 1
+            if not spin:
+                # between segments the native kernel runs: spinning workers would take its cores
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 first = str(exc).strip().splitlines()[0][:300]
                 raise _fail(file, f"onnxruntime cannot load it ({first})") from None
 
-        runner = session(n_threads)
-        if n_threads > 1 and _chunk_parallel(model):
+        runner = None
+        if native:
+            runner = _native_runner(model, lambda data: session(n_threads, data, False), n_threads)
+        if runner is not None:
+            engine = f"onnxruntime + native crossbar kernel ({runner.native_count} nodes)"
+        else:
+            runner = session(n_threads)
+        if engine == "onnxruntime" and n_threads > 1 and _chunk_parallel(model):
             # a second, single-threaded session runs the concurrent chunks of large batches
             workers, chunk_runner = n_threads, session(1)
     predictor = Predictor(
@@ -812,6 +869,7 @@ def load(
         input_shape=input_shape,
         num_classes=num_classes,
         reference=reference,
+        engine=engine,
         _runner=runner,
         _input_name=input_name,
         _output_name=output_name,

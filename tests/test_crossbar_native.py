@@ -8,6 +8,7 @@ from torch import nn
 
 from nvmpriv.crossbar import PRESETS, convert, native
 from nvmpriv.crossbar import layers as xbar_layers
+from nvmpriv.native import build
 
 kernel = native.adc_gemm_kernel()
 needs_kernel = pytest.mark.skipif(kernel is None, reason=native.native_status())
@@ -127,11 +128,11 @@ def test_kernel_gathers_convolution_panels_like_unfold(k, stride, dilation, size
 
 @needs_kernel
 def test_build_without_openmp_splits_panels_over_python_threads(monkeypatch, tmp_path):
-    # processes whose torch does not run libgomp get a build without -fopenmp, threaded from
+    # processes running another OpenMP runtime get a build without -fopenmp, threaded from
     # Python: same result as the definition at any thread count
     monkeypatch.setenv("NVMPRIV_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_libgomp_loaded", lambda: False)
-    plain = native.NativeAdcGemm(native._build(native._compiler()))
+    monkeypatch.setattr(build, "foreign_openmp_loaded", lambda: True)
+    plain = native.NativeAdcGemm(build.build_library(build.find_compiler()))
     assert not plain.openmp
     gen = torch.Generator().manual_seed(5)
     a = dyadic((4, 200, 32), gen)
@@ -271,7 +272,7 @@ def test_build_failure_warns_once_and_the_chip_runs_on_pure_torch(monkeypatch, t
 
 
 def test_a_failed_self_check_falls_back(monkeypatch, tmp_path):
-    if native._compiler() is None:
+    if build.find_compiler() is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setattr(native, "_STATE", {})
     monkeypatch.setenv("NVMPRIV_CACHE_DIR", str(tmp_path))
@@ -285,11 +286,11 @@ def test_a_failed_self_check_falls_back(monkeypatch, tmp_path):
 
 
 def test_build_is_cached_and_reused(monkeypatch, tmp_path):
-    cxx = native._compiler()
+    cxx = build.find_compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("NVMPRIV_CACHE_DIR", str(tmp_path))
-    first = native._build(cxx)
+    first = build.build_library(cxx)
     assert first.parent == tmp_path / "native" and first.is_file()
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".adc_gemm-")]
 
@@ -297,4 +298,4 @@ def test_build_is_cached_and_reused(monkeypatch, tmp_path):
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert native._build(cxx) == first
+    assert build.build_library(cxx) == first

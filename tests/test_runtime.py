@@ -91,10 +91,11 @@ def test_parity_torch_onnxruntime_reference(tmp_path: Path, arch: str, cfg_name:
     path, x_cal = _export(tmp_path, model, cfg_name, shape)
     x = x_cal[:2] if arch == "resnet" else x_cal[:8]
     expected = _torch_probs(model, cfg_name, x_cal, x)
-    fast = runtime.load(path).predict_proba(x.numpy())
+    fast = runtime.load(path).predict_proba(x.numpy())  # native kernel where nodes qualify
+    stock = runtime.load(path, native=False).predict_proba(x.numpy())  # the function bodies
     ref = runtime.load(path, reference=True).predict_proba(x.numpy())
     # relative 1e-4 on the probabilities (and their logs, which resolve small classes)
-    for got in (fast, ref):
+    for got in (fast, stock, ref):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(np.log(got), np.log(expected), rtol=1e-4, atol=1e-5)
     # the chip is not the digital net: the comparison above can fail
@@ -132,8 +133,9 @@ def test_concurrent_chunks_equal_one_thread(tmp_path: Path) -> None:
     chip, x = _export(tmp_path, _tiny_cnn(), "64x64_100k", [3, 8, 8])
     digital, _ = _export(tmp_path, _tiny_cnn(), "digital", [3, 8, 8])
     xs = np.concatenate([x.numpy()] * 3)[:87]  # 87 rows: uneven chunks
-    one = runtime.load(chip, threads=1)
-    many = runtime.load(chip, threads=3)
+    # the function bodies on onnxruntime (the native engine threads inside its kernel instead)
+    one = runtime.load(chip, threads=1, native=False)
+    many = runtime.load(chip, threads=3, native=False)
     assert (one._workers, many._workers) == (1, 3)
     assert runtime.load(digital, threads=3)._workers == 1  # intra-op threads instead
     assert many._min_rows >= 1 and many.queries == 0  # the load-time probe is not a query

@@ -11,7 +11,7 @@
 //
 // Portable GCC/Clang vector extensions: compiled with -march=native they become AVX-512, AVX2
 // or NEON code. No -ffast-math: the rounding below relies on IEEE round-to-nearest-even.
-// Loaded with ctypes by nvmpriv/crossbar/native.py (extern "C" ABI, no Python or torch headers).
+// Loaded with ctypes by nvmpriv/native/library.py (extern "C" ABI, no Python or torch headers).
 
 #include <cstdint>
 #include <cstring>
@@ -185,7 +185,7 @@ inline int panel_cols(int n_cols, int p) {
 extern "C" {
 
 // Interface version checked by the loader; bump with any signature change.
-int nvmpriv_adc_abi(void) { return 4; }
+int nvmpriv_adc_abi(void) { return 5; }
 
 // Packed panel width (columns).
 int nvmpriv_adc_panel_width(void) { return NR; }
@@ -209,6 +209,36 @@ void nvmpriv_adc_pack(const float* b, int64_t sb_t, int64_t sb_k, int n_r, int t
   for (int p = 0; p < n_p; ++p)
     pack_panel(b, sb_t, sb_k, n_r, ts, p * NR, panel_cols(n_cols, p),
                out + static_cast<int64_t>(p) * n_r * ts * NR);
+}
+
+// DAC codes d = clamp(round(x / step), -qmax, qmax) (ties to even; 1 <= qmax <= 2^22), or a
+// plain copy d = x when step <= 0, for an [n0, n1, n2] block: x element (i, j, k) at
+// x[i*sx0 + j*sx1 + k], d element at d[i*sd0 + j*sd1 + k]. Same float32 operations as the
+// export's Div, Round and Clip (clamping first rounds to the same integer for integer qmax).
+void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64_t sx0,
+                       int64_t sx1, float* d, int64_t sd0, int64_t sd1, float step, float qmax,
+                       int n_threads) {
+  const int64_t rows = n0 * n1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(n_threads > 0 ? n_threads : 1) \
+    if (rows * n2 >= (1 << 16))
+#else
+  (void)n_threads;
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r / n1, j = r % n1;
+    const float* src = x + i * sx0 + j * sx1;
+    float* dst = d + i * sd0 + j * sd1;
+    if (step <= 0.0f) {
+      for (int64_t k = 0; k < n2; ++k) dst[k] = src[k];
+      continue;
+    }
+    for (int64_t k = 0; k < n2; ++k) {
+      float v = src[k] / step;
+      v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+      dst[k] = (v + kMagic) - kMagic;
+    }
+  }
 }
 
 // Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t), ADC(s) = round(clamp(s)).

@@ -1,0 +1,212 @@
+"""ctypes binding of the compiled ``adc_gemm.cpp`` on raw pointers.
+
+No tensors in the interface: the torch and numpy front ends pass addresses and element strides.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ABI", "MAX_QMAX", "PARALLEL_MIN_MACS", "AdcGemmLibrary"]
+
+ABI = 5
+# The kernel rounds with the 1.5 * 2**23 trick, exact for |partial sum| <= 2**22 after clamping.
+MAX_QMAX = 2**22
+# Below this many multiply-adds per call the thread hand-off costs more than it saves.
+PARALLEL_MIN_MACS = 1 << 18
+
+_P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+class AdcGemmLibrary:
+    """The loaded kernel: panel packing and the fused GEMM + per-tile ADC, threaded.
+
+    Args:
+        path: The compiled shared library (:func:`nvmpriv.native.build.build_library`).
+
+    Raises:
+        OSError: If the library cannot be loaded.
+        RuntimeError: If its interface version is not :data:`ABI`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        lib.nvmpriv_adc_abi.restype = _I
+        if lib.nvmpriv_adc_abi() != ABI:
+            raise RuntimeError(f"{path.name}: kernel interface {lib.nvmpriv_adc_abi()} != {ABI}")
+        lib.nvmpriv_adc_panel_width.restype = _I
+        lib.nvmpriv_adc_openmp.restype = _I
+        lib.nvmpriv_adc_pack.argtypes = [_P, _I64, _I64, _I, _I, _I, _P]
+        lib.nvmpriv_adc_pack.restype = None
+        lib.nvmpriv_adc_gemm.argtypes = [
+            *(_P, _I64, _I64, _I, _P, _I64, _I64, _I, _P, _I, _I, _I, _I, _I, _P, _I64, _I64, _I64),
+            *(_F, _F, _P, _F, _P, _I),
+        ]
+        lib.nvmpriv_adc_gemm.restype = _I
+        lib.nvmpriv_dac_codes.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64]
+        lib.nvmpriv_dac_codes.argtypes += [_F, _F, _I]
+        lib.nvmpriv_dac_codes.restype = None
+        self._lib = lib
+        self.path = path
+        self.panel_width: int = lib.nvmpriv_adc_panel_width()
+        self.openmp = bool(lib.nvmpriv_adc_openmp())
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+
+    @staticmethod
+    def _ranges(n_panels: int, threads: int) -> list[tuple[int, int]]:
+        bounds = [round(i * n_panels / threads) for i in range(threads + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(threads) if bounds[i] < bounds[i + 1]]
+
+    def _run(self, fn: Callable[[int], None], n: int) -> None:
+        """Run ``fn(0) .. fn(n - 1)``, in parallel on a thread pool when ``n > 1``."""
+        if n == 1:
+            fn(0)
+            return
+        if self._pool is None or self._pool_size < n - 1:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="nvmpriv-adc")
+            self._pool_size = n - 1
+        # ctypes releases the GIL for the call, so the ranges run in parallel
+        futures = [self._pool.submit(fn, i) for i in range(1, n)]
+        fn(0)
+        for f in futures:
+            f.result()
+
+    def packed_size(self, n_r: int, ts: int, n_cols: int) -> int:
+        """Float count of :meth:`pack`'s result for ``n_r`` blocks of ``[ts, n_cols]``.
+
+        Args:
+            n_r: Tile rows.
+            ts: Rows per tile.
+            n_cols: Columns.
+
+        Returns:
+            ``ceil(n_cols / panel_width) * n_r * ts * panel_width``.
+        """
+        return math.ceil(n_cols / self.panel_width) * n_r * ts * self.panel_width
+
+    def pack(
+        self, src: int, ld_t: int, ld_k: int, n_r: int, ts: int, n_cols: int, dst: int
+    ) -> None:
+        """Pack ``n_r`` float32 blocks ``[ts, n_cols]`` into the kernel's column panels.
+
+        Args:
+            src: Address of element ``[0, 0, 0]``; element ``[t, k, j]`` at
+                ``src[t*ld_t + k*ld_k + j]``.
+            ld_t: Element stride between blocks.
+            ld_k: Element stride between rows.
+            n_r: Blocks (tile rows).
+            ts: Rows per block.
+            n_cols: Columns.
+            dst: Address of :meth:`packed_size` writable floats.
+        """
+        self._lib.nvmpriv_adc_pack(src, ld_t, ld_k, n_r, ts, n_cols, dst)
+
+    def dac_codes(
+        self,
+        x: tuple[int, int, int],
+        dst: tuple[int, int, int],
+        shape: tuple[int, int, int],
+        *,
+        step: float,
+        qmax: int,
+        threads: int,
+    ) -> None:
+        """``dst = clamp(round(x / step), -qmax, qmax)`` (or a copy when ``step <= 0``).
+
+        Args:
+            x: ``(address, stride 0, stride 1)`` of a float32 ``[n0, n1, n2]`` block with a
+                unit last stride.
+            dst: The same for the destination.
+            shape: ``(n0, n1, n2)``.
+            step: DAC step (``<= 0``: copy without quantizing).
+            qmax: Clip level in steps (``1 <= qmax <= 2**22`` when quantizing).
+            threads: Threads (OpenMP builds only).
+        """
+        n0, n1, n2 = shape
+        self._lib.nvmpriv_dac_codes(
+            x[0], n0, n1, n2, x[1], x[2], dst[0], dst[1], dst[2], step, float(qmax), threads
+        )
+
+    def gemm(
+        self,
+        a: tuple[int, int, int],
+        b: tuple[int, int, int],
+        out: tuple[int, int, int, int],
+        *,
+        m: int,
+        n: int,
+        n_r: int,
+        ts: int,
+        qmax: int,
+        scale: float,
+        packed: bool,
+        conv: int | None,
+        check: list[bool] | None,
+        threads: int,
+    ) -> list[int]:
+        """``C = scale * sum_t clamp(round(A_t @ B_t), -qmax, qmax)`` on raw float32 memory.
+
+        Operands are validated by the callers (torch and numpy front ends).
+
+        Args:
+            a: ``(address, stride between tile rows, stride between rows)`` of ``A [n_r, m, ts]``
+                (unit last stride).
+            b: ``(address, tile-row stride, row stride)`` of ``B [n_r, ts, n]`` (unit last
+                stride); the strides are ignored when packed or gathered (``conv``).
+            out: ``(address, ldc, block, ld_block)``: ``C[i, j]`` at
+                ``i*ldc + (j // block)*ld_block + j % block``.
+            m: Rows of ``C``.
+            n: Columns of ``C``.
+            n_r: Tile rows.
+            ts: Rows per tile.
+            qmax: ADC clip level in steps.
+            scale: Factor applied to the summed codes.
+            packed: Whether ``b`` was packed by :meth:`pack`.
+            conv: Address of the int64 convolution geometry (input strides then the gather
+                parameters, see ``adc_gemm.cpp``), or ``None``.
+            check: Per tile row, whether to report partial sums reaching ``qmax``.
+            threads: Threads to use (OpenMP inside one call, else Python threads over panels).
+
+        Returns:
+            The checked tile rows whose partial sums reached the clip level.
+
+        Raises:
+            MemoryError: If the kernel could not allocate a panel buffer.
+        """
+        n_p = math.ceil(n / self.panel_width)
+        threads = max(1, min(threads, n_p))
+        if n_r * m * ts * n < PARALLEL_MIN_MACS:
+            threads = 1
+        # OpenMP builds share panels inside one call; otherwise one call per range of panels
+        ranges = [(0, n_p)] if self.openmp else self._ranges(n_p, threads)
+        per_call = threads if self.openmp else 1
+        reach = np.zeros((len(ranges), per_call, n_r), dtype=np.uint8)
+        flags = None if check is None else np.asarray(check, dtype=np.uint8)
+        check_ptr = None if flags is None else flags.ctypes.data
+        thr = float(qmax) * (1 - 1e-6)
+        lib = self._lib
+
+        def part(i: int) -> None:
+            p0, p1 = ranges[i]
+            rc = lib.nvmpriv_adc_gemm(
+                *(a[0], a[1], a[2], m, b[0], b[1], b[2]),
+                *(int(packed), conv, n_r, ts, n, p0, p1, *out),
+                *(float(qmax), scale, check_ptr, thr, reach[i].ctypes.data),
+                per_call,
+            )
+            if rc != 0:
+                raise MemoryError("adc matmul: out of memory for a packed panel")
+
+        self._run(part, len(ranges))
+        if check is None:
+            return []
+        return [int(t) for t in np.flatnonzero(reach.max(axis=(0, 1)))]
