@@ -1,9 +1,11 @@
 """Black-box query throughput: concurrent single-threaded chunks vs onnxruntime intra-op threads.
 
-For deterministic crossbar exports, :func:`nvmpriv.runtime.load` splits each query batch into
-chunks run concurrently, one onnxruntime thread each (its per-tile ``Round``/``Clip`` kernels are
-single-threaded). This compares that default with one session using the same number of
-intra-op threads on the same file, and checks that both give identical probabilities.
+For deterministic crossbar exports on the onnxruntime engine (``native=False``; the default
+native engine threads inside its kernel instead), :func:`nvmpriv.runtime.load` splits each
+query batch into chunks run concurrently, one onnxruntime thread each (its per-tile
+``Round``/``Clip`` kernels are single-threaded). This compares that policy with one session
+using the same number of intra-op threads on the same file, and checks that both give
+identical probabilities.
 
     .venv/bin/python benchmarks/bench_runtime_threads.py [--threads 2] [--skip-resnet]
 """
@@ -52,8 +54,8 @@ def main() -> None:
                     input_shape=shape,
                     calibration=x[:64],
                 )
-                chunks = runtime.load(path, threads=args.threads)
-                intra = runtime.load(path, threads=1)
+                chunks = runtime.load(path, threads=args.threads, native=False)
+                intra = runtime.load(path, threads=1, native=False)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = args.threads
                 opts.inter_op_num_threads = 1
