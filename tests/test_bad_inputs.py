@@ -39,6 +39,7 @@ class Case:
     needs: tuple[bool, str] = (True, "")
     result: subprocess.CompletedProcess[str] | None = None
     before: dict[str, str] = field(default_factory=dict)
+    runs_before: set[str] = field(default_factory=set)
     folder: Path | None = None
 
 
@@ -569,6 +570,11 @@ def _snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def _runs(folder: Path) -> set[str]:
+    """Experiment folders (``logs/<name>/version_N``), empty ones included."""
+    return {str(p.relative_to(folder)) for p in folder.glob("logs/*/*") if p.is_dir()}
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nvmpriv", *args],
@@ -590,6 +596,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
         args = case.prepare(folder)
         case.folder = folder
         case.before = _snapshot(folder)
+        case.runs_before = _runs(folder)
         jobs[name] = args
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(_run, args, CASES[name].folder) for name, args in jobs.items()}
@@ -631,6 +638,9 @@ def test_bad_input_gives_one_line_and_keeps_outputs(name: str, results: dict[str
     new = set(after) - set(case.before)
     leftovers = [p for p in new if p.endswith((".tmp", ".ckpt", ".onnx", "results.json"))]
     assert not leftovers, f"partial outputs left behind: {leftovers}"
+    # a failed run takes no version number from the next good run and leaves no empty
+    # experiment folder behind
+    assert _runs(case.folder) == case.runs_before, sorted(_runs(case.folder) - case.runs_before)
 
 
 def test_debug_flag_restores_the_traceback(tmp_path: Path) -> None:

@@ -183,30 +183,6 @@ def test_validate_reuses_checkpoint_split(quickstart_run: Path) -> None:
     np.testing.assert_array_equal(np.asarray(stored), fitted.indices["target_train"])
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["--model.init_args.bogus=3"], "Option 'bogus' is not accepted"),
-        (["--data=nvmpriv.data.Nope"], "has no attribute 'Nope'"),
-        (["--trainer.max_epochs=abc"], "trainer.max_epochs"),
-        (["--data=nvmpriv.data.Texas100", "--data.init_args.root=nowhere"], "not found"),
-    ],
-    ids=["unknown-key", "unknown-class-path", "wrong-type", "missing-data-file"],
-)
-def test_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
-    out = run_cli(
-        "fit", "--config", str(ROOT / "lightning_configs/quickstart.yaml"), *args, cwd=tmp_path
-    )
-    assert out.returncode == 2
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))
-    # a run that failed before training takes no version number from the next good run, and
-    # leaves no empty experiment folder behind
-    assert not list(tmp_path.glob("logs/*"))
-
-
 def test_only_set_up_files_mark_a_folder_as_disposable(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
