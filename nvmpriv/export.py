@@ -23,7 +23,7 @@ shapes (ONNX IR version 10 function overloads). Lowering used by the bodies:
 * read noise: ``sqrt(x^2 @ noise) * RandomNormalLike(seed=...)`` on the partial sums.
 
 The file's ``metadata_props`` hold ``nvmpriv.version``, ``nvmpriv.crossbar`` (JSON of
-:meth:`CrossbarConfig.to_dict` or ``"digital"``), ``nvmpriv.crossbar_name``, ``nvmpriv.chip_seed``,
+:meth:`CrossbarConfig.to_dict` or ``"digital"``), ``nvmpriv.crossbar_name``, ``nvmpriv.chip_seed``, ``nvmpriv.noise_seed``,
 ``nvmpriv.split_hash``, ``nvmpriv.input_name``, ``nvmpriv.output_name``, ``nvmpriv.output``
 (``"probabilities"``), ``nvmpriv.input_shape`` (JSON, without the batch dimension),
 ``nvmpriv.num_classes``, ``nvmpriv.opset``, ``nvmpriv.calibration`` and
@@ -741,6 +741,7 @@ def _metadata(
     num_classes: int,
     calibration: str,
     extra: dict[str, str] | None,
+    noise_seed: int | None = None,
 ) -> dict[str, str]:
     meta = {
         "nvmpriv.version": __version__,
@@ -749,6 +750,8 @@ def _metadata(
         else json.dumps(config.to_dict(), default=str),
         "nvmpriv.crossbar_name": DIGITAL if config is None else config.name,
         "nvmpriv.chip_seed": "" if chip_seed is None or config is None else str(int(chip_seed)),
+        # base seed of the per-query read noise (node i draws from noise_seed + i); "" without
+        "nvmpriv.noise_seed": "" if noise_seed is None else str(int(noise_seed)),
         "nvmpriv.split_hash": split_hash or "",
         "nvmpriv.input_name": INPUT_NAME,
         "nvmpriv.output_name": OUTPUT_NAME,
@@ -926,6 +929,7 @@ def export_bytes(
     shape = [int(d) for d in input_shape]
     example = torch.zeros(2, *shape)
     specs: dict[str, _LayerSpec] = {}
+    noise_base: int | None = None
     if config is None:
         probe = example if calibration is None else np.asarray(calibration)[:64]
         _check_finite(net, torch.as_tensor(probe).float(), "the digital net")
@@ -948,6 +952,7 @@ def export_bytes(
         base = int(chip_seed if noise_seed is None else noise_seed)
         layers = crossbar_layers(chip)
         if config.has_read_noise:
+            noise_base = base
             try:
                 check_noise_seed(base, len(layers))
             except ValueError as exc:
@@ -1007,6 +1012,7 @@ def export_bytes(
         num_classes=int(num_classes),
         calibration=calibration_note,
         extra=metadata,
+        noise_seed=noise_base,
     )
     oh.set_model_props(model, meta)
     oh.set_model_props(model, {**meta, CONTENT_DIGEST_KEY: content_digest(model)})

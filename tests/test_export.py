@@ -75,6 +75,7 @@ def test_metadata(exported: tuple[Path, Path]) -> None:
     assert json.loads(meta["nvmpriv.crossbar"])["name"] == "64x64_100k"
     assert meta["nvmpriv.crossbar_name"] == "64x64_100k"
     assert meta["nvmpriv.chip_seed"] == "7" and meta["nvmpriv.split_hash"] == "abc123"
+    assert meta["nvmpriv.noise_seed"] == ""  # no read noise in 64x64_100k
     assert json.loads(meta["nvmpriv.input_shape"]) == [64]
     assert meta["nvmpriv.num_classes"] == "10" and meta["nvmpriv.output"] == "probabilities"
     assert meta["nvmpriv.opset"] == "18"

@@ -377,6 +377,7 @@ def test_noise_seeds_stay_exact_in_float32(tmp_path: Path) -> None:
     """onnxruntime's RandomNormalLike seed is a float32: seeds from 2**24 on would round onto
     each other (seed and seed + 1 giving one noise stream), so they are refused."""
     path, x = _export(tmp_path, _fc(), "noisy", [64])
+    assert runtime.read_metadata(path)["nvmpriv.noise_seed"] == "5"  # the chip seed by default
     n_nodes = sum(n.domain == "nvmpriv" for n in onnx.load(path).graph.node)
     top = runtime.NOISE_SEED_LIMIT - n_nodes
     q = x.numpy()
@@ -394,6 +395,10 @@ def test_noise_seeds_stay_exact_in_float32(tmp_path: Path) -> None:
             _fc(), NOISY, tmp_path / "n2.onnx", input_shape=[64], calibration=x, chip_seed=2**30
         )
     assert not (tmp_path / "n1.onnx").exists() and not (tmp_path / "n2.onnx").exists()
+    given = export_model(
+        _fc(), NOISY, tmp_path / "n3.onnx", input_shape=[64], calibration=x, noise_seed=11
+    )
+    assert runtime.read_metadata(given)["nvmpriv.noise_seed"] == "11"
     # the chip seed alone is free when there is no read noise
     export_model(
         _fc(), get_preset("ideal"), tmp_path / "big.onnx", input_shape=[64], chip_seed=2**30
