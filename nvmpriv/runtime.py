@@ -720,7 +720,9 @@ def _chunk_parallel(model: onnx.ModelProto) -> bool:
     return crossbar and not noisy
 
 
-def _native_runner(model: onnx.ModelProto, session: Any, threads: int) -> Any:
+def _native_runner(
+    model: onnx.ModelProto, session: Any, threads: int, input_shape: tuple[int, ...]
+) -> Any:
     """The native-kernel runner of a file with qualifying crossbar nodes, else ``None``."""
     from nvmpriv import runtime_native
 
@@ -730,8 +732,10 @@ def _native_runner(model: onnx.ModelProto, session: Any, threads: int) -> Any:
     if lib is None:
         return None
     try:
-        return runtime_native.NativeGraphRunner(model, lib, session, threads)
-    except ValueError:  # nothing left to run natively once checked, or an uncuttable graph
+        return runtime_native.NativeGraphRunner(model, lib, session, threads, input_shape)
+    except Exception:
+        # any failure leaves the whole file to onnxruntime, whose own session then accepts it
+        # or names the problem
         return None
 
 
@@ -855,7 +859,9 @@ def load(
 
         runner = None
         if native:
-            runner = _native_runner(model, lambda data: session(n_threads, data, False), n_threads)
+            runner = _native_runner(
+                model, lambda data, intra: session(intra, data, False), n_threads, input_shape
+            )
         if runner is not None:
             engine = f"onnxruntime + native crossbar kernel ({runner.native_count} nodes)"
         else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -107,8 +107,142 @@ def native_library() -> AdcGemmLibrary | None:
         return found
 
 
+_INT_KEYS = (
+    "groups", "n_row_tiles", "tile_size", "rows_per_group", "cols_per_group", "n_slices",
+    "act_bits", "act_signed", "dac_bits", "adc_bits", "read_noise", "bit_slicing", "has_bias",
+)  # fmt: skip
+#: Operators worth onnxruntime's intra-op threads; other segments (ReLU, BatchNorm, pooling,
+#: Add, Softmax...) run on one thread, so a file with many segments does not hold many pools.
+_HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    """The node's attributes, each only where its type is the expected scalar or list."""
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.INT:
+            out[a.name] = int(a.i)
+        elif a.type == onnx.AttributeProto.FLOAT:
+            out[a.name] = float(a.f)
+        elif a.type == onnx.AttributeProto.INTS:
+            out[a.name] = [int(v) for v in a.ints]
+    return out
+
+
+@dataclass(frozen=True)
+class _NodeSpec:
+    """A qualifying node's attributes, checked (see :func:`_node_spec`)."""
+
+    conv: bool
+    groups: int
+    n_r: int
+    tile: int
+    k: int
+    m: int
+    act_bits: int
+    act_signed: bool
+    dac_step: float  # 0: no DAC
+    dac_qmax: int
+    adc_step: float
+    adc_qmax: int
+    has_bias: bool
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # ONNX order: top, left, bottom, right
+    dilations: tuple[int, int] = (1, 1)
+
+
+def _node_spec(node: onnx.NodeProto) -> _NodeSpec | None:
+    """The node as the native kernel runs it, or ``None`` where it does not qualify.
+
+    Qualifies: an ``nvmpriv`` crossbar node with a per-tile ADC, no read noise, no bit slicing,
+    every attribute present with its type, positive finite steps, clip levels the kernel's
+    rounding holds exactly (``<= 2**22``) and a consistent convolution geometry.
+    """
+    if node.domain != "nvmpriv" or node.op_type not in ("CrossbarGemm", "CrossbarConv"):
+        return None
+    a = _attrs(node)
+    conv = node.op_type == "CrossbarConv"
+    try:
+        v = {key: a.get(key, 0) for key in _INT_KEYS}
+        if not isinstance(v["n_slices"], int) or any(not isinstance(x, int) for x in v.values()):
+            return None
+        if not v["adc_bits"] or v["read_noise"] or v["bit_slicing"] or v["n_slices"] != 1:
+            return None
+        adc_step, adc_qmax = float(np.float32(a["adc_step"])), int(a["adc_qmax"])
+        dac_step = float(np.float32(a["dac_step"])) if v["dac_bits"] else 0.0
+        dac_qmax = int(a["dac_qmax"]) if v["dac_bits"] else 1
+        spec = _NodeSpec(
+            conv=conv,
+            groups=v["groups"],
+            n_r=v["n_row_tiles"],
+            tile=v["tile_size"],
+            k=v["rows_per_group"],
+            m=v["cols_per_group"],
+            act_bits=v["act_bits"],
+            act_signed=bool(v["act_signed"]),
+            dac_step=dac_step,
+            dac_qmax=dac_qmax,
+            adc_step=adc_step,
+            adc_qmax=adc_qmax,
+            has_bias=bool(v["has_bias"]),
+        )
+        if conv:
+            kernel, strides = a["kernel_shape"], a["strides"]
+            pads, dilations = a["pads"], a["dilations"]
+            if (len(kernel), len(strides), len(pads), len(dilations)) != (2, 2, 4, 2):
+                return None
+            spec = replace(
+                spec,
+                kernel=(kernel[0], kernel[1]),
+                strides=(strides[0], strides[1]),
+                pads=(pads[0], pads[1], pads[2], pads[3]),
+                dilations=(dilations[0], dilations[1]),
+            )
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    ok = (
+        min(spec.groups, spec.n_r, spec.tile, spec.k, spec.m) >= 1
+        and spec.k <= spec.n_r * spec.tile
+        and spec.n_r * spec.tile * _PANEL_LIMIT < 2**31  # the kernel's int panel offsets
+        and 0 < spec.adc_step < np.inf
+        and 1 <= spec.adc_qmax <= MAX_QMAX
+        and (not v["dac_bits"] or (0 < spec.dac_step < np.inf and 1 <= dac_qmax <= MAX_QMAX))
+        and spec.act_bits >= 0
+        and (conv or spec.groups == 1)
+    )
+    if ok and conv:
+        kh, kw = spec.kernel
+        ok = (
+            min(kh, kw, *spec.strides, *spec.dilations) >= 1
+            and min(spec.pads) >= 0
+            and spec.k % (kh * kw) == 0
+        )
+    return spec if ok else None
+
+
+#: Panel width bound used in the 32-bit size checks (the kernel's is 64).
+_PANEL_LIMIT = 256
+
+
+class _Arena:
+    """One growing float32 buffer per thread, lent to one node call at a time.
+
+    Shared by all of a runner's nodes (they run one after another in a thread), so the memory
+    held is that of the largest node input, not the sum over nodes.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A C-contiguous ``shape`` view of this thread's buffer (contents undefined)."""
+        size = int(np.prod(shape))
+        buf: np.ndarray | None = getattr(self._local, "buf", None)
+        if buf is None or buf.size < size:
+            buf = np.empty(size, np.float32)
+            self._local.buf = buf
+        return buf[:size].reshape(shape)
 
 
 @dataclass
@@ -116,76 +250,70 @@ class _NativeNode:
     """One qualifying crossbar node with its weights prepared for the kernel."""
 
     lib: AdcGemmLibrary
-    conv: bool
+    spec: _NodeSpec
+    index: int
     x_name: str
     y_name: str
-    weights: np.ndarray  # packed [n_r, N, M] panels (Gemm) or [G, n_r, M, N] (Conv)
+    weights: np.ndarray  # packed [n_r, ts, M] panels (Gemm) or [G, n_r, M, ts] (Conv)
     bias: np.ndarray | None
-    attrs: dict[str, Any]
     threads: int
     ts: int  # rows per tile as run: the tile size, or K for a single tile row (no zero rows)
-    _scratch: threading.local = field(default_factory=threading.local, repr=False)
-
-    def _zero_padded(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A zero-initialised input buffer kept per thread and shape.
-
-        Every call overwrites the same live region with fresh codes, so the padding (tile rows
-        past K, image borders) stays zero and is written once, not at every query.
-        """
-        buf: np.ndarray | None = getattr(self._scratch, "buf", None)
-        if buf is None or buf.shape != shape:
-            buf = np.zeros(shape, np.float32)
-            self._scratch.buf = buf
-        return buf
+    arena: _Arena
 
     def _write_codes(self, x: np.ndarray, dst: np.ndarray) -> None:
         """The array's input (DoReFa quantizer, then integer DAC codes) written into ``dst``.
 
         ``x`` is ``[B, K]`` or ``[B, C, H, W]``; ``dst`` a view of the same shape with a unit
-        last stride (the live part of a zero-padded buffer).
+        last stride (the live part of a padded buffer).
         """
-        a = self.attrs
-        x0 = activation_quantizer(x, int(a.get("act_bits", 0)), bool(a.get("act_signed", 0)))
-        x0 = np.ascontiguousarray(x0, dtype=np.float32)
+        sp = self.spec
+        x0 = np.ascontiguousarray(activation_quantizer(x, sp.act_bits, sp.act_signed), np.float32)
         if x0.ndim == 2:
             shape, xs, ds = (1, *x0.shape), (0, x0.shape[1]), (0, dst.strides[0] // 4)
         else:
             b, c, h, w = x0.shape
             shape, xs, ds = (b * c, h, w), (h * w, w), (dst.strides[1] // 4, dst.strides[2] // 4)
-        dac = bool(a["dac_bits"])
         self.lib.dac_codes(
             (x0.ctypes.data, *xs),
             (dst.ctypes.data, *ds),
-            shape,
-            step=float(np.float32(a["dac_step"])) if dac else 0.0,
-            qmax=int(a["dac_qmax"]) if dac else 1,
+            (int(shape[0]), int(shape[1]), int(shape[2])),
+            step=sp.dac_step,
+            qmax=sp.dac_qmax,
             threads=self.threads,
         )
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """The node's output ``Y`` for input ``X``."""
-        return self._conv(x) if self.conv else self._gemm(x)
+        """The node's output ``Y`` for input ``X``.
+
+        Raises:
+            ValueError: If ``x`` does not have the shape the node's attributes describe.
+        """
+        if self.spec.conv:
+            return self._conv(x)
+        return self._gemm(x)
 
     def _gemm(self, x: np.ndarray) -> np.ndarray:
-        a = self.attrs
-        n_r, n, k, m = a["n_row_tiles"], self.ts, a["rows_per_group"], a["cols_per_group"]
+        sp, n = self.spec, self.ts
+        n_r, k, m = sp.n_r, sp.k, sp.m
         if x.ndim != 2 or x.shape[1] != k:
             raise ValueError(f"crossbar node {self.y_name!r}: input {x.shape}, expected (n, {k})")
         b = x.shape[0]
-        rows = self._zero_padded((b, n_r * n))
-        self._write_codes(x, rows[:, :k])
         out = np.empty((b, m), np.float32)
-        if b:
+        for r0 in range(0, b, _MAX_ROWS):  # the kernel counts rows in 32-bit integers
+            r1 = min(b, r0 + _MAX_ROWS)
+            rows = self.arena.take((r1 - r0, n_r * n))
+            rows[:, k:] = 0  # tile rows past K
+            self._write_codes(x[r0:r1], rows[:, :k])
             self.lib.gemm(
                 (rows.ctypes.data, n, n_r * n),
                 (self.weights.ctypes.data, 0, 0),
-                (out.ctypes.data, m, m, 0),
-                m=b,
+                (out[r0:].ctypes.data, m, m, 0),
+                m=r1 - r0,
                 n=m,
                 n_r=n_r,
                 ts=n,
-                qmax=int(a["adc_qmax"]),
-                scale=float(np.float32(a["adc_step"])),
+                qmax=sp.adc_qmax,
+                scale=sp.adc_step,
                 packed=True,
                 conv=None,
                 check=None,
@@ -196,130 +324,117 @@ class _NativeNode:
         return out
 
     def _conv(self, x: np.ndarray) -> np.ndarray:
-        a = self.attrs
-        g, n_r, n = a["groups"], a["n_row_tiles"], self.ts
-        k, m = a["rows_per_group"], a["cols_per_group"]
-        kh, kw = a["kernel_shape"]
+        sp, n = self.spec, self.ts
+        g, n_r, k, m = sp.groups, sp.n_r, sp.k, sp.m
+        kh, kw = sp.kernel
         cin_g = k // (kh * kw)
         if x.ndim != 4 or x.shape[1] != g * cin_g:
             raise ValueError(
                 f"crossbar node {self.y_name!r}: input {x.shape}, expected (n, {g * cin_g}, H, W)"
             )
-        top, left, bottom, right = a["pads"]
+        top, left, bottom, right = sp.pads
+        (sh, sw), (dh, dw) = sp.strides, sp.dilations
         b, c, h, w = x.shape
-        xp = self._zero_padded((b, c, h + top + bottom, w + left + right))
-        self._write_codes(x, xp[:, :, top : top + h, left : left + w])
-        (sh, sw), (dh, dw) = a["strides"], a["dilations"]
-        h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        hp, wp = h + top + bottom, w + left + right
+        h_out = (hp - dh * (kh - 1) - 1) // sh + 1
+        w_out = (wp - dw * (kw - 1) - 1) // sw + 1
         if h_out < 1 or w_out < 1:
             raise ValueError(
                 f"crossbar node {self.y_name!r}: input {x.shape} is smaller than its kernel"
             )
         big_l = h_out * w_out
         out = np.empty((b, g * m, h_out, w_out), np.float32)
-        strides = [s // 4 for s in xp.strides]
-        for grp in range(g):
-            if not b:
-                break
-            geo = np.array(
-                [*strides, grp * cin_g, kh, kw, sh, sw, dh, dw, h_out, w_out, k], np.int64
-            )
-            wt = self.weights[grp]
-            self.lib.gemm(
-                (wt.ctypes.data, m * n, n),
-                (xp.ctypes.data, 0, 0),
-                (out.ctypes.data + 4 * grp * m * big_l, big_l, big_l, g * m * big_l),
-                m=m,
-                n=b * big_l,
-                n_r=n_r,
-                ts=n,
-                qmax=int(a["adc_qmax"]),
-                scale=float(np.float32(a["adc_step"])),
-                packed=False,
-                conv=geo.ctypes.data,
-                check=None,
-                threads=self.threads,
-            )
+        step = max(1, _MAX_ROWS // big_l)  # output positions per kernel call fit in 32 bits
+        for b0 in range(0, b, step):
+            b1 = min(b, b0 + step)
+            xp = self.arena.take((b1 - b0, c, hp, wp))
+            # the borders are zeroed at every call: the buffer is shared with other nodes
+            xp[:, :, :top] = 0
+            xp[:, :, top + h :] = 0
+            xp[:, :, top : top + h, :left] = 0
+            xp[:, :, top : top + h, left + w :] = 0
+            self._write_codes(x[b0:b1], xp[:, :, top : top + h, left : left + w])
+            strides = [s // 4 for s in xp.strides]
+            part = out[b0:b1]
+            for grp in range(g):
+                geo = np.array(
+                    [*strides, grp * cin_g, kh, kw, sh, sw, dh, dw, h_out, w_out, k], np.int64
+                )
+                wt = self.weights[grp]
+                self.lib.gemm(
+                    (wt.ctypes.data, m * n, n),
+                    (xp.ctypes.data, 0, 0),
+                    (part.ctypes.data + 4 * grp * m * big_l, big_l, big_l, g * m * big_l),
+                    m=m,
+                    n=(b1 - b0) * big_l,
+                    n_r=n_r,
+                    ts=n,
+                    qmax=sp.adc_qmax,
+                    scale=sp.adc_step,
+                    packed=False,
+                    conv=geo.ctypes.data,
+                    check=None,
+                    threads=self.threads,
+                )
         if self.bias is not None:
             out += self.bias.reshape(1, -1, 1, 1)
         return out
 
 
-def _qualifies(node: onnx.NodeProto, attrs: dict[str, Any]) -> bool:
-    return (
-        node.domain == "nvmpriv"
-        and node.op_type in ("CrossbarGemm", "CrossbarConv")
-        and bool(attrs.get("adc_bits"))
-        and not attrs.get("read_noise")
-        and not attrs.get("bit_slicing")
-        and 1 <= int(attrs.get("adc_qmax", 0)) <= MAX_QMAX
-        and (not attrs.get("dac_bits") or 1 <= int(attrs.get("dac_qmax", 0)) <= MAX_QMAX)
-    )
+#: Most rows (Gemm) or output positions (Conv) per kernel call: its counts are 32-bit.
+_MAX_ROWS = 2**31 - 2**16
 
 
 def _prepare(
     lib: AdcGemmLibrary,
     node: onnx.NodeProto,
-    attrs: dict[str, Any],
+    index: int,
+    spec: _NodeSpec,
     init: dict[str, np.ndarray],
     threads: int,
+    arena: _Arena,
 ) -> _NativeNode | None:
-    """The node ready for the kernel, or ``None`` where its tensors do not match its attributes."""
-    try:
-        g, n_r, n = (int(attrs[key]) for key in ("groups", "n_row_tiles", "tile_size"))
-        k, m = int(attrs["rows_per_group"]), int(attrs["cols_per_group"])
-        n_t = int(attrs.get("n_slices", 1))
-        w = init[node.input[1]].astype(np.float32)
-        has_bias = bool(attrs.get("has_bias"))
-        bias = init[node.input[2]].astype(np.float32) if has_bias else None
-    except (KeyError, IndexError, ValueError, TypeError):
+    """The node ready for the kernel, or ``None`` where its tensors do not match its spec."""
+    names = list(node.input)
+    if len(names) != (3 if spec.has_bias else 2) or names[1] not in init:
         return None
-    conv = node.op_type == "CrossbarConv"
-    if min(g, n_r, n, k, m) < 1 or n_t != 1 or k > n_r * n or w.size != g * n_r * n * m:
+    if spec.has_bias and names[2] not in init:
         return None
-    if bias is not None and bias.size != g * m:
+    g, n_r, n, k, m = spec.groups, spec.n_r, spec.tile, spec.k, spec.m
+    w = init[names[1]]
+    bias = init[names[2]] if spec.has_bias else None
+    if w.dtype != np.float32 or w.size != g * n_r * n * m:
         return None
-    dac_step, adc_step = float(np.float32(attrs.get("dac_step", 0.0))), float(attrs["adc_step"])
-    if not adc_step > 0 or (attrs.get("dac_bits") and not dac_step > 0):
+    if bias is not None and (bias.dtype != np.float32 or bias.size != g * m):
         return None
     # the function body's folding: W * float32(dac_step / adc_step), one float32 product
-    scale = np.float32((dac_step if attrs.get("dac_bits") else 1.0) / float(np.float32(adc_step)))
+    scale = np.float32((spec.dac_step if spec.dac_step else 1.0) / spec.adc_step)
+    if not np.isfinite(scale):
+        return None
     ts = k if n_r == 1 else n  # a lone tile row's zero rows past K would only cost time
-    w = w.reshape(g, n_r, n, m)[:, :, :ts] * scale
-    if conv:
-        geometry = [attrs.get(key) for key in ("kernel_shape", "strides", "pads", "dilations")]
-        if any(v is None for v in geometry):
-            return None
-        (kh, kw), (sh, sw), pads, (dh, dw) = (list(map(int, v)) for v in geometry)  # type: ignore[arg-type]
-        if min(kh, kw, sh, sw, dh, dw) < 1 or len(pads) != 4 or min(pads) < 0:
-            return None
-        if k % (kh * kw):
-            return None
-        attrs = {**attrs, "kernel_shape": [kh, kw], "strides": [sh, sw], "pads": pads}
-        attrs["dilations"] = [dh, dw]
-        weights = np.ascontiguousarray(w.transpose(0, 1, 3, 2))  # [G, n_r, M, N]
+    wt = w.reshape(g, n_r, n, m)[:, :, :ts] * scale
+    if spec.conv:
+        weights = np.ascontiguousarray(wt.transpose(0, 1, 3, 2))  # [G, n_r, M, ts]
     else:
-        if g != 1:
-            return None
         weights = np.empty(lib.packed_size(n_r, ts, m), np.float32)
-        src = np.ascontiguousarray(w[0])
+        src = np.ascontiguousarray(wt[0])
         lib.pack(src.ctypes.data, ts * m, m, n_r, ts, m, weights.ctypes.data)
     return _NativeNode(
         lib=lib,
-        conv=conv,
-        x_name=node.input[0],
+        spec=spec,
+        index=index,
+        x_name=names[0],
         y_name=node.output[0],
         weights=weights,
         bias=None if bias is None else bias.reshape(-1),
-        attrs=attrs,
         threads=threads,
         ts=ts,
+        arena=arena,
     )
 
 
 def native_nodes(model: onnx.ModelProto) -> list[int]:
-    """Indices of the graph nodes the native kernel can evaluate (see the module docstring).
+    """Indices of the graph nodes the native kernel can evaluate (see :func:`_node_spec`).
 
     Args:
         model: An nvmpriv export.
@@ -327,7 +442,7 @@ def native_nodes(model: onnx.ModelProto) -> list[int]:
     Returns:
         Node indices in graph order (empty for digital files and noisy or bit-sliced chips).
     """
-    return [i for i, nd in enumerate(model.graph.node) if _qualifies(nd, _attrs(nd))]
+    return [i for i, nd in enumerate(model.graph.node) if _node_spec(nd) is not None]
 
 
 @dataclass
@@ -337,96 +452,93 @@ class _Segment:
     outputs: list[str]
 
 
+def _agrees(native: np.ndarray, body: np.ndarray, spec: _NodeSpec) -> bool:
+    """Whether a native output is the function body's up to summation order.
+
+    A partial sum within float32 rounding of a half step may round to the neighbouring code in
+    one of them: at most a step per tile row apart, and on a small share of the outputs.
+    """
+    if native.shape != body.shape or not np.isfinite(native).all():
+        return False
+    diff = np.abs(native.astype(np.float64) - body)
+    tol = 1e-6 * np.abs(body) + 1e-30
+    off = diff > tol
+    return bool(
+        diff.max(initial=0.0) <= spec.n_r * spec.adc_step * 1.001 + tol.max(initial=0.0)
+    ) and (int(off.sum()) <= max(1, off.size // 100))
+
+
 class NativeGraphRunner:
     """The export as onnxruntime segments and native crossbar nodes, run in graph order.
 
-    ``run(names, feeds)`` has the signature of ``onnxruntime.InferenceSession.run``.
+    ``run(names, feeds)`` has the signature of ``onnxruntime.InferenceSession.run``. At
+    construction every native node is checked against its own function body on onnxruntime
+    (a random probe batch through the graph): a node whose attributes do not describe its
+    body (a hand-edited file) stays on onnxruntime.
 
     Args:
         model: The export (already checked by :func:`nvmpriv.runtime.load`).
         lib: The native kernel.
-        session: Makes an onnxruntime session from a serialized model.
-        threads: Threads for the kernel.
+        session: Makes an onnxruntime session from a serialized model and an intra-op thread
+            count.
+        threads: Threads for the kernel and the heavy segments.
+        input_shape: Shape of one input (no batch axis), for the probe.
 
     Raises:
-        ValueError: If no node qualifies or the graph cannot be cut (subgraph attributes).
+        ValueError: If no node qualifies, or the graph cannot be cut (subgraph attributes,
+            inputs that are also initializers, outputs that are initializers).
     """
 
     def __init__(
         self,
         model: onnx.ModelProto,
         lib: AdcGemmLibrary,
-        session: Callable[[bytes], Any],
+        session: Callable[[bytes, int], Any],
         threads: int,
+        input_shape: Sequence[int],
     ) -> None:
         graph = model.graph
         if any(
             a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-            for nd in graph.node
+            for nd in [*graph.node, *(x for f in model.functions for x in f.node)]
             for a in nd.attribute
         ):
             raise ValueError("graphs with subgraph attributes are not cut into segments")
+        self._model, self._session, self._threads = model, session, threads
         init = {t.name: t for t in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in init]
+        if len(inputs) != 1 or any(o.name in init for o in graph.output):
+            raise ValueError("the graph needs one non-initializer input and computed outputs")
+        overridable = {i.name for i in graph.input} & set(init)
+        if overridable:
+            raise ValueError(f"graph inputs that are also initializers: {sorted(overridable)}")
+        self._init = init
+        self._input = inputs[0]
+        self._outputs = [o.name for o in graph.output]
+        self._types = self._value_types(model)
         arrays: dict[str, np.ndarray] = {}
+        arena = _Arena()
         natives: dict[int, _NativeNode] = {}
-        for i in native_nodes(model):
-            nd = graph.node[i]
+        for i, nd in enumerate(graph.node):
+            spec = _node_spec(nd)
+            if spec is None or not nd.input or nd.input[0] in init:
+                continue
             for name in nd.input[1:]:
                 if name in init and name not in arrays:
                     arrays[name] = numpy_helper.to_array(init[name])
-            prepared = _prepare(lib, nd, _attrs(nd), arrays, threads)
+            prepared = _prepare(lib, nd, i, spec, arrays, threads, arena)
             if prepared is not None:
                 natives[i] = prepared
         if not natives:
             raise ValueError("no crossbar node qualifies for the native kernel")
-        types = self._value_types(model)
-        outputs = [o.name for o in graph.output]
-        # runs of standard nodes between native ones become the onnxruntime segments
-        groups: list[list[int] | _NativeNode] = []
-        for i in range(len(graph.node)):
-            if i in natives:
-                groups.append(natives[i])
-            elif groups and isinstance(groups[-1], list):
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        needed_after: list[set[str]] = [set() for _ in groups]
-        later: set[str] = set(outputs)
-        for pos in range(len(groups) - 1, -1, -1):
-            needed_after[pos] = set(later)
-            step = groups[pos]
-            if isinstance(step, _NativeNode):
-                later.add(step.x_name)
-            else:
-                later.update(x for j in step for x in graph.node[j].input if x)
-        self._steps: list[_Segment | _NativeNode] = []
-        for pos, step in enumerate(groups):
-            if isinstance(step, _NativeNode):
-                self._steps.append(step)
-                continue
-            nodes = [graph.node[j] for j in step]
-            produced = {o for nd in nodes for o in nd.output if o}
-            consumed = [x for nd in nodes for x in nd.input if x]
-            ins = list(dict.fromkeys(x for x in consumed if x not in produced and x not in init))
-            outs = [o for nd in nodes for o in nd.output if o and o in needed_after[pos]]
-            if not outs:
-                continue
-            sub = onnx.helper.make_graph(
-                nodes,
-                f"{graph.name}_part{pos}",
-                [onnx.helper.make_tensor_value_info(x, types.get(x, 1), None) for x in ins],
-                [onnx.helper.make_tensor_value_info(o, types.get(o, 1), None) for o in outs],
-                initializer=[init[x] for x in dict.fromkeys(consumed) if x in init],
-            )
-            part = onnx.helper.make_model(
-                sub, opset_imports=list(model.opset_import), ir_version=model.ir_version
-            )
-            used = {(nd.domain, nd.op_type, nd.overload) for nd in nodes}
-            part.functions.extend(
-                f for f in model.functions if (f.domain, f.name, f.overload) in used
-            )
-            self._steps.append(_Segment(session(part.SerializeToString()), ins, outs))
-        self._outputs = outputs
+        probe = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
+        self._build(natives)
+        wrong = self._check_against_bodies(probe)
+        if wrong:
+            natives = {i: nd for i, nd in natives.items() if i not in wrong}
+            if not natives:
+                raise ValueError("no crossbar node agrees with its function body")
+            self._build(natives)
         self.native_count = len(natives)
 
     @staticmethod
@@ -442,6 +554,83 @@ class NativeGraphRunner:
             for v in [*g.input, *g.value_info, *g.output]
             if v.type.tensor_type.elem_type
         }
+
+    def _sub_model(self, nodes: list[onnx.NodeProto], ins: list[str], outs: list[str]) -> bytes:
+        """``nodes`` as a model of their own (initializers and local functions included)."""
+        graph, types = self._model.graph, self._types
+        consumed = [x for nd in nodes for x in nd.input if x]
+        sub = onnx.helper.make_graph(
+            nodes,
+            f"{graph.name}_part",
+            [onnx.helper.make_tensor_value_info(x, types.get(x, 1), None) for x in ins],
+            [onnx.helper.make_tensor_value_info(o, types.get(o, 1), None) for o in outs],
+            initializer=[self._init[x] for x in dict.fromkeys(consumed) if x in self._init],
+        )
+        part = onnx.helper.make_model(
+            sub, opset_imports=list(self._model.opset_import), ir_version=self._model.ir_version
+        )
+        if any(nd.domain not in ("", "ai.onnx") for nd in nodes):
+            # all local functions: a function body may call another one
+            part.functions.extend(self._model.functions)
+        return bytes(part.SerializeToString())
+
+    def _build(self, natives: dict[int, _NativeNode]) -> None:
+        """Cut the graph at the native nodes into onnxruntime segments."""
+        graph = self._model.graph
+        groups: list[list[int] | _NativeNode] = []
+        for i in range(len(graph.node)):
+            if i in natives:
+                groups.append(natives[i])
+            elif groups and isinstance(groups[-1], list):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        needed_after: list[set[str]] = [set() for _ in groups]
+        later: set[str] = set(self._outputs)
+        for pos in range(len(groups) - 1, -1, -1):
+            needed_after[pos] = set(later)
+            step = groups[pos]
+            if isinstance(step, _NativeNode):
+                later.add(step.x_name)
+            else:
+                later.update(x for j in step for x in graph.node[j].input if x)
+        self._steps: list[_Segment | _NativeNode] = []
+        for pos, step in enumerate(groups):
+            if isinstance(step, _NativeNode):
+                self._steps.append(step)
+                continue
+            nodes = [graph.node[j] for j in step]
+            produced = {o for nd in nodes for o in nd.output if o}
+            consumed = [x for nd in nodes for x in nd.input if x]
+            ins = [x for x in dict.fromkeys(consumed) if x not in produced and x not in self._init]
+            outs = [o for nd in nodes for o in nd.output if o and o in needed_after[pos]]
+            if not outs:
+                continue
+            heavy = any(nd.op_type in _HEAVY_OPS or nd.domain == "nvmpriv" for nd in nodes)
+            sess = self._session(self._sub_model(nodes, ins, outs), self._threads if heavy else 1)
+            self._steps.append(_Segment(sess, ins, outs))
+
+    def _check_against_bodies(self, probe: np.ndarray) -> set[int]:
+        """Run ``probe`` through the graph; the native nodes that disagree with their bodies."""
+        graph = self._model.graph
+        values: dict[str, np.ndarray] = {self._input: probe}
+        wrong: set[int] = set()
+        for step in self._steps:
+            if not isinstance(step, _NativeNode):
+                got = step.session.run(step.outputs, {x: values[x] for x in step.inputs})
+                values.update(zip(step.outputs, got, strict=True))
+                continue
+            node = graph.node[step.index]
+            ins = [x for x in dict.fromkeys(node.input) if x and x not in self._init]
+            body = self._session(self._sub_model([node], ins, [step.y_name]), 1)
+            (expected,) = body.run([step.y_name], {x: values[x] for x in ins})
+            try:
+                if not _agrees(step.run(values[step.x_name]), expected, step.spec):
+                    wrong.add(step.index)
+            except ValueError:  # its attributes describe another input shape
+                wrong.add(step.index)
+            values[step.y_name] = expected
+        return wrong
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Evaluate the graph.

@@ -332,8 +332,11 @@ def test_dorefa_quantized_net_parity(tmp_path: Path, preset: str, tanh: bool) ->
     with torch.no_grad():
         expected = torch.softmax(convert(net, get_preset(preset), seed=1, calibration=x)(x), 1)
         digital = torch.softmax(net(x), 1)
-    for reference in (False, True):
-        got = runtime.load(path, reference=reference).predict_proba(x.numpy())
+    engines = [runtime.load(path, reference=True), runtime.load(path, native=False)]
+    engines.append(runtime.load(path))  # the native engine where the nodes have an ADC
+    assert ("native" in engines[-1].engine) == (preset != "ideal")
+    for engine in engines:
+        got = engine.predict_proba(x.numpy())
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-6)
     if preset == "ideal":
         np.testing.assert_allclose(expected.numpy(), digital.numpy(), rtol=1e-5, atol=1e-7)

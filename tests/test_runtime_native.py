@@ -45,6 +45,14 @@ def _grouped_cnn() -> nn.Module:
     )
 
 
+def _dorefa_fc() -> nn.Module:
+    from nvmpriv.quantization import quantize_model
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 10))
+    return quantize_model(net, weight_bits=4, act_bits=4)
+
+
 NO_DAC = get_preset("64x64_100k").replace(name="adc_only", dac_bits=None)
 CASES = [
     pytest.param(lambda: nets.ColumnFC(100, 10), [100], "64x64_100k", id="fc-64"),
@@ -53,6 +61,8 @@ CASES = [
     pytest.param(lambda: nets.LeNet5(1, 10), [1, 28, 28], "64x64_100k", id="lenet"),
     pytest.param(_grouped_cnn, [4, 9, 9], "32x32_100k", id="grouped-same-dilated"),
     pytest.param(lambda: nets.CifarResNet(10, 1, 10), [3, 16, 16], "64x64_100k", id="resnet10"),
+    pytest.param(lambda: nets.ColumnFC(20, 3), [20], "64x64_100k", id="fc-one-tile-row"),
+    pytest.param(_dorefa_fc, [64], "32x32_100k", id="dorefa-signed"),
 ]
 
 
@@ -88,25 +98,27 @@ def test_dac_codes_match_numpy_quantizer(bits: int) -> None:
     qmax = 2 ** (bits - 1) - 1
     step = np.float32(0.25)
     # quarter-step grid: exact ties at x / step = k + 0.5 (round half to even), and clipping
-    x = (rng.integers(-4 * qmax - 12, 4 * qmax + 13, (3, 5, 70)) * np.float32(0.125)).astype(
+    # 3*250*130 elements: above the kernel's threshold for sharing rows over threads
+    x = (rng.integers(-4 * qmax - 12, 4 * qmax + 13, (3, 250, 130)) * np.float32(0.125)).astype(
         np.float32
     )
     want = np.clip(np.rint(x / step), -qmax, qmax)
-    dst = np.full((3, 7, 80), 9.0, np.float32)  # padded destination: borders untouched
-    view = dst[:, 1:6, 4:74]
+    dst = np.full((3, 252, 140), 9.0, np.float32)  # padded destination: borders untouched
+    view = dst[:, 1:251, 4:134]
     lib.dac_codes(
-        (x.ctypes.data, 5 * 70, 70),
-        (view.ctypes.data, 7 * 80, 80),
-        (3, 5, 70),
+        (x.ctypes.data, 250 * 130, 130),
+        (view.ctypes.data, 252 * 140, 140),
+        (3, 250, 130),
         step=float(step),
         qmax=qmax,
         threads=2,
     )
     np.testing.assert_array_equal(view, want)
-    assert (dst[:, 0] == 9).all() and (dst[:, :, :4] == 9).all() and (dst[:, :, 74:] == 9).all()
+    assert (dst[:, 0] == 9).all() and (dst[:, 251] == 9).all()
+    assert (dst[:, :, :4] == 9).all() and (dst[:, :, 134:] == 9).all()
     assert ((x / step) % 1 == 0.5).any()  # ties were exercised
     lib.dac_codes(  # step <= 0: plain copy
-        (x.ctypes.data, 5 * 70, 70), (view.ctypes.data, 7 * 80, 80), (3, 5, 70),
+        (x.ctypes.data, 250 * 130, 130), (view.ctypes.data, 252 * 140, 140), (3, 250, 130),
         step=0.0, qmax=1, threads=1,
     )  # fmt: skip
     np.testing.assert_array_equal(view, x)
@@ -150,22 +162,74 @@ def test_switches_and_a_missing_kernel_fall_back(
     np.testing.assert_array_equal(fallback.predict_proba(x), want)
 
 
-@needs_kernel
-def test_nodes_whose_tensors_contradict_their_attributes_are_left_to_onnxruntime(
-    tmp_path: Path,
-) -> None:
-    # the kernel reads raw memory: a node whose initializer is smaller than its attributes
-    # claim must never reach it
-    assert lib is not None
-    path = _export(tmp_path, nets.ColumnFC(20, 3), get_preset("64x64_100k"), [20])
+def _edit(path: Path, out: Path, index: int, **changes: object) -> Path:
+    """A hand-edited copy of an export: node ``index`` of the crossbar nodes gets ``changes``
+    as attributes, and the file a fresh content digest (as a careful forger would)."""
     model = onnx.load(path)
-    node = model.graph.node[runtime_native.native_nodes(model)[0]]
-    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    assert runtime_native._prepare(lib, node, attrs, init, 1) is not None
-    for key, value in [("n_row_tiles", 3), ("cols_per_group", 999), ("tile_size", 128)]:
-        assert runtime_native._prepare(lib, node, {**attrs, key: value}, init, 1) is None
-    assert runtime_native._prepare(lib, node, {**attrs, "adc_step": 0.0}, init, 1) is None
+    node = [n for n in model.graph.node if n.domain == "nvmpriv"][index]
+    for name, value in changes.items():
+        keep = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend([*keep, onnx.helper.make_attribute(name, value)])
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta[runtime.CONTENT_DIGEST_KEY] = runtime.content_digest(model)
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lenet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lenet")
+    return _export(folder, nets.LeNet5(1, 10), get_preset("64x64_100k"), [1, 28, 28])
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("index", "changes", "natives"),
+    [
+        (4, {"adc_step": 0.3}, 4),  # another step than the body's constants
+        (0, {"adc_qmax": 1}, 4),  # another clip level
+        (1, {"pads": [1, 1, 1, 1]}, 4),  # another geometry: another output shape
+        (1, {"dac_step": 1e-3}, 4),  # another DAC
+        (2, {"act_bits": 2}, 4),  # a quantizer the body does not have
+        (3, {"adc_step": [0.1, 0.2]}, 4),  # an attribute of the wrong type
+        (0, {"kernel_shape": [5, 5, 1]}, 4),
+        (2, {"rows_per_group": 7}, 4),  # contradicts the weight tensor's size
+        (4, {"read_noise": 1}, 4),  # claims noise: the body's noise would be skipped
+    ],
+)
+def test_hand_edited_attributes_leave_the_node_to_onnxruntime(
+    tmp_path: Path, lenet_file: Path, index: int, changes: dict, natives: int
+) -> None:
+    # the native engine computes what the attributes say, onnxruntime what the function body
+    # says: a node whose attributes contradict its body stays on onnxruntime
+    edited = _edit(lenet_file, tmp_path / "edited.onnx", index, **changes)
+    model = runtime.load(edited)
+    assert model.engine == f"onnxruntime + native crossbar kernel ({natives} nodes)"
+    x = _queries([1, 28, 28], 8)
+    want = runtime.load(lenet_file, native=False).predict_proba(x)
+    np.testing.assert_allclose(model.predict_proba(x), want, rtol=1e-4, atol=1e-7)
+
+
+@needs_kernel
+def test_empty_batches_run_through_the_native_nodes(lenet_file: Path) -> None:
+    runner = runtime.load(lenet_file)._runner
+    (probs,) = runner.run(None, {"input": np.zeros((0, 1, 28, 28), np.float32)})
+    assert probs.shape == (0, 10)
+
+
+@needs_kernel
+def test_concurrent_queries_from_threads_agree(lenet_file: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = runtime.load(lenet_file, threads=2)
+    xs = [_queries([1, 28, 28], n) for n in (5, 9, 13, 17)]
+    alone = [model.predict_proba(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(model.predict_proba, xs * 3))
+    for got, want in zip(together, alone * 3, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @needs_kernel

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +59,7 @@ class AdcGemmLibrary:
         self.openmp = bool(lib.nvmpriv_adc_openmp())
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+        self._pool_lock = threading.Lock()
 
     @staticmethod
     def _ranges(n_panels: int, threads: int) -> list[tuple[int, int]]:
@@ -69,13 +71,12 @@ class AdcGemmLibrary:
         if n == 1:
             fn(0)
             return
-        if self._pool is None or self._pool_size < n - 1:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="nvmpriv-adc")
-            self._pool_size = n - 1
-        # ctypes releases the GIL for the call, so the ranges run in parallel
-        futures = [self._pool.submit(fn, i) for i in range(1, n)]
+        with self._pool_lock:  # a pool is only replaced, never shut down, while others submit
+            if self._pool is None or self._pool_size < n - 1:
+                self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="nvmpriv-adc")
+                self._pool_size = n - 1
+            # ctypes releases the GIL for the call, so the ranges run in parallel
+            futures = [self._pool.submit(fn, i) for i in range(1, n)]
         fn(0)
         for f in futures:
             f.result()
@@ -182,6 +183,11 @@ class AdcGemmLibrary:
         Raises:
             MemoryError: If the kernel could not allocate a panel buffer.
         """
+        ints = (m, n, n_r, ts, n_r * ts * self.panel_width, math.ceil(n / self.panel_width) + 1)
+        if max(ints) >= 2**31 or min(m, n, n_r, ts) < 0:
+            raise ValueError(f"adc gemm: sizes {ints} do not fit the kernel's 32-bit counts")
+        if check is not None and len(check) != n_r:
+            raise ValueError(f"adc gemm: {len(check)} clip-check flags for {n_r} tile rows")
         n_p = math.ceil(n / self.panel_width)
         threads = max(1, min(threads, n_p))
         if n_r * m * ts * n < PARALLEL_MIN_MACS:
