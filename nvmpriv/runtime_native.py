@@ -15,6 +15,12 @@ and per tile ``clamp(round(partial sum), -qmax, qmax)`` summed times the ADC ste
 are accumulated in another order than onnxruntime's GEMM, so a sum within float32 rounding of
 a half step can land on the neighbouring code: outputs agree to ~1e-6 relative, not bit for bit.
 
+The native path computes what a node's *attributes* say, onnxruntime what its *function
+body* says; an exporter writes both from one layer, but a hand-edited file need not agree. So
+at load every native node is run once against its own body on onnxruntime (two random inputs
+through the graph); a node that disagrees, or whose attributes do not fit its tensors or its
+input, stays on onnxruntime.
+
 Only :mod:`nvmpriv.runtime` uses this; ``NVMPRIV_NATIVE=0`` or ``load(..., native=False)``
 keeps the whole file on onnxruntime.
 """
