@@ -48,7 +48,7 @@ _STATE: dict[str, Any] = {}
 
 
 def _self_check(lib: AdcGemmLibrary) -> None:
-    """Compare the kernel with the numpy definition on a small problem (both operand forms)."""
+    """Compare the kernel with numpy on small problems (both operand forms, DAC codes)."""
     rng = np.random.default_rng(0)
     n_r, m, ts, n = 3, 7, 8, lib.panel_width + 5
     a = rng.integers(-3, 4, (n_r, m, ts)).astype(np.float32)
@@ -76,6 +76,13 @@ def _self_check(lib: AdcGemmLibrary) -> None:
         )
         if not np.array_equal(out, ref):
             raise RuntimeError("the compiled kernel disagrees with numpy on a test problem")
+    x = (rng.integers(-40, 41, (2, 3, 9)) * 0.25).astype(np.float32)  # ties and clipping
+    codes = np.empty_like(x)
+    lib.dac_codes(
+        (x.ctypes.data, 27, 9), (codes.ctypes.data, 27, 9), (2, 3, 9), step=0.5, qmax=7, threads=1
+    )
+    if not np.array_equal(codes, np.clip(np.rint(x / np.float32(0.5)), -7, 7)):
+        raise RuntimeError("the compiled DAC codes disagree with numpy on a test problem")
 
 
 def native_library() -> AdcGemmLibrary | None:

@@ -160,6 +160,17 @@ def test_switches_and_a_missing_kernel_fall_back(
         fallback = runtime.load(path)
     assert fallback.engine == "onnxruntime"
     np.testing.assert_array_equal(fallback.predict_proba(x), want)
+    # a build that fails its self-check is not used either (the usual cache: no new build)
+    monkeypatch.delenv("CXX")
+    monkeypatch.delenv("NVMPRIV_CACHE_DIR")
+    monkeypatch.setattr(runtime_native, "_STATE", {})
+
+    def wrong(lib: object) -> None:
+        raise RuntimeError("the compiled kernel disagrees with numpy on a test problem")
+
+    monkeypatch.setattr(runtime_native, "_self_check", wrong)
+    with pytest.warns(RuntimeWarning, match="disagrees with numpy"):
+        assert runtime.load(path).engine == "onnxruntime"
 
 
 def _edit(path: Path, out: Path, index: int, **changes: object) -> Path:
