@@ -28,7 +28,6 @@ keeps the whole file on onnxruntime.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,13 +36,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from nvmpriv.native.build import build_library, find_compiler, native_disabled
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary
+from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, load_checked
 from nvmpriv.runtime import activation_quantizer
 
 __all__ = ["NativeGraphRunner", "native_library", "native_nodes"]
 
-_LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
 
 
@@ -92,32 +89,12 @@ def native_library() -> AdcGemmLibrary | None:
         The loaded library, or ``None`` when ``NVMPRIV_NATIVE=0``, no C++ compiler is found, or
         building, loading or the self-check failed (warned once per process).
     """
-    if native_disabled():
-        return None
-    with _LOCK:
-        if "library" in _STATE:
-            lib = _STATE["library"]
-            return lib if isinstance(lib, AdcGemmLibrary) else None
-        found: AdcGemmLibrary | None = None
-        cxx = find_compiler()
-        if cxx is None:
-            _STATE["reason"] = "no C++ compiler found (set CXX)"
-        else:
-            try:
-                found = AdcGemmLibrary(build_library(cxx))
-                _self_check(found)
-                _STATE["reason"] = f"loaded {found.path}"
-            except (OSError, RuntimeError) as err:
-                found = None
-                _STATE["reason"] = str(err)
-                warnings.warn(
-                    f"nvmpriv: native crossbar kernel unavailable ({err}); the crossbar nodes "
-                    "run on onnxruntime's function bodies (same results, slower)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        _STATE["library"] = found
-        return found
+    return load_checked(
+        _STATE,
+        lambda lib: lib,
+        lambda lib: _self_check(lib),  # looked up at call time (tests replace it)
+        "the crossbar nodes run on onnxruntime's function bodies (same results, slower)",
+    )
 
 
 _INT_KEYS = (

@@ -8,18 +8,15 @@ computes the same ADC codes.
 
 from __future__ import annotations
 
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from nvmpriv.native.build import build_library, find_compiler, native_disabled
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary
+from nvmpriv.native.build import native_disabled
+from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, load_checked
 
 __all__ = ["MAX_QMAX", "NativeAdcGemm", "adc_gemm_kernel", "native_status"]
 
-_LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
@@ -27,12 +24,12 @@ class NativeAdcGemm:
     """Torch front end of :class:`nvmpriv.native.library.AdcGemmLibrary`.
 
     Args:
-        path: The compiled shared library.
+        library: The loaded library, or the path of the compiled one.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.library = AdcGemmLibrary(path)
-        self.path = path
+    def __init__(self, library: AdcGemmLibrary | Path) -> None:
+        self.library = library if isinstance(library, AdcGemmLibrary) else AdcGemmLibrary(library)
+        self.path = self.library.path
         self.panel_width = self.library.panel_width
         self.openmp = self.library.openmp
 
@@ -156,32 +153,12 @@ def adc_gemm_kernel() -> NativeAdcGemm | None:
         The loaded kernel, or ``None`` when ``NVMPRIV_NATIVE=0``, no C++ compiler is found, or
         building, loading or the self-check failed (warned once per process).
     """
-    if native_disabled():
-        return None
-    with _LOCK:
-        if "kernel" in _STATE:
-            kernel = _STATE["kernel"]
-            return kernel if isinstance(kernel, NativeAdcGemm) else None
-        kernel_or_none: NativeAdcGemm | None = None
-        cxx = find_compiler()
-        if cxx is None:
-            _STATE["reason"] = "no C++ compiler found (set CXX)"
-        else:
-            try:
-                kernel_or_none = NativeAdcGemm(build_library(cxx))
-                _self_check(kernel_or_none)
-                _STATE["reason"] = f"loaded {kernel_or_none.path}"
-            except (OSError, RuntimeError) as err:
-                kernel_or_none = None
-                _STATE["reason"] = str(err)
-                warnings.warn(
-                    f"nvmpriv: native crossbar kernel unavailable ({err}); using the pure-torch "
-                    "ADC path (same results, slower)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        _STATE["kernel"] = kernel_or_none
-        return kernel_or_none
+    return load_checked(
+        _STATE,
+        NativeAdcGemm,
+        lambda kernel: _self_check(kernel),  # looked up at call time (tests replace it)
+        "using the pure-torch ADC path (same results, slower)",
+    )
 
 
 def native_status() -> str:

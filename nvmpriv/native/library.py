@@ -8,13 +8,20 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["ABI", "MAX_QMAX", "PARALLEL_MIN_MACS", "AdcGemmLibrary"]
+from nvmpriv.native.build import build_library, find_compiler, native_disabled
+
+__all__ = ["ABI", "MAX_QMAX", "PARALLEL_MIN_MACS", "AdcGemmLibrary", "load_checked"]
+
+_T = TypeVar("_T")
+_LOAD_LOCK = threading.Lock()
 
 ABI = 5
 # The kernel rounds with the 1.5 * 2**23 trick, exact for |partial sum| <= 2**22 after clamping.
@@ -216,3 +223,50 @@ class AdcGemmLibrary:
         if check is None:
             return []
         return [int(t) for t in np.flatnonzero(reach.max(axis=(0, 1)))]
+
+
+def load_checked(
+    state: dict[str, Any],
+    make: Callable[[AdcGemmLibrary], _T],
+    check: Callable[[_T], None],
+    fallback: str,
+) -> _T | None:
+    """Build, load and self-check the kernel once per ``state``; ``None`` where unavailable.
+
+    Args:
+        state: The caller's memo: ``"kernel"`` (the result, also ``None``) and ``"reason"``
+            (``"loaded <path>"`` or why not) are stored here.
+        make: Wraps the loaded library in the caller's front end.
+        check: Raises ``RuntimeError`` if the front end disagrees with its own definition on a
+            test problem.
+        fallback: What runs instead, for the one warning.
+
+    Returns:
+        The front end, or ``None`` when ``NVMPRIV_NATIVE=0``, no C++ compiler is found, or
+        building, loading or the check failed (warned once per ``state``).
+    """
+    if native_disabled():
+        return None
+    with _LOAD_LOCK:
+        if "kernel" in state:
+            return state["kernel"]
+        found: _T | None = None
+        cxx = find_compiler()
+        if cxx is None:
+            state["reason"] = "no C++ compiler found (set CXX)"
+        else:
+            try:
+                library = AdcGemmLibrary(build_library(cxx))
+                found = make(library)
+                check(found)
+                state["reason"] = f"loaded {library.path}"
+            except (OSError, RuntimeError) as err:
+                found = None
+                state["reason"] = str(err)
+                warnings.warn(
+                    f"nvmpriv: native crossbar kernel unavailable ({err}); {fallback}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        state["kernel"] = found
+        return found
