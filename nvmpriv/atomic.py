@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "json_safe",
     "mkstemp_beside",
+    "sync_to_disk",
 ]
 
 
@@ -56,6 +57,22 @@ def mkstemp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     return fd, tmp
 
 
+def sync_to_disk(path: str | Path) -> None:
+    """Flush a written temporary file to the disk before it is renamed into place.
+
+    Without it a crash soon after the rename can leave the new name pointing at an empty or
+    partial file on file systems that reorder data and metadata writes.
+
+    Args:
+        path: The file (closed or open elsewhere; it is reopened read-only).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write bytes atomically.
 
@@ -72,6 +89,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -799,6 +799,8 @@ def _atomic_write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         if not overwrite:
             # link() refuses an existing destination: no window where another writer is clobbered
             try:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from nvmpriv.atomic import mkstemp_beside
+from nvmpriv.atomic import mkstemp_beside, sync_to_disk
 
 __all__ = ["confidence_figure", "layer_metrics_figure", "roc_figure", "save_figure"]
 
@@ -35,6 +35,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        sync_to_disk(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

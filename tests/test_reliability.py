@@ -252,6 +252,44 @@ def test_atomic_outputs_get_the_umask_mode(tmp_path: Path, umask: int, mode: int
         atomic._new_file_mode.cache_clear()
 
 
+def test_atomic_outputs_reach_the_disk_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from nvmpriv import atomic
+    from nvmpriv.export import _atomic_write_bytes
+    from nvmpriv.plots import save_figure
+
+    events: list[str] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def rename(kind: str, real):
+        def call(src, dst) -> None:
+            events.append(kind)
+            real(src, dst)
+
+        return call
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", rename("rename", real_replace))
+    monkeypatch.setattr(os, "link", rename("rename", real_link))
+    atomic.atomic_write_text(tmp_path / "results.json", "{}")
+    atomic.atomic_save_npz(tmp_path / "splits.npz", a=np.zeros(3))
+    save_figure(plt.figure(), tmp_path / "report.png")
+    _atomic_write_bytes(tmp_path / "model.onnx", b"x", overwrite=False)
+    _atomic_write_bytes(tmp_path / "model.onnx", b"y", overwrite=True)
+    assert events == ["fsync", "rename"] * 5
+    assert (tmp_path / "model.onnx").read_bytes() == b"y"
+
+
 def test_extending_a_finished_run_replaces_its_own_exports(tmp_path: Path) -> None:
     import numpy as np
 
