@@ -104,6 +104,10 @@ _INT_KEYS = (
 #: Operators worth onnxruntime's intra-op threads; other segments (ReLU, BatchNorm, pooling,
 #: Add, Softmax...) run on one thread, so a file with many segments does not hold many pools.
 _HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
+#: Panel width bound used in the 32-bit size checks (the kernel's is 64).
+_PANEL_LIMIT = 256
+#: Most rows (Gemm) or output positions (Conv) per kernel call: its counts are 32-bit.
+_MAX_ROWS = 2**31 - 2**16
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -209,10 +213,6 @@ def _node_spec(node: onnx.NodeProto) -> _NodeSpec | None:
             and spec.k % (kh * kw) == 0
         )
     return spec if ok else None
-
-
-#: Panel width bound used in the 32-bit size checks (the kernel's is 64).
-_PANEL_LIMIT = 256
 
 
 class _Arena:
@@ -371,10 +371,6 @@ class _NativeNode:
         return out
 
 
-#: Most rows (Gemm) or output positions (Conv) per kernel call: its counts are 32-bit.
-_MAX_ROWS = 2**31 - 2**16
-
-
 def _prepare(
     lib: AdcGemmLibrary,
     node: onnx.NodeProto,
@@ -440,6 +436,11 @@ class _Segment:
     session: Any
     inputs: list[str]
     outputs: list[str]
+
+    def run(self, values: dict[str, np.ndarray]) -> None:
+        """Evaluate the segment on ``values`` and add its outputs to them."""
+        got = self.session.run(self.outputs, {x: values[x] for x in self.inputs})
+        values.update(zip(self.outputs, got, strict=True))
 
 
 def _agrees(native: np.ndarray, body: np.ndarray, spec: _NodeSpec) -> bool:
@@ -607,8 +608,7 @@ class NativeGraphRunner:
         wrong: set[int] = set()
         for step in self._steps:
             if not isinstance(step, _NativeNode):
-                got = step.session.run(step.outputs, {x: values[x] for x in step.inputs})
-                values.update(zip(step.outputs, got, strict=True))
+                step.run(values)
                 continue
             node = graph.node[step.index]
             ins = [x for x in dict.fromkeys(node.input) if x and x not in self._init]
@@ -637,6 +637,5 @@ class NativeGraphRunner:
             if isinstance(step, _NativeNode):
                 values[step.y_name] = step.run(values[step.x_name])
             else:
-                got = step.session.run(step.outputs, {x: values[x] for x in step.inputs})
-                values.update(zip(step.outputs, got, strict=True))
+                step.run(values)
         return [values[x] for x in (names or self._outputs)]
