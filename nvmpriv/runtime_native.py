@@ -249,6 +249,11 @@ class _NativeNode:
     threads: int
     ts: int  # rows per tile as run: the tile size, or K for a single tile row (no zero rows)
     arena: _Arena
+    relu: int | None = None  # index of the Relu node fused into the kernel's epilogue
+
+    def fuse_relu(self, index: int, output: str) -> _NativeNode:
+        """This node followed by Relu node ``index`` (output ``output``), in the epilogue."""
+        return replace(self, relu=index, y_name=output)
 
     def _write_codes(self, x: np.ndarray, dst: np.ndarray) -> None:
         """The array's input (DoReFa quantizer, then integer DAC codes) written into ``dst``.
@@ -292,8 +297,7 @@ class _NativeNode:
         for r0 in range(0, b, _MAX_ROWS):  # the kernel counts rows in 32-bit integers
             r1 = min(b, r0 + _MAX_ROWS)
             rows = self.arena.take((r1 - r0, n_r * n))
-            rows[:, k:] = 0  # tile rows past K
-            self._write_codes(x[r0:r1], rows[:, :k])
+            self._write_codes(x[r0:r1], rows[:, :k])  # the kernel skips the rows past K
             self.lib.gemm(
                 (rows.ctypes.data, n, n_r * n),
                 (self.weights.ctypes.data, 0, 0),
@@ -308,9 +312,10 @@ class _NativeNode:
                 conv=None,
                 check=None,
                 threads=self.threads,
+                rows=k,
+                bias=None if self.bias is None else (self.bias.ctypes.data, 1),
+                relu=self.relu is not None,
             )
-        if self.bias is not None:
-            out += self.bias
         return out
 
     def _conv(self, x: np.ndarray) -> np.ndarray:
@@ -348,7 +353,8 @@ class _NativeNode:
             part = out[b0:b1]
             for grp in range(g):
                 geo = np.array(
-                    [*strides, grp * cin_g, kh, kw, sh, sw, dh, dw, h_out, w_out, k], np.int64
+                    [*strides, grp * cin_g, kh, kw, sh, sw, dh, dw, h_out, w_out, k, xp.size],
+                    np.int64,
                 )
                 wt = self.weights[grp]
                 self.lib.gemm(
@@ -365,9 +371,10 @@ class _NativeNode:
                     conv=geo.ctypes.data,
                     check=None,
                     threads=self.threads,
+                    rows=k,
+                    bias=None if self.bias is None else (self.bias.ctypes.data + 4 * grp * m, 0),
+                    relu=self.relu is not None,
                 )
-        if self.bias is not None:
-            out += self.bias.reshape(1, -1, 1, 1)
         return out
 
 
@@ -522,6 +529,7 @@ class NativeGraphRunner:
                 natives[i] = prepared
         if not natives:
             raise ValueError("no crossbar node qualifies for the native kernel")
+        natives = self._fuse_relus(natives)
         probe = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
         self._build(natives)
         wrong = self._check_against_bodies(probe)
@@ -531,6 +539,29 @@ class NativeGraphRunner:
                 raise ValueError("no crossbar node agrees with its function body")
             self._build(natives)
         self.native_count = len(natives)
+
+    def _fuse_relus(self, natives: dict[int, _NativeNode]) -> dict[int, _NativeNode]:
+        """Move each ``Relu`` that is the only reader of a native node's output into it."""
+        graph = self._model.graph
+        readers: dict[str, list[int]] = {}
+        for i, nd in enumerate(graph.node):
+            for name in dict.fromkeys(nd.input):
+                readers.setdefault(name, []).append(i)
+        fused = {}
+        for i, native in natives.items():
+            after = readers.get(native.y_name, [])
+            nxt = graph.node[after[0]] if len(after) == 1 else None
+            if (
+                nxt is not None
+                and nxt.op_type == "Relu"
+                and nxt.domain in ("", "ai.onnx")
+                and list(nxt.input) == [native.y_name]
+                and len(nxt.output) == 1
+                and native.y_name not in self._outputs
+            ):
+                native = native.fuse_relu(after[0], nxt.output[0])
+            fused[i] = native
+        return fused
 
     @staticmethod
     def _value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -568,8 +599,11 @@ class NativeGraphRunner:
     def _build(self, natives: dict[int, _NativeNode]) -> None:
         """Cut the graph at the native nodes into onnxruntime segments."""
         graph = self._model.graph
+        absorbed = {nd.relu for nd in natives.values() if nd.relu is not None}
         groups: list[list[int] | _NativeNode] = []
         for i in range(len(graph.node)):
+            if i in absorbed:
+                continue
             if i in natives:
                 groups.append(natives[i])
             elif groups and isinstance(groups[-1], list):
@@ -612,7 +646,8 @@ class NativeGraphRunner:
                 continue
             node = graph.node[step.index]
             ins = [x for x in dict.fromkeys(node.input) if x and x not in self._init]
-            body = self._session(self._sub_model([node], ins, [step.y_name]), 1)
+            nodes = [node] if step.relu is None else [node, graph.node[step.relu]]
+            body = self._session(self._sub_model(nodes, ins, [step.y_name]), 1)
             (expected,) = body.run([step.y_name], {x: values[x] for x in ins})
             try:
                 if not _agrees(step.run(values[step.x_name]), expected, step.spec):

@@ -934,6 +934,7 @@ class CrossbarLinear(CrossbarLayer):
                 scale=float(step),
                 packed=True,
                 check=check,
+                rows=self.in_features,
             )
             return out.view(*lead, m), [(0, r) for r in rows]
         clip, check = _row_flags(l1_all[0], _abs_max(u2), qmax, detect)

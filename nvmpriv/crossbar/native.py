@@ -62,6 +62,7 @@ class NativeAdcGemm:
         out_strides: tuple[int, int, int] | None = None,
         n_cols: int | None = None,
         conv: tuple[int, ...] | None = None,
+        rows: int | None = None,
     ) -> list[int]:
         """``out = scale * sum_t clamp(round(a[t] @ b[t]), -qmax, qmax)`` (float32, CPU).
 
@@ -86,6 +87,8 @@ class NativeAdcGemm:
                 instead: ``(channel offset, kh, kw, stride h, stride w, dilation h,
                 dilation w, output h, output w, rows k)``; rows ``k .. n_r*ts`` are zero and
                 column ``j`` is output position ``j`` of ``(batch, h, w)`` (needs ``n_cols``).
+            rows: Rows ``k`` of the operands that are not zero padding (default ``n_r * ts``;
+                with ``conv``, its ``k``): the kernel skips the last tile row's rows past it.
 
         Returns:
             The checked tile rows whose partial sums reached the clip level.
@@ -100,7 +103,9 @@ class NativeAdcGemm:
         if conv is not None:
             if b.dim() != 4 or packed or n_cols is None:
                 raise ValueError("adc matmul: conv needs an NCHW input, unpacked, and n_cols")
-            geo = torch.tensor([*b.stride(), *conv], dtype=torch.int64)
+            readable = b.untyped_storage().nbytes() // b.element_size() - b.storage_offset()
+            geo = torch.tensor([*b.stride(), *conv, readable], dtype=torch.int64)
+            rows = conv[-1]
         ldc, block, ld_block = out_strides
         if m == 0 or n == 0:
             return []
@@ -128,6 +133,7 @@ class NativeAdcGemm:
             conv=None if geo is None else geo.data_ptr(),
             check=check,
             threads=torch.get_num_threads(),
+            rows=rows,
         )
 
 

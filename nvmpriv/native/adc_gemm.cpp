@@ -44,54 +44,77 @@ inline vf splat(float x) { return vf{} + x; }
 struct Out {
   float* base;
   int64_t ldc, block, ld_block;
-  void store(int i, int64_t j, const float* row, int n) const {
-    float* r = base + i * ldc;
-    for (int q = 0; q < n;) {
-      const int64_t off = j % block;
-      const int run = static_cast<int>(n - q < block - off ? n - q : block - off);
-      std::memcpy(r + (j / block) * ld_block + off, row + q, run * sizeof(float));
+};
+
+// Where one panel's columns go in a row of C: runs of columns contiguous there (a convolution's
+// positions break at image boundaries), worked out once per panel rather than once per row.
+struct PanelOut {
+  int n_runs = 0;
+  int start[NR + 1];  // first panel column of each run; start[n_runs] = nc
+  int64_t dst[NR];    // offset within a row of C of each run's first column
+  PanelOut(const Out& c, int64_t j0, int nc) {
+    int64_t blk = j0 / c.block, off = j0 % c.block;
+    for (int q = 0; q < nc;) {
+      const int run = static_cast<int>(nc - q < c.block - off ? nc - q : c.block - off);
+      start[n_runs] = q;
+      dst[n_runs++] = blk * c.ld_block + off;
       q += run;
-      j += run;
+      off = 0;
+      ++blk;
     }
+    start[n_runs] = nc;
   }
 };
 
-template <int R>
-inline __attribute__((always_inline)) void micro_tile(
-    const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int n_r, int ts, const Out& c,
-    int64_t j0, int nc, float qmax, float scale, const uint8_t* check, float thr,
-    uint8_t* reach) {
-  vf acc[R][NV];
+// What happens to a micro-tile's summed codes before they are stored:
+// v = scale * codes (+ bias) (then max(v, 0) with relu), the order of the export's Mul, Add, Relu.
+struct Epilogue {
+  float qmax, scale;
+  const float* row_bias;  // per row of C from the micro-tile's first row, or nullptr
+  const float* col_bias;  // the panel's NR columns (zero-padded), or nullptr
+  bool relu;
+  const uint8_t* check;
+  float thr;
+  uint8_t* reach;
+};
+
+// R rows by NVU vectors of one panel (NVU < NV for a narrow last panel: the padding columns
+// are not computed).
+template <int R, int NVU>
+void micro_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int n_r, int ts,
+                int k_last, float* c, int64_t ldc, const PanelOut& po, const Epilogue& e) {
+  vf acc[R][NVU];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
-  const vf hi = splat(qmax), lo = splat(-qmax), magic = splat(kMagic);
+    for (int j = 0; j < NVU; ++j) acc[i][j] = vf{};
+  const vf hi = splat(e.qmax), lo = splat(-e.qmax), magic = splat(kMagic);
   for (int t = 0; t < n_r; ++t) {
-    vf s[R][NV];
+    vf s[R][NVU];
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+      for (int j = 0; j < NVU; ++j) s[i][j] = vf{};
     const float* bt = bp + static_cast<int64_t>(t) * ts * NR;
     const float* at = a + t * sa_t;
-    for (int k = 0; k < ts; ++k) {
-      vf w[NV];
-      for (int j = 0; j < NV; ++j) w[j] = load(bt + k * NR + j * kLanes);
+    const int kt = t == n_r - 1 ? k_last : ts;  // the last tile row's zero rows are skipped
+    for (int k = 0; k < kt; ++k) {
+      vf w[NVU];
+      for (int j = 0; j < NVU; ++j) w[j] = load(bt + k * NR + j * kLanes);
       for (int i = 0; i < R; ++i) {
         const float x = at[i * sa_i + k];
-        for (int j = 0; j < NV; ++j) s[i][j] += x * w[j];
+        for (int j = 0; j < NVU; ++j) s[i][j] += x * w[j];
       }
     }
-    if (check != nullptr && check[t] && !reach[t]) {
+    if (e.check != nullptr && e.check[t] && !e.reach[t]) {
       vf m = vf{};
       for (int i = 0; i < R; ++i)
-        for (int j = 0; j < NV; ++j) {
+        for (int j = 0; j < NVU; ++j) {
           const vf v = s[i][j];
           const vf av = v < 0 ? -v : v;
           m = av > m ? av : m;
         }
       for (int l = 0; l < kLanes; ++l)
-        if (m[l] >= thr) reach[t] = 1;
+        if (m[l] >= e.thr) e.reach[t] = 1;
     }
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < NV; ++j) {
+      for (int j = 0; j < NVU; ++j) {
         vf v = s[i][j];
         v = v > hi ? hi : v;
         v = v < lo ? lo : v;
@@ -100,28 +123,45 @@ inline __attribute__((always_inline)) void micro_tile(
   }
   for (int i = 0; i < R; ++i) {
     float row[NR];
-    for (int j = 0; j < NV; ++j) {
-      const vf v = acc[i][j] * scale;
+    for (int j = 0; j < NVU; ++j) {
+      vf v = acc[i][j] * e.scale;
+      if (e.col_bias != nullptr) v += load(e.col_bias + j * kLanes);
+      if (e.row_bias != nullptr) v += e.row_bias[i];
+      if (e.relu) v = v < 0 ? vf{} : v;
       std::memcpy(row + j * kLanes, &v, sizeof(vf));
     }
-    c.store(i, j0, row, nc);
+    float* ci = c + i * ldc;
+    for (int u = 0; u < po.n_runs; ++u)
+      std::memcpy(ci + po.dst[u], row + po.start[u],
+                  (po.start[u + 1] - po.start[u]) * sizeof(float));
   }
 }
 
-void panel_rows(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, const float* bp,
-                int n_r, int ts, const Out& c, int64_t j0, int nc, float qmax, float scale,
-                const uint8_t* check, float thr, uint8_t* reach) {
-  for (int i0 = 0; i0 < m_rows; i0 += MR) {
-    const float* ai = a + i0 * sa_i;
-    const Out ci{c.base + i0 * c.ldc, c.ldc, c.block, c.ld_block};
-    switch (m_rows - i0 >= MR ? MR : m_rows - i0) {
-      case 6: micro_tile<6>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
-      case 5: micro_tile<5>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
-      case 4: micro_tile<4>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
-      case 3: micro_tile<3>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
-      case 2: micro_tile<2>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
-      default: micro_tile<1>(ai, sa_t, sa_i, bp, n_r, ts, ci, j0, nc, qmax, scale, check, thr, reach); break;
-    }
+typedef void (*MicroTile)(const float*, int64_t, int64_t, const float*, int, int, int, float*,
+                          int64_t, const PanelOut&, const Epilogue&);
+
+template <int R>
+constexpr MicroTile micro_tile_for(int nvu) {
+  return nvu == 1 ? micro_tile<R, 1>
+         : nvu == 2 ? micro_tile<R, 2>
+         : nvu == 3 ? micro_tile<R, 3>
+                    : micro_tile<R, NV>;
+}
+
+// Rows [i0, i1) of one panel (j0: its first column, nc: its width).
+void panel_rows(const float* a, int64_t sa_t, int64_t sa_i, int i0, int i1, const float* bp,
+                int n_r, int ts, int k_last, const Out& c, int64_t j0, int nc,
+                const Epilogue& e) {
+  const PanelOut po(c, j0, nc);
+  const int nvu = (nc + kLanes - 1) / kLanes;
+  const MicroTile full[MR] = {micro_tile_for<1>(nvu), micro_tile_for<2>(nvu),
+                              micro_tile_for<3>(nvu), micro_tile_for<4>(nvu),
+                              micro_tile_for<5>(nvu), micro_tile_for<6>(nvu)};
+  for (int i = i0; i < i1; i += MR) {
+    Epilogue ei = e;
+    if (e.row_bias != nullptr) ei.row_bias = e.row_bias + i;
+    const int r = i1 - i >= MR ? MR : i1 - i;
+    full[r - 1](a + i * sa_i, sa_t, sa_i, bp, n_r, ts, k_last, c.base + i * c.ldc, c.ldc, po, ei);
   }
 }
 
@@ -136,18 +176,54 @@ void pack_panel(const float* b, int64_t sb_t, int64_t sb_k, int n_r, int ts, int
     }
 }
 
+// Copies n >= 1 floats with whole vectors: an inline vector copy per short run of an image row
+// costs a fraction of a library memcpy call. A run of a vector or more ends with an
+// overlapping vector; a shorter one is copied as one whole vector where `room` (floats readable
+// at src and writable at dst) allows, the floats past n being overwritten later by the next run
+// or the panel's zero padding.
+inline void copy_run(float* dst, const float* src, int n, int64_t room) {
+  if (n >= kLanes) {
+    int q = 0;
+    for (; q + kLanes <= n; q += kLanes) {
+      const vf v = load(src + q);
+      std::memcpy(dst + q, &v, sizeof(vf));
+    }
+    if (q < n) {
+      const vf v = load(src + n - kLanes);
+      std::memcpy(dst + n - kLanes, &v, sizeof(vf));
+    }
+  } else if (room >= kLanes) {
+    const vf v = load(src);
+    std::memcpy(dst, &v, sizeof(vf));
+  } else {
+    for (int q = 0; q < n; ++q) dst[q] = src[q];
+  }
+}
+
 // Convolution input gathered straight into a packed panel (im2col without the unfolded matrix).
 // geo: strides of the padded NCHW input (b, c, h, w; elements), first channel of the group,
-// kh, kw, stride h, stride w, dilation h, dilation w, output h, output w, real rows k.
-void gather_conv_panel(const float* x, const int64_t* geo, int n_rows, int64_t j0, int nc,
-                       float* dst) {
+// kh, kw, stride h, stride w, dilation h, dilation w, output h, output w, real rows k, and the
+// number of floats readable from x. Rows from k on are not gathered (the kernel skips them).
+void gather_conv_panel(const float* x, const int64_t* geo, int64_t j0, int nc, float* dst) {
   const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
   const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
-  const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
+  const int64_t h_out = geo[11], w_out = geo[12], k = geo[13], extent = geo[14];
+  // positions and kernel rows are walked with counters: integer divisions per element cost
+  // more than the copies themselves on few-channel convolutions
   int64_t off[NR];
-  for (int q = 0; q < nc; ++q) {
-    const int64_t pos = j0 + q, l = pos % (h_out * w_out);
-    off[q] = (pos / (h_out * w_out)) * s_b + (l / w_out) * sh * s_h + (l % w_out) * sw * s_w;
+  {
+    const int64_t hw = h_out * w_out;
+    int64_t bi = j0 / hw, l = j0 % hw, oh = l / w_out, ow = l % w_out;
+    for (int q = 0; q < nc; ++q) {
+      off[q] = bi * s_b + oh * sh * s_h + ow * sw * s_w;
+      if (++ow == w_out) {
+        ow = 0;
+        if (++oh == h_out) {
+          oh = 0;
+          ++bi;
+        }
+      }
+    }
   }
   // runs of positions whose inputs are adjacent in memory (stride-1 image rows) are copied
   int run_start[NR + 1];
@@ -155,20 +231,25 @@ void gather_conv_panel(const float* x, const int64_t* geo, int n_rows, int64_t j
   for (int q = 0; q < nc; ++q)
     if (q == 0 || off[q] != off[q - 1] + 1) run_start[n_runs++] = q;
   run_start[n_runs] = nc;
-  for (int r = 0; r < n_rows; ++r) {
+  int64_t c = 0, i = 0, j = 0;  // kernel row r = (c * kh + i) * kw + j
+  for (int r = 0; r < k; ++r) {
     float* d = dst + static_cast<int64_t>(r) * NR;
-    if (r >= k) {
-      std::memset(d, 0, NR * sizeof(float));
-      continue;
+    const int64_t base = (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
+    if (++j == kw) {
+      j = 0;
+      if (++i == kh) {
+        i = 0;
+        ++c;
+      }
     }
-    const int64_t c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
-    const float* xr = x + (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
     for (int u = 0; u < n_runs; ++u) {
       const int q0 = run_start[u], len = run_start[u + 1] - q0;
-      if (len >= 8) {
-        std::memcpy(d + q0, xr + off[q0], len * sizeof(float));
+      const int64_t src = base + off[q0];
+      const int64_t room = extent - src < NR - q0 ? extent - src : NR - q0;
+      if (len == 1) {
+        d[q0] = x[src];
       } else {
-        for (int q = q0; q < q0 + len; ++q) d[q] = xr[off[q]];
+        copy_run(d + q0, x + src, len, room);
       }
     }
     for (int q = nc; q < NR; ++q) d[q] = 0.f;
@@ -185,7 +266,7 @@ inline int panel_cols(int n_cols, int p) {
 extern "C" {
 
 // Interface version checked by the loader; bump with any signature change.
-int nvmpriv_adc_abi(void) { return 5; }
+int nvmpriv_adc_abi(void) { return 6; }
 
 // Packed panel width (columns).
 int nvmpriv_adc_panel_width(void) { return NR; }
@@ -241,42 +322,61 @@ void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64
   }
 }
 
-// Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t), ADC(s) = round(clamp(s)).
+// Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t) (+ bias) (then ReLU),
+// ADC(s) = round(clamp(s)).
 //   A: element [t, i, k] at a[t*sa_t + i*sa_i + k], i < m_rows, k < ts.
 //   B: packed by nvmpriv_adc_pack when `packed`; else, with `conv` (see gather_conv_panel),
 //      gathered from the padded NCHW input b of a convolution; else element [t, k, j] at
 //      b[t*sb_t + k*sb_k + j]. Unpacked panels are packed into a private buffer before use.
+//   k_last: rows of the last tile row that are not zero padding (1..ts); the rest are skipped.
 //   C: element (i, j) at c[i*ldc + (j / block)*ld_block + j % block] (block >= 1).
+//   bias (may be NULL): added after scaling, bias[i] per row of C (bias_axis 0) or bias[j] per
+//   column (bias_axis 1); relu: then max(v, 0).
 //   check (may be NULL): per tile row, whether to record in reach[thread * n_r + t] that a
 //   partial sum's magnitude reached thr before conversion; reach holds n_threads * n_r bytes.
-// Panels are shared over n_threads OpenMP threads where built with OpenMP. Returns 0, or -1
+// Work is shared over n_threads OpenMP threads where built with OpenMP: by panels, and with
+// packed B and fewer panels than work for the threads also by blocks of rows. Returns 0, or -1
 // when a packing buffer could not be allocated.
 int nvmpriv_adc_gemm(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, const float* b,
                      int64_t sb_t, int64_t sb_k, int packed, const int64_t* conv, int n_r,
-                     int ts, int n_cols,
-                     int p0, int p1, float* c, int64_t ldc, int64_t block, int64_t ld_block,
-                     float qmax, float scale, const uint8_t* check, float thr, uint8_t* reach,
-                     int n_threads) {
+                     int ts, int k_last, int n_cols, int p0, int p1, float* c, int64_t ldc,
+                     int64_t block, int64_t ld_block, float qmax, float scale,
+                     const float* bias, int bias_axis, int relu, const uint8_t* check, float thr,
+                     uint8_t* reach, int n_threads) {
   const int64_t panel = static_cast<int64_t>(n_r) * ts * NR;
   const Out out{c, ldc, block, ld_block};
+  const int n_p = p1 - p0 > 0 ? p1 - p0 : 0;
+  const int threads = n_threads > 0 ? n_threads : 1;
+  // a packed operand costs nothing to share, so few wide panels are also split by rows
+  const int micro_rows = (m_rows + MR - 1) / MR;
+  int n_blocks = 1;
+  if (packed && threads > 1 && n_p > 0 && n_p < 4 * threads) {
+    n_blocks = (2 * threads + n_p - 1) / n_p;
+    if (n_blocks > micro_rows) n_blocks = micro_rows > 0 ? micro_rows : 1;
+  }
+  const int block_rows = ((micro_rows + n_blocks - 1) / n_blocks) * MR;
+  const int n_items = n_p * n_blocks;
   int failed = 0;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(n_threads > 0 ? n_threads : 1) reduction(| : failed)
+#pragma omp parallel num_threads(threads) reduction(| : failed)
 #endif
   {
 #ifdef _OPENMP
     const int tid = omp_get_thread_num();
 #else
     const int tid = 0;
-    (void)n_threads;
 #endif
     // every thread must reach the work-sharing loop, so a failed allocation only skips panels
     float* buf = packed ? nullptr
                         : static_cast<float*>(std::aligned_alloc(64, panel * sizeof(float)));
+    alignas(64) float col_bias[NR];
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-    for (int p = p0; p < p1; ++p) {
+    for (int item = 0; item < n_items; ++item) {
+      const int p = p0 + item / n_blocks, rb = item % n_blocks;
+      const int i0 = rb * block_rows, i1 = i0 + block_rows < m_rows ? i0 + block_rows : m_rows;
+      if (i0 >= i1) continue;
       const int nc = panel_cols(n_cols, p);
       const float* bp = buf;
       if (packed) {
@@ -287,14 +387,22 @@ int nvmpriv_adc_gemm(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, con
           continue;
         }
         if (conv != nullptr) {
-          gather_conv_panel(b, conv, n_r * ts, static_cast<int64_t>(p) * NR, nc, buf);
+          gather_conv_panel(b, conv, static_cast<int64_t>(p) * NR, nc, buf);
         } else {
           pack_panel(b, sb_t, sb_k, n_r, ts, p * NR, nc, buf);
         }
         bp = buf;
       }
-      panel_rows(a, sa_t, sa_i, m_rows, bp, n_r, ts, out, static_cast<int64_t>(p) * NR, nc, qmax,
-                 scale, check, thr, reach + static_cast<int64_t>(tid) * n_r);
+      Epilogue e{qmax, scale, nullptr, nullptr, relu != 0, check, thr,
+                 reach + static_cast<int64_t>(tid) * n_r};
+      if (bias != nullptr && bias_axis == 0) e.row_bias = bias;
+      if (bias != nullptr && bias_axis != 0) {
+        std::memcpy(col_bias, bias + static_cast<int64_t>(p) * NR, nc * sizeof(float));
+        for (int q = nc; q < NR; ++q) col_bias[q] = 0.f;
+        e.col_bias = col_bias;
+      }
+      panel_rows(a, sa_t, sa_i, i0, i1, bp, n_r, ts, k_last, out,
+                 static_cast<int64_t>(p) * NR, nc, e);
     }
     std::free(buf);
   }

@@ -23,11 +23,13 @@ __all__ = ["ABI", "MAX_QMAX", "PARALLEL_MIN_MACS", "AdcGemmLibrary", "load_check
 _T = TypeVar("_T")
 _LOAD_LOCK = threading.Lock()
 
-ABI = 5
+ABI = 6
 # The kernel rounds with the 1.5 * 2**23 trick, exact for |partial sum| <= 2**22 after clamping.
 MAX_QMAX = 2**22
 # Below this many multiply-adds per call the thread hand-off costs more than it saves.
 PARALLEL_MIN_MACS = 1 << 18
+# Rows of C per micro-tile (MR in adc_gemm.cpp): the least a thread gets when rows are shared.
+MICRO_ROWS = 6
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -53,8 +55,9 @@ class AdcGemmLibrary:
         lib.nvmpriv_adc_pack.argtypes = [_P, _I64, _I64, _I, _I, _I, _P]
         lib.nvmpriv_adc_pack.restype = None
         lib.nvmpriv_adc_gemm.argtypes = [
-            *(_P, _I64, _I64, _I, _P, _I64, _I64, _I, _P, _I, _I, _I, _I, _I, _P, _I64, _I64, _I64),
-            *(_F, _F, _P, _F, _P, _I),
+            *(_P, _I64, _I64, _I, _P, _I64, _I64, _I, _P, _I, _I, _I, _I, _I, _I, _P, _I64, _I64),
+            _I64,
+            *(_F, _F, _P, _I, _I, _P, _F, _P, _I),
         ]
         lib.nvmpriv_adc_gemm.restype = _I
         lib.nvmpriv_dac_codes.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64]
@@ -160,8 +163,13 @@ class AdcGemmLibrary:
         conv: int | None,
         check: list[bool] | None,
         threads: int,
+        rows: int | None = None,
+        bias: tuple[int, int] | None = None,
+        relu: bool = False,
     ) -> list[int]:
-        """``C = scale * sum_t clamp(round(A_t @ B_t), -qmax, qmax)`` on raw float32 memory.
+        """``C = scale * sum_t clamp(round(A_t @ B_t), -qmax, qmax) (+ bias)``, on raw memory.
+
+        With ``relu`` the result is then ``max(C, 0)``.
 
         Operands are validated by the callers (torch and numpy front ends).
 
@@ -183,6 +191,11 @@ class AdcGemmLibrary:
                 parameters, see ``adc_gemm.cpp``), or ``None``.
             check: Per tile row, whether to report partial sums reaching ``qmax``.
             threads: Threads to use (OpenMP inside one call, else Python threads over panels).
+            rows: Rows of ``A``/``B`` that are not zero padding (default ``n_r * ts``); the
+                kernel skips the last tile row's rows past it. For ``conv``, the geometry's ``k``.
+            bias: ``(address, axis)`` of a float32 bias added after the scaling, one value per
+                row of ``C`` (axis 0, ``m`` values) or per column (axis 1, ``n`` values).
+            relu: Apply ``max(., 0)`` last.
 
         Returns:
             The checked tile rows whose partial sums reached the clip level.
@@ -193,10 +206,14 @@ class AdcGemmLibrary:
         ints = (m, n, n_r, ts, n_r * ts * self.panel_width, math.ceil(n / self.panel_width) + 1)
         if max(ints) >= 2**31 or min(m, n, n_r, ts) < 0:
             raise ValueError(f"adc gemm: sizes {ints} do not fit the kernel's 32-bit counts")
+        rows = n_r * ts if rows is None else rows
+        if not (n_r - 1) * ts < rows <= n_r * ts:
+            raise ValueError(f"adc gemm: {rows} real rows do not fill {n_r} tile rows of {ts}")
         if check is not None and len(check) != n_r:
             raise ValueError(f"adc gemm: {len(check)} clip-check flags for {n_r} tile rows")
         n_p = math.ceil(n / self.panel_width)
-        threads = max(1, min(threads, n_p))
+        # a packed operand is shared by rows too (see adc_gemm.cpp), a gathered one by panels
+        threads = max(1, min(threads, n_p * (math.ceil(m / MICRO_ROWS) if packed and self.openmp else 1)))
         if n_r * m * ts * n < PARALLEL_MIN_MACS:
             threads = 1
         # OpenMP builds share panels inside one call; otherwise one call per range of panels
@@ -212,8 +229,10 @@ class AdcGemmLibrary:
             p0, p1 = ranges[i]
             rc = lib.nvmpriv_adc_gemm(
                 *(a[0], a[1], a[2], m, b[0], b[1], b[2]),
-                *(int(packed), conv, n_r, ts, n, p0, p1, *out),
-                *(float(qmax), scale, check_ptr, thr, reach[i].ctypes.data),
+                *(int(packed), conv, n_r, ts, rows - (n_r - 1) * ts, n, p0, p1, *out),
+                *(float(qmax), scale, None if bias is None else bias[0]),
+                *(0 if bias is None else int(bias[1]), int(relu)),
+                *(check_ptr, thr, reach[i].ctypes.data),
                 per_call,
             )
             if rc != 0:
