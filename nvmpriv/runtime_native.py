@@ -45,13 +45,21 @@ _STATE: dict[str, Any] = {}
 
 
 def _self_check(lib: AdcGemmLibrary) -> None:
-    """Compare the kernel with numpy on small problems (both operand forms, DAC codes)."""
+    """Compare the kernel with numpy on small problems (operand forms, epilogues, DAC codes)."""
     rng = np.random.default_rng(0)
-    n_r, m, ts, n = 3, 7, 8, lib.panel_width + 5
+    n_r, m, ts, n, rows = 3, 7, 8, lib.panel_width + 5, 21  # the last tile row: 5 real rows
     a = rng.integers(-3, 4, (n_r, m, ts)).astype(np.float32)
     b = (rng.standard_normal((n_r, ts, n)) * 2).astype(np.float32)
-    ref = np.clip(np.round(np.matmul(a, b)), -9, 9).sum(0).astype(np.float32) * np.float32(0.5)
-    for packed in (True, False):
+    a[-1, :, rows - (n_r - 1) * ts :] = 0
+    codes = np.clip(np.round(np.matmul(a, b)), -9, 9).sum(0).astype(np.float32) * np.float32(0.5)
+    bias = {
+        0: rng.standard_normal(m).astype(np.float32),
+        1: rng.standard_normal(n).astype(np.float32),
+    }
+    # packed with a per-column bias and ReLU (Gemm nodes), gathered with a per-row bias (Conv)
+    for packed, axis, relu in ((True, 1, True), (False, 0, False)):
+        ref = codes + (bias[0][:, None] if axis == 0 else bias[1][None, :])
+        ref = np.maximum(ref, 0) if relu else ref
         out = np.empty((m, n), np.float32)
         rhs = np.empty(lib.packed_size(n_r, ts, n), np.float32) if packed else b
         if packed:
@@ -70,15 +78,18 @@ def _self_check(lib: AdcGemmLibrary) -> None:
             conv=None,
             check=None,
             threads=1,
+            rows=rows,
+            bias=(bias[axis].ctypes.data, axis),
+            relu=relu,
         )
-        if not np.array_equal(out, ref):
+        if not np.allclose(out, ref, rtol=1e-6, atol=1e-6):
             raise RuntimeError("the compiled kernel disagrees with numpy on a test problem")
     x = (rng.integers(-40, 41, (2, 3, 9)) * 0.25).astype(np.float32)  # ties and clipping
-    codes = np.empty_like(x)
+    dac = np.empty_like(x)
     lib.dac_codes(
-        (x.ctypes.data, 27, 9), (codes.ctypes.data, 27, 9), (2, 3, 9), step=0.5, qmax=7, threads=1
+        (x.ctypes.data, 27, 9), (dac.ctypes.data, 27, 9), (2, 3, 9), step=0.5, qmax=7, threads=1
     )
-    if not np.array_equal(codes, np.clip(np.rint(x / np.float32(0.5)), -7, 7)):
+    if not np.array_equal(dac, np.clip(np.rint(x / np.float32(0.5)), -7, 7)):
         raise RuntimeError("the compiled DAC codes disagree with numpy on a test problem")
 
 

@@ -90,6 +90,130 @@ def test_native_engine_equals_function_bodies(
     assert native.predict_proba(x[:0]).shape == (0, want.shape[1])
 
 
+def _shared_output_fc() -> nn.Module:
+    class SkipFC(nn.Module):
+        """A crossbar output read by a Relu and by an Add: the Relu cannot be fused."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(30, 30), nn.Linear(30, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc1(x)
+            return self.fc2(torch.relu(y) + y)
+
+    torch.manual_seed(7)
+    return SkipFC()
+
+
+@needs_kernel
+def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path) -> None:
+    lenet = runtime.load(
+        _export(tmp_path, nets.LeNet5(1, 10), get_preset("64x64_100k"), [1, 28, 28])
+    )
+    skip = runtime.load(_export(tmp_path, _shared_output_fc(), get_preset("32x32_100k"), [30], "s"))
+    fused = [
+        [s.relu is not None for s in p._runner._steps if isinstance(s, runtime_native._NativeNode)]
+        for p in (lenet, skip)
+    ]
+    assert fused == [[True, True, True, True, False], [False, False]]
+    graph = onnx.load(lenet.path).graph
+    relus = {n.output[0] for n in graph.node if n.op_type == "Relu"}
+    assert {s.y_name for s in lenet._runner._steps if getattr(s, "relu", None)} <= relus
+    # results: test_native_engine_equals_function_bodies (LeNet-5) and below (the shared output)
+    x = _queries([30])
+    stock = runtime.load(skip.path, native=False)
+    np.testing.assert_allclose(skip.predict_proba(x), stock.predict_proba(x), rtol=1e-4, atol=1e-7)
+
+
+def _dyadic(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Multiples of 1/8 in [-2, 2]: sums of products are exact in float32 and float64."""
+    return (rng.integers(-16, 17, shape) / 8).astype(np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("m", "n", "threads"), [(1, 10, 2), (500, 10, 2), (256, 70, 2), (13, 200, 1)]
+)
+@pytest.mark.parametrize(("axis", "relu"), [(None, False), (0, True), (1, True), (1, False)])
+@pytest.mark.parametrize("packed", [True, False])
+def test_kernel_epilogue_and_padding_rows_match_numpy(m, n, threads, axis, relu, packed) -> None:
+    # oracle: the definition in float64 on the real rows; the padding rows hold NaN, so the
+    # kernel must skip them; 500 x 10 has one panel, so its rows are shared over the threads
+    assert lib is not None
+    rng = np.random.default_rng(m + n)
+    n_r, ts, rows, qmax, scale = 3, 64, 150, 40, 0.5
+    a, b = _dyadic(rng, (n_r, m, ts)), _dyadic(rng, (n_r, ts, n))
+    real = rows - (n_r - 1) * ts
+    want = np.zeros((m, n))
+    for t in range(n_r):
+        k = ts if t < n_r - 1 else real
+        want += np.clip(np.rint(a[t, :, :k].astype(np.float64) @ b[t, :k]), -qmax, qmax)
+    a[-1, :, real:], b[-1, real:] = np.nan, np.nan
+    bias = _dyadic(rng, (m if axis == 0 else n,))
+    want = want * scale + (0 if axis is None else bias[:, None] if axis == 0 else bias)
+    want = np.maximum(want, 0) if relu else want
+    rhs = b
+    if packed:
+        rhs = np.empty(lib.packed_size(n_r, ts, n), np.float32)
+        lib.pack(b.ctypes.data, ts * n, n, n_r, ts, n, rhs.ctypes.data)
+    out = np.full((m, n), np.nan, np.float32)
+    lib.gemm(
+        (a.ctypes.data, m * ts, ts), (rhs.ctypes.data, ts * n, n), (out.ctypes.data, n, n, 0),
+        m=m, n=n, n_r=n_r, ts=ts, qmax=qmax, scale=scale, packed=packed, conv=None, check=None,
+        threads=threads, rows=rows, bias=None if axis is None else (bias.ctypes.data, axis),
+        relu=relu,
+    )  # fmt: skip
+    np.testing.assert_array_equal(out, want.astype(np.float32))
+    with pytest.raises(ValueError, match="real rows"):
+        lib.gemm(
+            (a.ctypes.data, m * ts, ts), (rhs.ctypes.data, ts * n, n), (out.ctypes.data, n, n, 0),
+            m=m, n=n, n_r=n_r, ts=ts, qmax=qmax, scale=scale, packed=packed, conv=None,
+            check=None, threads=1, rows=(n_r - 1) * ts,
+        )  # fmt: skip
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from nvmpriv import runtime_native
+
+lib = runtime_native.native_library()
+page = mmap.PAGESIZE
+region = mmap.mmap(-1, 2 * page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+assert libc.mprotect(base + page, page, 0) == 0  # PROT_NONE: reading past the input faults
+b, c, h, w, kh = 2, 3, 10, 11, 3  # 144 positions: the last panel is partial
+size = b * c * h * w
+x = np.frombuffer(region, np.float32, size, page - 4 * size).reshape(b, c, h, w)
+x[...] = np.arange(size, dtype=np.float32).reshape(x.shape) % 7 - 3
+k, m, ho, wo = c * kh * kh, 5, h - kh + 1, w - kh + 1
+wt = np.ones((1, m, k), np.float32)
+out = np.empty((b, m, ho, wo), np.float32)
+geo = np.array([c * h * w, h * w, w, 1, 0, kh, kh, 1, 1, 1, 1, ho, wo, k, size], np.int64)
+lib.gemm(
+    (wt.ctypes.data, m * k, k), (x.ctypes.data, 0, 0), (out.ctypes.data, ho * wo, ho * wo, m * ho * wo),
+    m=m, n=b * ho * wo, n_r=1, ts=k, qmax=1000, scale=1.0, packed=False, conv=geo.ctypes.data,
+    check=None, threads=1, rows=k,
+)
+win = np.lib.stride_tricks.sliding_window_view(x, (kh, kh), axis=(2, 3)).sum(axis=(1, 4, 5))
+assert np.array_equal(out, np.repeat(win[:, None], m, axis=1)), "wrong result"
+print("ok")
+"""
+
+
+@needs_kernel
+def test_convolution_gather_never_reads_past_its_input(tmp_path: Path) -> None:
+    # the input ends where an unreadable page begins: a vector copy that ran past the input
+    # (the gather copies short runs as whole vectors where there is room) would crash
+    done = subprocess.run(
+        [sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @needs_kernel
 @pytest.mark.parametrize("bits", [2, 8])
 def test_dac_codes_match_numpy_quantizer(bits: int) -> None:

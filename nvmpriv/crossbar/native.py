@@ -143,11 +143,14 @@ def _self_check(kernel: NativeAdcGemm) -> None:
     n_r, m, ts, n = 3, 7, 8, kernel.panel_width + 5
     a = torch.randint(-3, 4, (n_r, m, ts), generator=gen).float()
     b = torch.randn(n_r, ts, n, generator=gen) * 2
+    a[-1, :, 5:] = 0  # 2 * ts + 5 real rows: the kernel skips the rest
     ref = torch.bmm(a, b).round().clamp(-9, 9).sum(0) * 0.5
     for packed in (True, False):
         out = torch.empty(m, n)
         rhs = kernel.pack(b) if packed else b
-        reach = kernel.matmul(a, rhs, out, qmax=9, scale=0.5, packed=packed, check=[True] * n_r)
+        reach = kernel.matmul(
+            a, rhs, out, qmax=9, scale=0.5, packed=packed, check=[True] * n_r, rows=2 * ts + 5
+        )
         if not torch.equal(out, ref) or len(reach) != n_r:
             raise RuntimeError("the compiled kernel disagrees with torch on a test problem")
 

@@ -13,9 +13,11 @@
 // or NEON code. No -ffast-math: the rounding below relies on IEEE round-to-nearest-even.
 // Loaded with ctypes by nvmpriv/native/library.py (extern "C" ABI, no Python or torch headers).
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <utility>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -140,13 +142,18 @@ void micro_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int
 typedef void (*MicroTile)(const float*, int64_t, int64_t, const float*, int, int, int, float*,
                           int64_t, const PanelOut&, const Epilogue&);
 
-template <int R>
-constexpr MicroTile micro_tile_for(int nvu) {
-  return nvu == 1 ? micro_tile<R, 1>
-         : nvu == 2 ? micro_tile<R, 2>
-         : nvu == 3 ? micro_tile<R, 3>
-                    : micro_tile<R, NV>;
+// micro_tile<R, NVU> for R = 1..MR, for each NVU = 1..NV.
+template <int NVU, int... R>
+constexpr std::array<MicroTile, MR> tiles_of(std::integer_sequence<int, R...>) {
+  return {micro_tile<R + 1, NVU>...};
 }
+template <int... V>
+constexpr std::array<std::array<MicroTile, MR>, NV> tile_table(std::integer_sequence<int, V...>) {
+  return {tiles_of<V + 1>(std::make_integer_sequence<int, MR>{})...};
+}
+constexpr auto kTiles = tile_table(std::make_integer_sequence<int, NV>{});
+
+inline const MicroTile* micro_tiles(int nvu) { return kTiles[nvu - 1].data(); }
 
 // Rows [i0, i1) of one panel (j0: its first column, nc: its width).
 void panel_rows(const float* a, int64_t sa_t, int64_t sa_i, int i0, int i1, const float* bp,
@@ -154,14 +161,12 @@ void panel_rows(const float* a, int64_t sa_t, int64_t sa_i, int i0, int i1, cons
                 const Epilogue& e) {
   const PanelOut po(c, j0, nc);
   const int nvu = (nc + kLanes - 1) / kLanes;
-  const MicroTile full[MR] = {micro_tile_for<1>(nvu), micro_tile_for<2>(nvu),
-                              micro_tile_for<3>(nvu), micro_tile_for<4>(nvu),
-                              micro_tile_for<5>(nvu), micro_tile_for<6>(nvu)};
+  const MicroTile* tiles = micro_tiles(nvu);
   for (int i = i0; i < i1; i += MR) {
     Epilogue ei = e;
     if (e.row_bias != nullptr) ei.row_bias = e.row_bias + i;
     const int r = i1 - i >= MR ? MR : i1 - i;
-    full[r - 1](a + i * sa_i, sa_t, sa_i, bp, n_r, ts, k_last, c.base + i * c.ldc, c.ldc, po, ei);
+    tiles[r - 1](a + i * sa_i, sa_t, sa_i, bp, n_r, ts, k_last, c.base + i * c.ldc, c.ldc, po, ei);
   }
 }
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from nvmpriv.native.build import build_library, find_compiler, native_disabled
 
-__all__ = ["ABI", "MAX_QMAX", "PARALLEL_MIN_MACS", "AdcGemmLibrary", "load_checked"]
+__all__ = ["ABI", "MAX_QMAX", "MICRO_ROWS", "PARALLEL_MIN_MACS", "AdcGemmLibrary", "load_checked"]
 
 _T = TypeVar("_T")
 _LOAD_LOCK = threading.Lock()
@@ -213,7 +213,8 @@ class AdcGemmLibrary:
             raise ValueError(f"adc gemm: {len(check)} clip-check flags for {n_r} tile rows")
         n_p = math.ceil(n / self.panel_width)
         # a packed operand is shared by rows too (see adc_gemm.cpp), a gathered one by panels
-        threads = max(1, min(threads, n_p * (math.ceil(m / MICRO_ROWS) if packed and self.openmp else 1)))
+        shares = n_p * (math.ceil(m / MICRO_ROWS) if packed and self.openmp else 1)
+        threads = max(1, min(threads, shares))
         if n_r * m * ts * n < PARALLEL_MIN_MACS:
             threads = 1
         # OpenMP builds share panels inside one call; otherwise one call per range of panels
