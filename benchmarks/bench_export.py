@@ -47,6 +47,8 @@ def _adc_without_arithmetic(b: Any, p: str, st: dict, axis: int, m: int, scale: 
 
 
 _ADC = export_module._adc
+#: Alternations of the torch timing and the files' timing (see ``bench``).
+ROUNDS = 3
 
 
 def bench(
@@ -75,16 +77,27 @@ def bench(
         )
     chip = convert(net, cfg, seed=0, calibration=x[:256]).eval()
     threads = torch.get_num_threads()
-    with torch.no_grad():
-        t_torch = median_seconds(lambda: torch.softmax(chip(x), 1), reps)
     np.save(folder / "x.npy", x.numpy())
     files = [chip_file, chip_file, dig_file, floor_file]
     natives = ["1", "0", "0", "0"]
     script = Path(__file__).with_name("query_files.py")
     cmd = [sys.executable, str(script), str(folder / "x.npy"), "--threads", str(threads)]
     cmd += ["--reps", str(reps), "--files", *map(str, files), "--natives", *natives]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    t_native, t_chip, t_dig, t_floor = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    # The files are timed in one torch-free process (as an attacker's), in turn (see
+    # query_files.py); the torch simulation, in this process, alternates with that process, and
+    # each ratio to it is the median of the rounds' ratios.
+    rounds = []
+    for _ in range(ROUNDS):
+        with torch.no_grad():
+            t_torch = median_seconds(lambda: torch.softmax(chip(x), 1), reps)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rounds.append([t_torch, *json.loads(done.stdout.strip().splitlines()[-1])["seconds"]])
+    times = np.array(rounds)  # [round, (torch, runtime, stock, digital, floor)]
+    t_torch, t_native, t_chip, t_dig, _ = np.median(times, axis=0)
+
+    def ratio(num: int, den: int) -> float:
+        return float(np.median(times[:, num] / times[:, den]))
+
     size_c, size_d = chip_file.stat().st_size, dig_file.stat().st_size
     print(
         f"{name:10s} {preset:22s} batch {batch}: torch sim {batch / t_torch:9.0f}/s | "
@@ -92,9 +105,12 @@ def bench(
         f" | ORT digital {batch / t_dig:9.0f}/s"
     )
     print(
-        f"{'':10s} vs torch sim: runtime {t_torch / t_native:.2f}x, stock ORT "
-        f"{t_torch / t_chip:.2f}x faster | vs ORT digital: runtime {t_native / t_dig:.2f}x, stock "
-        f"ORT {t_chip / t_dig:.2f}x slower (floor without Round/Clip {t_floor / t_dig:.2f}x)"
+        f"{'':10s} vs torch sim: runtime {ratio(0, 1):.2f}x, stock ORT {ratio(0, 2):.2f}x faster"
+        f" | vs ORT digital: runtime {ratio(1, 3):.2f}x, stock ORT {ratio(2, 3):.2f}x slower "
+        f"(floor without Round/Clip {ratio(4, 3):.2f}x); rounds: runtime vs torch "
+        + " ".join(f"{a / b:.2f}" for a, b in zip(times[:, 0], times[:, 1], strict=True))
+        + ", vs digital "
+        + " ".join(f"{a / b:.2f}" for a, b in zip(times[:, 1], times[:, 3], strict=True))
     )
     print(
         f"{'':10s} export {t_export:.2f} s (digital {t_export_dig:.2f} s); file "
@@ -147,7 +163,7 @@ def main() -> None:
                 [3, 32, 32],
                 args.preset,
                 32,
-                3,
+                max(3, args.reps // 3),
                 folder,
             )
 

@@ -27,6 +27,7 @@ keeps the whole file on onnxruntime.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, load_checked
+from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, PackedGemm, load_checked
 from nvmpriv.runtime import activation_quantizer
 
 __all__ = ["NativeGraphRunner", "native_library", "native_nodes"]
@@ -208,7 +209,7 @@ def _node_spec(node: onnx.NodeProto) -> _NodeSpec | None:
         return None
     ok = (
         min(spec.groups, spec.n_r, spec.tile, spec.k, spec.m) >= 1
-        and spec.k <= spec.n_r * spec.tile
+        and (spec.n_r - 1) * spec.tile < spec.k <= spec.n_r * spec.tile  # no all-zero tile row
         and spec.n_r * spec.tile * _PANEL_LIMIT < 2**31  # the kernel's int panel offsets
         and 0 < spec.adc_step < np.inf
         and 1 <= spec.adc_qmax <= MAX_QMAX
@@ -238,7 +239,7 @@ class _Arena:
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
         """A C-contiguous ``shape`` view of this thread's buffer (contents undefined)."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buf: np.ndarray | None = getattr(self._local, "buf", None)
         if buf is None or buf.size < size:
             buf = np.empty(size, np.float32)
@@ -261,6 +262,17 @@ class _NativeNode:
     ts: int  # rows per tile as run: the tile size, or K for a single tile row (no zero rows)
     arena: _Arena
     relu: int | None = None  # index of the Relu node fused into the kernel's epilogue
+    packed: PackedGemm | None = None  # Gemm nodes: the kernel call, set up once
+
+    def __post_init__(self) -> None:
+        sp = self.spec
+        if not sp.conv:
+            self.packed = PackedGemm(
+                self.lib, self.weights.ctypes.data, (self.ts, sp.n_r * self.ts),
+                n=sp.m, n_r=sp.n_r, ts=self.ts, rows=sp.k, qmax=sp.adc_qmax, scale=sp.adc_step,
+                bias=None if self.bias is None else self.bias.ctypes.data,
+                relu=self.relu is not None, threads=self.threads,
+            )  # fmt: skip
 
     def fuse_relu(self, index: int, output: str) -> _NativeNode:
         """This node followed by Relu node ``index`` (output ``output``), in the epilogue."""
@@ -273,7 +285,8 @@ class _NativeNode:
         last stride (the live part of a padded buffer).
         """
         sp = self.spec
-        x0 = np.ascontiguousarray(activation_quantizer(x, sp.act_bits, sp.act_signed), np.float32)
+        x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
+        x0 = np.ascontiguousarray(x0, np.float32)
         if x0.ndim == 2:
             shape, xs, ds = (1, *x0.shape), (0, x0.shape[1]), (0, dst.strides[0] // 4)
         else:
@@ -300,33 +313,17 @@ class _NativeNode:
 
     def _gemm(self, x: np.ndarray) -> np.ndarray:
         sp, n = self.spec, self.ts
-        n_r, k, m = sp.n_r, sp.k, sp.m
+        k, m = sp.k, sp.m
         if x.ndim != 2 or x.shape[1] != k:
             raise ValueError(f"crossbar node {self.y_name!r}: input {x.shape}, expected (n, {k})")
         b = x.shape[0]
         out = np.empty((b, m), np.float32)
+        assert self.packed is not None
         for r0 in range(0, b, _MAX_ROWS):  # the kernel counts rows in 32-bit integers
             r1 = min(b, r0 + _MAX_ROWS)
-            rows = self.arena.take((r1 - r0, n_r * n))
+            rows = self.arena.take((r1 - r0, sp.n_r * n))
             self._write_codes(x[r0:r1], rows[:, :k])  # the kernel skips the rows past K
-            self.lib.gemm(
-                (rows.ctypes.data, n, n_r * n),
-                (self.weights.ctypes.data, 0, 0),
-                (out[r0:].ctypes.data, m, m, 0),
-                m=r1 - r0,
-                n=m,
-                n_r=n_r,
-                ts=n,
-                qmax=sp.adc_qmax,
-                scale=sp.adc_step,
-                packed=True,
-                conv=None,
-                check=None,
-                threads=self.threads,
-                rows=k,
-                bias=None if self.bias is None else (self.bias.ctypes.data, 1),
-                relu=self.relu is not None,
-            )
+            self.packed(rows.ctypes.data, out[r0:].ctypes.data, r1 - r0)
         return out
 
     def _conv(self, x: np.ndarray) -> np.ndarray:
@@ -423,18 +420,21 @@ def _prepare(
         weights = np.empty(lib.packed_size(n_r, ts, m), np.float32)
         src = np.ascontiguousarray(wt[0])
         lib.pack(src.ctypes.data, ts * m, m, n_r, ts, m, weights.ctypes.data)
-    return _NativeNode(
-        lib=lib,
-        spec=spec,
-        index=index,
-        x_name=names[0],
-        y_name=node.output[0],
-        weights=weights,
-        bias=None if bias is None else bias.reshape(-1),
-        threads=threads,
-        ts=ts,
-        arena=arena,
-    )
+    try:
+        return _NativeNode(
+            lib=lib,
+            spec=spec,
+            index=index,
+            x_name=names[0],
+            y_name=node.output[0],
+            weights=weights,
+            bias=None if bias is None else np.ascontiguousarray(bias.reshape(-1)),
+            threads=threads,
+            ts=ts,
+            arena=arena,
+        )
+    except ValueError:  # sizes past the kernel's 32-bit counts
+        return None
 
 
 def native_nodes(model: onnx.ModelProto) -> list[int]:

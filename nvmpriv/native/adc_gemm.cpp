@@ -327,29 +327,44 @@ void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64
   }
 }
 
+// The operands of nvmpriv_adc_gemm, passed as one struct: converting some 28 arguments one by
+// one cost ctypes ~8 us per call, a fifth of a small layer's whole time.
+struct GemmArgs {
+  const float* a;         // A: element [t, i, k] at a[t*sa_t + i*sa_i + k], i < m_rows, k < ts
+  const float* b;         // B: see below
+  const int64_t* conv;    // convolution geometry (see gather_conv_panel), or NULL
+  float* c;               // C: element (i, j) at c[i*ldc + (j / block)*ld_block + j % block]
+  const float* bias;      // bias[i] per row of C (bias_axis 0) or bias[j] per column, or NULL
+  const uint8_t* check;   // per tile row: record partial sums reaching thr (may be NULL)
+  uint8_t* reach;         // n_threads * n_r bytes: reach[thread * n_r + t] (with check)
+  int64_t sa_t, sa_i, sb_t, sb_k, ldc, block, ld_block;
+  int32_t m_rows, packed, n_r, ts, k_last, n_cols, p0, p1, bias_axis, relu, n_threads;
+  float qmax, scale, thr;
+};
+
 // Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t) (+ bias) (then ReLU),
-// ADC(s) = round(clamp(s)).
-//   A: element [t, i, k] at a[t*sa_t + i*sa_i + k], i < m_rows, k < ts.
+// ADC(s) = round(clamp(s)), for the operands in *g (see GemmArgs).
 //   B: packed by nvmpriv_adc_pack when `packed`; else, with `conv` (see gather_conv_panel),
 //      gathered from the padded NCHW input b of a convolution; else element [t, k, j] at
 //      b[t*sb_t + k*sb_k + j]. Unpacked panels are packed into a private buffer before use.
 //   k_last: rows of the last tile row that are not zero padding (1..ts); the rest are skipped.
-//   C: element (i, j) at c[i*ldc + (j / block)*ld_block + j % block] (block >= 1).
-//   bias (may be NULL): added after scaling, bias[i] per row of C (bias_axis 0) or bias[j] per
-//   column (bias_axis 1); relu: then max(v, 0).
-//   check (may be NULL): per tile row, whether to record in reach[thread * n_r + t] that a
-//   partial sum's magnitude reached thr before conversion; reach holds n_threads * n_r bytes.
+//   relu: after the bias, max(v, 0).
 // Work is shared over n_threads OpenMP threads where built with OpenMP: by panels, and with
 // packed B and fewer panels than work for the threads also by blocks of rows. Returns 0, or -1
 // when a packing buffer could not be allocated.
-int nvmpriv_adc_gemm(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, const float* b,
-                     int64_t sb_t, int64_t sb_k, int packed, const int64_t* conv, int n_r,
-                     int ts, int k_last, int n_cols, int p0, int p1, float* c, int64_t ldc,
-                     int64_t block, int64_t ld_block, float qmax, float scale,
-                     const float* bias, int bias_axis, int relu, const uint8_t* check, float thr,
-                     uint8_t* reach, int n_threads) {
+int nvmpriv_adc_gemm(const GemmArgs* g) {
+  const float *a = g->a, *b = g->b;
+  const int64_t* conv = g->conv;
+  const int64_t sa_t = g->sa_t, sa_i = g->sa_i, sb_t = g->sb_t, sb_k = g->sb_k;
+  const int m_rows = g->m_rows, packed = g->packed, n_r = g->n_r, ts = g->ts;
+  const int k_last = g->k_last, n_cols = g->n_cols, p0 = g->p0, p1 = g->p1;
+  const float qmax = g->qmax, scale = g->scale, thr = g->thr;
+  const float* bias = g->bias;
+  const int bias_axis = g->bias_axis, relu = g->relu, n_threads = g->n_threads;
+  const uint8_t* check = g->check;
+  uint8_t* reach = g->reach;
   const int64_t panel = static_cast<int64_t>(n_r) * ts * NR;
-  const Out out{c, ldc, block, ld_block};
+  const Out out{g->c, g->ldc, g->block, g->ld_block};
   const int n_p = p1 - p0 > 0 ? p1 - p0 : 0;
   const int threads = n_threads > 0 ? n_threads : 1;
   // a packed operand costs nothing to share, so few wide panels are also split by rows
@@ -399,7 +414,7 @@ int nvmpriv_adc_gemm(const float* a, int64_t sa_t, int64_t sa_i, int m_rows, con
         bp = buf;
       }
       Epilogue e{qmax, scale, nullptr, nullptr, relu != 0, check, thr,
-                 reach + static_cast<int64_t>(tid) * n_r};
+                 reach != nullptr ? reach + static_cast<int64_t>(tid) * n_r : nullptr};
       if (bias != nullptr && bias_axis == 0) e.row_bias = bias;
       if (bias != nullptr && bias_axis != 0) {
         std::memcpy(col_bias, bias + static_cast<int64_t>(p) * NR, nc * sizeof(float));

@@ -18,7 +18,15 @@ import numpy as np
 
 from nvmpriv.native.build import build_library, find_compiler, native_disabled
 
-__all__ = ["ABI", "MAX_QMAX", "MICRO_ROWS", "PARALLEL_MIN_MACS", "AdcGemmLibrary", "load_checked"]
+__all__ = [
+    "ABI",
+    "MAX_QMAX",
+    "MICRO_ROWS",
+    "PARALLEL_MIN_MACS",
+    "AdcGemmLibrary",
+    "PackedGemm",
+    "load_checked",
+]
 
 _T = TypeVar("_T")
 _LOAD_LOCK = threading.Lock()
@@ -32,6 +40,21 @@ PARALLEL_MIN_MACS = 1 << 18
 MICRO_ROWS = 6
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+class _GemmArgs(ctypes.Structure):
+    """``GemmArgs`` of adc_gemm.cpp (same fields, order and types)."""
+
+    _fields_ = [
+        *((name, _P) for name in ("a", "b", "conv", "c", "bias", "check", "reach")),
+        *((name, _I64) for name in ("sa_t", "sa_i", "sb_t", "sb_k", "ldc", "block", "ld_block")),
+        *(
+            (name, ctypes.c_int32)
+            for name in ("m_rows", "packed", "n_r", "ts", "k_last", "n_cols", "p0", "p1")
+        ),
+        *((name, ctypes.c_int32) for name in ("bias_axis", "relu", "n_threads")),
+        *((name, _F) for name in ("qmax", "scale", "thr")),
+    ]
 
 
 class AdcGemmLibrary:
@@ -54,11 +77,7 @@ class AdcGemmLibrary:
         lib.nvmpriv_adc_openmp.restype = _I
         lib.nvmpriv_adc_pack.argtypes = [_P, _I64, _I64, _I, _I, _I, _P]
         lib.nvmpriv_adc_pack.restype = None
-        lib.nvmpriv_adc_gemm.argtypes = [
-            *(_P, _I64, _I64, _I, _P, _I64, _I64, _I, _P, _I, _I, _I, _I, _I, _I, _P, _I64, _I64),
-            _I64,
-            *(_F, _F, _P, _I, _I, _P, _F, _P, _I),
-        ]
+        lib.nvmpriv_adc_gemm.argtypes = [ctypes.POINTER(_GemmArgs)]
         lib.nvmpriv_adc_gemm.restype = _I
         lib.nvmpriv_dac_codes.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64]
         lib.nvmpriv_dac_codes.argtypes += [_F, _F, _I]
@@ -220,29 +239,119 @@ class AdcGemmLibrary:
         # OpenMP builds share panels inside one call; otherwise one call per range of panels
         ranges = [(0, n_p)] if self.openmp else self._ranges(n_p, threads)
         per_call = threads if self.openmp else 1
-        reach = np.zeros((len(ranges), per_call, n_r), dtype=np.uint8)
+        reach = None if check is None else np.zeros((len(ranges), per_call, n_r), np.uint8)
         flags = None if check is None else np.asarray(check, dtype=np.uint8)
         check_ptr = None if flags is None else flags.ctypes.data
-        thr = float(qmax) * (1 - 1e-6)
-        lib = self._lib
+        fn = self._lib.nvmpriv_adc_gemm
+        args = []
+        for i, (p0, p1) in enumerate(ranges):
+            g = _GemmArgs(
+                a=a[0], b=b[0], conv=conv, c=out[0], check=check_ptr,
+                bias=None if bias is None else bias[0],
+                reach=None if reach is None else reach[i].ctypes.data,
+                sa_t=a[1], sa_i=a[2], sb_t=b[1], sb_k=b[2], ldc=out[1], block=out[2],
+                ld_block=out[3], m_rows=m, packed=int(packed), n_r=n_r, ts=ts,
+                k_last=rows - (n_r - 1) * ts, n_cols=n, p0=p0, p1=p1,
+                bias_axis=0 if bias is None else int(bias[1]), relu=int(relu),
+                n_threads=per_call, qmax=float(qmax), scale=scale, thr=float(qmax) * (1 - 1e-6),
+            )  # fmt: skip
+            args.append(g)
 
         def part(i: int) -> None:
-            p0, p1 = ranges[i]
-            rc = lib.nvmpriv_adc_gemm(
-                *(a[0], a[1], a[2], m, b[0], b[1], b[2]),
-                *(int(packed), conv, n_r, ts, rows - (n_r - 1) * ts, n, p0, p1, *out),
-                *(float(qmax), scale, None if bias is None else bias[0]),
-                *(0 if bias is None else int(bias[1]), int(relu)),
-                *(check_ptr, thr, reach[i].ctypes.data),
-                per_call,
-            )
-            if rc != 0:
+            if fn(args[i]) != 0:
                 raise MemoryError("adc matmul: out of memory for a packed panel")
 
         self._run(part, len(ranges))
-        if check is None:
+        if reach is None:
             return []
         return [int(t) for t in np.flatnonzero(reach.max(axis=(0, 1)))]
+
+
+class PackedGemm:
+    """A kernel GEMM against one packed right operand, set up once and run per batch of rows.
+
+    Everything but the left operand, the output and the number of rows is fixed, so a call
+    costs a few field writes instead of :meth:`AdcGemmLibrary.gemm`'s argument handling (on the
+    small layers of small nets that handling is a fifth of the time). No clip check.
+
+    Args:
+        lib: The loaded kernel.
+        packed: Address of ``B`` packed by :meth:`AdcGemmLibrary.pack` (kept alive by the
+            caller).
+        a_strides: ``(tile-row stride, row stride)`` of every ``A`` (unit last stride).
+        n: Columns of ``C`` (written with row stride ``n``).
+        n_r: Tile rows.
+        ts: Rows per tile.
+        rows: Real rows (the kernel skips the last tile row's rows past it).
+        qmax: ADC clip level in steps.
+        scale: Factor applied to the summed codes.
+        bias: Address of ``n`` float32 values added per column, or ``None``.
+        relu: Apply ``max(., 0)`` last.
+        threads: Most threads per call.
+
+    Raises:
+        ValueError: If the sizes do not fit the kernel's 32-bit counts.
+    """
+
+    def __init__(
+        self,
+        lib: AdcGemmLibrary,
+        packed: int,
+        a_strides: tuple[int, int],
+        *,
+        n: int,
+        n_r: int,
+        ts: int,
+        rows: int,
+        qmax: int,
+        scale: float,
+        bias: int | None,
+        relu: bool,
+        threads: int,
+    ) -> None:
+        if max(n, n_r * ts * lib.panel_width) >= 2**31 or not (n_r - 1) * ts < rows <= n_r * ts:
+            raise ValueError(
+                f"adc gemm: {n} columns, {rows} rows in {n_r} tiles of {ts} do not fit"
+            )
+        self._lib, self._threads = lib, max(1, threads)
+        self._macs_per_row = n_r * ts * n
+        self._n_p = math.ceil(n / lib.panel_width)
+        self._fn = lib._lib.nvmpriv_adc_gemm
+        self._args = _GemmArgs(
+            b=packed, bias=bias, sa_t=a_strides[0], sa_i=a_strides[1], ldc=n, block=n,
+            packed=1, n_r=n_r, ts=ts, k_last=rows - (n_r - 1) * ts, n_cols=n, p0=0,
+            p1=self._n_p, bias_axis=1, relu=int(relu), qmax=float(qmax), scale=scale,
+            thr=float(qmax),
+        )  # fmt: skip
+        self._n, self._n_r, self._ts, self._rows, self._relu = n, n_r, ts, rows, relu
+        self._qmax, self._scale = qmax, scale
+        self._bias, self._packed, self._a_strides = bias, packed, a_strides
+
+    def __call__(self, a: int, out: int, m: int) -> None:
+        """``out[:m] = C`` for the ``m`` rows of ``A`` at address ``a``.
+
+        Raises:
+            ValueError: If ``m`` does not fit the kernel's 32-bit counts.
+            MemoryError: If the kernel could not allocate its buffers.
+        """
+        if not 0 <= m < 2**31:
+            raise ValueError(f"adc gemm: {m} rows do not fit the kernel's 32-bit counts")
+        threads = self._threads
+        if m * self._macs_per_row < PARALLEL_MIN_MACS:
+            threads = 1
+        if not self._lib.openmp:  # panels over Python threads: the general entry point
+            self._lib.gemm(
+                (a, *self._a_strides), (self._packed, 0, 0), (out, self._n, self._n, 0),
+                m=m, n=self._n, n_r=self._n_r, ts=self._ts, qmax=self._qmax, scale=self._scale,
+                packed=True, conv=None, check=None, threads=threads, rows=self._rows,
+                bias=None if self._bias is None else (self._bias, 1), relu=self._relu,
+            )  # fmt: skip
+            return
+        args = self._args
+        args.a, args.c, args.m_rows = a, out, m
+        args.n_threads = max(1, min(threads, self._n_p * math.ceil(m / MICRO_ROWS)))
+        if self._fn(args) != 0:
+            raise MemoryError("adc matmul: out of memory for a packed panel")
 
 
 def load_checked(
