@@ -173,6 +173,50 @@ def test_kernel_epilogue_and_padding_rows_match_numpy(m, n, threads, axis, relu,
         )  # fmt: skip
 
 
+@needs_kernel
+@pytest.mark.parametrize("openmp", [True, False])
+def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) -> None:
+    # PackedGemm fills its call's operands per query: concurrent queries must not see each
+    # other's; without OpenMP it takes the general entry point
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvmpriv.native.library import PackedGemm
+
+    assert lib is not None
+    monkeypatch.setattr(lib, "openmp", openmp and lib.openmp)
+    rng = np.random.default_rng(5)
+    n_r, ts, rows, n, qmax = 2, 32, 50, 20, 30
+    w = _dyadic(rng, (n_r, ts, n))
+    w[-1, rows - ts :] = 0
+    bias = _dyadic(rng, (n,))
+    packed = np.empty(lib.packed_size(n_r, ts, n), np.float32)
+    lib.pack(w.ctypes.data, ts * n, n, n_r, ts, n, packed.ctypes.data)
+    gemm = PackedGemm(
+        lib, packed.ctypes.data, (ts, n_r * ts), n=n, n_r=n_r, ts=ts, rows=rows, qmax=qmax,
+        scale=0.5, bias=bias.ctypes.data, relu=True, threads=2,
+    )  # fmt: skip
+
+    def query(m: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.zeros((m, n_r * ts), np.float32)
+        x[:, :rows] = _dyadic(np.random.default_rng(m), (m, rows))
+        out = np.empty((m, n), np.float32)
+        gemm(x.ctypes.data, out.ctypes.data, m)
+        sums = sum(
+            np.clip(np.rint(x[:, t * ts : (t + 1) * ts].astype(np.float64) @ w[t]), -qmax, qmax)
+            for t in range(n_r)
+        )
+        return out, np.maximum(sums * 0.5 + bias, 0).astype(np.float32)
+
+    with ThreadPoolExecutor(4) as pool:
+        for got, want in pool.map(query, [1 + (i * 7) % 40 for i in range(200)]):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="do not fit"):
+        PackedGemm(
+            lib, packed.ctypes.data, (ts, n_r * ts), n=n, n_r=n_r, ts=ts, rows=ts, qmax=qmax,
+            scale=0.5, bias=None, relu=False, threads=1,
+        )  # fmt: skip
+
+
 _GUARD_SCRIPT = r"""
 import ctypes, mmap, sys
 import numpy as np
@@ -362,8 +406,8 @@ def test_concurrent_queries_from_threads_agree(lenet_file: Path) -> None:
     xs = [_queries([1, 28, 28], n) for n in (5, 9, 13, 17)]
     alone = [model.predict_proba(x) for x in xs]
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(model.predict_proba, xs * 3))
-    for got, want in zip(together, alone * 3, strict=True):
+        together = list(pool.map(model.predict_proba, xs * 8))
+    for got, want in zip(together, alone * 8, strict=True):
         np.testing.assert_array_equal(got, want)
 
 

@@ -323,6 +323,7 @@ class PackedGemm:
             p1=self._n_p, bias_axis=1, relu=int(relu), qmax=float(qmax), scale=scale,
             thr=float(qmax),
         )  # fmt: skip
+        self._local = threading.local()
         self._n, self._n_r, self._ts, self._rows, self._relu = n, n_r, ts, rows, relu
         self._qmax, self._scale = qmax, scale
         self._bias, self._packed, self._a_strides = bias, packed, a_strides
@@ -347,7 +348,9 @@ class PackedGemm:
                 bias=None if self._bias is None else (self._bias, 1), relu=self._relu,
             )  # fmt: skip
             return
-        args = self._args
+        args = getattr(self._local, "args", None)
+        if args is None:  # each thread fills its own copy: queries may run concurrently
+            args = self._local.args = _GemmArgs.from_buffer_copy(self._args)
         args.a, args.c, args.m_rows = a, out, m
         args.n_threads = max(1, min(threads, self._n_p * math.ceil(m / MICRO_ROWS)))
         if self._fn(args) != 0:
