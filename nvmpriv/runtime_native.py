@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, PackedGemm, load_checked
+from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, PackedGemm, conv_direct, load_checked
 from nvmpriv.runtime import activation_quantizer
 
 __all__ = ["NativeGraphRunner", "native_library", "native_nodes"]
@@ -118,6 +118,10 @@ _INT_KEYS = (
 _HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 #: Panel width bound used in the 32-bit size checks (the kernel's is 64).
 _PANEL_LIMIT = 256
+#: Convolutions with at most this many output channels (per group) and at least this many rows
+#: run on the kernel's direct path (see :func:`_direct`).
+_DIRECT_MAX_CHANNELS = 32
+_DIRECT_MIN_ROWS = 128
 #: Most rows (Gemm) or output positions (Conv) per kernel call: its counts are 32-bit.
 _MAX_ROWS = 2**31 - 2**16
 
@@ -256,16 +260,19 @@ class _NativeNode:
     index: int
     x_name: str
     y_name: str
-    weights: np.ndarray  # packed [n_r, ts, M] panels (Gemm) or [G, n_r, M, ts] (Conv)
+    weights: np.ndarray  # packed [n_r, ts, M] panels (Gemm), [G, n_r, M, ts] (Conv, gathered)
+    # or [G, n_r, ts, M padded to 16] (Conv, direct: see _DIRECT_MAX_CHANNELS)
     bias: np.ndarray | None
     threads: int
     ts: int  # rows per tile as run: the tile size, or K for a single tile row (no zero rows)
     arena: _Arena
     relu: int | None = None  # index of the Relu node fused into the kernel's epilogue
+    direct: bool = False  # Conv: the kernel's direct path instead of gathered panels
     packed: PackedGemm | None = None  # Gemm nodes: the kernel call, set up once
 
     def __post_init__(self) -> None:
         sp = self.spec
+        self.direct = sp.conv and _direct(self.lib, sp)
         if not sp.conv:
             self.packed = PackedGemm(
                 self.lib, self.weights.ctypes.data, (self.ts, sp.n_r * self.ts),
@@ -364,11 +371,22 @@ class _NativeNode:
                     [*strides, grp * cin_g, kh, kw, sh, sw, dh, dw, h_out, w_out, k, xp.size],
                     np.int64,
                 )
+                out_at = (part.ctypes.data + 4 * grp * m * big_l, big_l, big_l, g * m * big_l)
+                bias = None if self.bias is None else self.bias.ctypes.data + 4 * grp * m
+                if self.direct:
+                    conv_direct(
+                        self.lib, self.weights[grp].ctypes.data, xp.ctypes.data, out_at,
+                        conv=geo.ctypes.data, m=m, m_pad=self.weights.shape[-1],
+                        n=(b1 - b0) * big_l, n_r=n_r, ts=n, rows=k, qmax=sp.adc_qmax,
+                        scale=sp.adc_step, bias=bias, relu=self.relu is not None,
+                        threads=self.threads,
+                    )  # fmt: skip
+                    continue
                 wt = self.weights[grp]
                 self.lib.gemm(
                     (wt.ctypes.data, m * n, n),
                     (xp.ctypes.data, 0, 0),
-                    (part.ctypes.data + 4 * grp * m * big_l, big_l, big_l, g * m * big_l),
+                    out_at,
                     m=m,
                     n=(b1 - b0) * big_l,
                     n_r=n_r,
@@ -380,10 +398,22 @@ class _NativeNode:
                     check=None,
                     threads=self.threads,
                     rows=k,
-                    bias=None if self.bias is None else (self.bias.ctypes.data + 4 * grp * m, 0),
+                    bias=None if bias is None else (bias, 0),
                     relu=self.relu is not None,
                 )
         return out
+
+
+def _direct(lib: AdcGemmLibrary, spec: _NodeSpec) -> bool:
+    """Whether a convolution runs on the kernel's direct path (see adc_gemm.cpp).
+
+    Measured (benchmarks/RESULTS.md, session 12): with few output channels the gathered panels
+    are mostly copying (each gathered input serves only M products) and the direct path is
+    1.3-1.8x faster; with few rows its per-position stores dominate and it is slower.
+    """
+    return (
+        lib.openmp and spec.conv and spec.m <= _DIRECT_MAX_CHANNELS and spec.k >= _DIRECT_MIN_ROWS
+    )
 
 
 def _prepare(
@@ -414,8 +444,14 @@ def _prepare(
         return None
     ts = k if n_r == 1 else n  # a lone tile row's zero rows past K would only cost time
     wt = w.reshape(g, n_r, n, m)[:, :, :ts] * scale
+    weights: np.ndarray
     if spec.conv:
-        weights = np.ascontiguousarray(wt.transpose(0, 1, 3, 2))  # [G, n_r, M, ts]
+        if _direct(lib, spec):
+            m_pad = -(-m // 16) * 16
+            weights = np.zeros((g, n_r, ts, m_pad), np.float32)
+            weights[..., :m] = wt
+        else:
+            weights = np.ascontiguousarray(wt.transpose(0, 1, 3, 2))  # [G, n_r, M, ts]
     else:
         weights = np.empty(lib.packed_size(n_r, ts, m), np.float32)
         src = np.ascontiguousarray(wt[0])

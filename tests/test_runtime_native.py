@@ -117,6 +117,9 @@ def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path
         for p in (lenet, skip)
     ]
     assert fused == [[True, True, True, True, False], [False, False]]
+    convs = [s for s in lenet._runner._steps if getattr(s, "spec", None) and s.spec.conv]
+    # 6@5x5 on one channel: 25 rows, gathered; 16@5x5 on six: 150 rows, 16 channels, direct
+    assert [s.direct for s in convs] == [False, lib.openmp]
     graph = onnx.load(lenet.path).graph
     relus = {n.output[0] for n in graph.node if n.op_type == "Relu"}
     assert {s.y_name for s in lenet._runner._steps if getattr(s, "relu", None)} <= relus
@@ -214,6 +217,75 @@ def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) 
         PackedGemm(
             lib, packed.ctypes.data, (ts, n_r * ts), n=n, n_r=n_r, ts=ts, rows=ts, qmax=qmax,
             scale=0.5, bias=None, relu=False, threads=1,
+        )  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("c", "m", "kernel", "stride", "dilation", "ts"),
+    [
+        (6, 16, (5, 5), (1, 1), (1, 1), 64),  # LeNet-5's second convolution
+        (8, 20, (3, 3), (2, 1), (1, 2), 32),  # channels padded to 32, strides and dilations
+        (3, 80, (2, 3), (1, 2), (2, 1), 16),  # two channel panels (64 + 16), asymmetric kernel
+        (2, 5, (1, 1), (1, 1), (1, 1), 64),  # one tile row, a 1x1 kernel
+    ],
+)
+def test_direct_convolution_equals_the_gathered_one_and_numpy(
+    c: int, m: int, kernel: tuple[int, int], stride: tuple[int, int], dilation, ts: int
+) -> None:
+    # oracle: the definition on numpy's sliding windows; output positions (batch 3 x 7 x 9 = 189)
+    # are not a multiple of the direct path's 96-position blocks
+    from nvmpriv.native.library import conv_direct
+
+    assert lib is not None
+    if not lib.openmp:
+        pytest.skip("the direct path needs an OpenMP build")
+    rng = np.random.default_rng(c * m)
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    h_out, w_out, b = 7, 9, 3
+    h, w = (h_out - 1) * sh + dh * (kh - 1) + 1, (w_out - 1) * sw + dw * (kw - 1) + 1
+    x = _dyadic(rng, (b, c, h, w))
+    k = c * kh * kw
+    n_r = -(-k // ts)
+    ts = k if n_r == 1 else ts
+    wk = _dyadic(rng, (m, k))
+    bias = _dyadic(rng, (m,))
+    win = np.lib.stride_tricks.sliding_window_view(
+        x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), (2, 3)
+    )
+    cols = win[:, :, ::sh, ::sw, ::dh, ::dw].transpose(0, 2, 3, 1, 4, 5).reshape(b, h_out, w_out, k)
+    want = np.zeros((b, h_out, w_out, m))
+    for t in range(n_r):
+        part = cols[..., t * ts : (t + 1) * ts].astype(np.float64) @ wk[:, t * ts : (t + 1) * ts].T
+        want += np.clip(np.rint(part), -20, 20)
+    want = np.maximum(want * 0.5 + bias, 0).transpose(0, 3, 1, 2).astype(np.float32)
+    wpad = np.zeros((m, n_r * ts), np.float32)
+    wpad[:, :k] = wk
+    gathered = np.ascontiguousarray(wpad.reshape(m, n_r, ts).transpose(1, 0, 2))  # [n_r, m, ts]
+    m_pad = -(-m // 16) * 16
+    direct = np.zeros((n_r, ts, m_pad), np.float32)
+    direct[..., :m] = gathered.transpose(0, 2, 1)
+    geo = np.array(
+        [c * h * w, h * w, w, 1, 0, kh, kw, sh, sw, dh, dw, h_out, w_out, k, x.size], np.int64
+    )
+    big_l, n = h_out * w_out, b * h_out * w_out
+    outs = [np.full((b, m, h_out, w_out), np.nan, np.float32) for _ in range(2)]
+    common = dict(n_r=n_r, ts=ts, rows=k, qmax=20, scale=0.5, relu=True, threads=2)
+    lib.gemm(
+        (gathered.ctypes.data, m * ts, ts), (x.ctypes.data, 0, 0),
+        (outs[0].ctypes.data, big_l, big_l, m * big_l), m=m, n=n, packed=False,
+        conv=geo.ctypes.data, check=None, bias=(bias.ctypes.data, 0), **common,
+    )  # fmt: skip
+    conv_direct(
+        lib, direct.ctypes.data, x.ctypes.data, (outs[1].ctypes.data, big_l, big_l, m * big_l),
+        conv=geo.ctypes.data, m=m, m_pad=m_pad, n=n, bias=bias.ctypes.data, **common,
+    )  # fmt: skip
+    np.testing.assert_array_equal(outs[0], want)
+    np.testing.assert_array_equal(outs[1], want)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        conv_direct(
+            lib, direct.ctypes.data, x.ctypes.data, (outs[1].ctypes.data, big_l, big_l, 0),
+            conv=geo.ctypes.data, m=m, m_pad=m_pad + 1, n=n, bias=None, **common,
         )  # fmt: skip
 
 

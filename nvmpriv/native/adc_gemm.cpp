@@ -261,6 +261,70 @@ void gather_conv_panel(const float* x, const int64_t* geo, int64_t j0, int nc, f
   }
 }
 
+// Direct convolution (no gathered panel): C^T, R output positions by NVU vectors of 16 output
+// channels. The weights are packed [n_r][ts][m_pad] (channels innermost, zero past m), so each
+// kernel row k is NVU vector loads, and each position's input element is a scalar broadcast
+// read straight from the padded input at xr[r] + koff[k]: no im2col copy at all, which is what
+// a few-channel convolution's gathered panel spends most of its time on.
+constexpr int kDirectPositions = 96;  // positions per work item (a multiple of every R below)
+
+template <int NVU>
+constexpr int direct_rows() {
+  return NVU == 1 ? 12 : NVU == 2 ? 8 : 6;
+}
+
+template <int NVU>
+void direct_tile(const float* const* xr, const int64_t* koff, const float* w, int64_t m_pad,
+                 int n_r, int ts, int k_last, int m_valid, const float* bias_pad,
+                 const int64_t* dst, int n_valid, float* c, int64_t ldc, const Epilogue& e) {
+  constexpr int R = direct_rows<NVU>();
+  vf acc[R][NVU];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NVU; ++j) acc[r][j] = vf{};
+  const vf hi = splat(e.qmax), lo = splat(-e.qmax), magic = splat(kMagic);
+  const float* p[R];
+  for (int r = 0; r < R; ++r) p[r] = xr[r];
+  for (int t = 0; t < n_r; ++t) {
+    vf s[R][NVU];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NVU; ++j) s[r][j] = vf{};
+    const float* wt = w + static_cast<int64_t>(t) * ts * m_pad;
+    const int64_t* kt = koff + static_cast<int64_t>(t) * ts;
+    const int kn = t == n_r - 1 ? k_last : ts;
+    for (int k = 0; k < kn; ++k) {
+      vf wv[NVU];
+      for (int j = 0; j < NVU; ++j) wv[j] = load(wt + k * m_pad + j * kLanes);
+      const int64_t o = kt[k];
+      for (int r = 0; r < R; ++r) {
+        const float xv = p[r][o];
+        for (int j = 0; j < NVU; ++j) s[r][j] += xv * wv[j];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NVU; ++j) {
+        vf v = s[r][j];
+        v = v > hi ? hi : v;
+        v = v < lo ? lo : v;
+        acc[r][j] += (v + magic) - magic;
+      }
+  }
+  for (int r = 0; r < n_valid; ++r) {
+    float lanes[NVU * kLanes];
+    for (int j = 0; j < NVU; ++j) {
+      vf v = acc[r][j] * e.scale;
+      if (bias_pad != nullptr) v += load(bias_pad + j * kLanes);
+      if (e.relu) v = v < 0 ? vf{} : v;
+      std::memcpy(lanes + j * kLanes, &v, sizeof(vf));
+    }
+    float* out = c + dst[r];
+    for (int m = 0; m < m_valid; ++m) out[m * ldc] = lanes[m];
+  }
+}
+
+typedef void (*DirectTile)(const float* const*, const int64_t*, const float*, int64_t, int, int,
+                           int, int, const float*, const int64_t*, int, float*, int64_t,
+                           const Epilogue&);
+
 inline int panel_cols(int n_cols, int p) {
   const int nc = n_cols - p * NR;
   return nc > NR ? NR : nc;
@@ -427,6 +491,102 @@ int nvmpriv_adc_gemm(const GemmArgs* g) {
     std::free(buf);
   }
   return failed ? -1 : 0;
+}
+
+// Convolution by direct_tile (see there) for the operands in *g: a = weights packed
+// [n_r][ts][m_pad] (sa_i = m_pad, a multiple of 16), b = the padded NCHW input, conv = the
+// geometry of gather_conv_panel, C as in nvmpriv_adc_gemm, bias per output channel (bias_axis 0).
+// No clip check. Returns 0, -1 when a buffer could not be allocated, -2 for unsupported operands.
+int nvmpriv_adc_conv_direct(const GemmArgs* g) {
+  const int64_t* geo = g->conv;
+  if (geo == nullptr || g->check != nullptr || g->sa_i % kLanes != 0 || g->sa_i <= 0 ||
+      (g->bias != nullptr && g->bias_axis != 0))
+    return -2;
+  const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
+  const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
+  const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
+  const int n_r = g->n_r, ts = g->ts, k_last = g->k_last, m = g->m_rows;
+  const int64_t m_pad = g->sa_i, n_pos = g->n_cols;
+  const int n_cp = static_cast<int>((m_pad + NR - 1) / NR);  // channel panels of up to NR
+  const int64_t n_blocks = (n_pos + kDirectPositions - 1) / kDirectPositions;
+  // input offset of every kernel row, shared by all positions
+  int64_t* koff = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (k > 0 ? k : 1)));
+  if (koff == nullptr) return -1;
+  {
+    int64_t c = 0, i = 0, j = 0;
+    for (int64_t r = 0; r < k; ++r) {
+      koff[r] = (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
+      if (++j == kw) {
+        j = 0;
+        if (++i == kh) {
+          i = 0;
+          ++c;
+        }
+      }
+    }
+  }
+  const float* x = g->b;
+  const Epilogue base{g->qmax, g->scale, nullptr, nullptr, g->relu != 0, nullptr, 0.f, nullptr};
+  const int64_t n_items = n_blocks * n_cp;
+  const int threads = g->n_threads > 0 ? g->n_threads : 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#else
+  (void)threads;
+#endif
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t blk = item / n_cp;
+    const int cp = static_cast<int>(item % n_cp);
+    const int64_t j0 = blk * kDirectPositions;
+    const int n_here = static_cast<int>(n_pos - j0 < kDirectPositions ? n_pos - j0 : kDirectPositions);
+    const float* xr[kDirectPositions];
+    int64_t dst[kDirectPositions];
+    {
+      const int64_t hw = h_out * w_out;
+      int64_t bi = j0 / hw, l = j0 % hw, oh = l / w_out, ow = l % w_out;
+      int64_t ob = j0 / g->block, oo = j0 % g->block;
+      for (int q = 0; q < n_here; ++q) {
+        xr[q] = x + bi * s_b + oh * sh * s_h + ow * sw * s_w;
+        dst[q] = ob * g->ld_block + oo;
+        if (++ow == w_out) {
+          ow = 0;
+          if (++oh == h_out) {
+            oh = 0;
+            ++bi;
+          }
+        }
+        if (++oo == g->block) {
+          oo = 0;
+          ++ob;
+        }
+      }
+      for (int q = n_here; q < kDirectPositions; ++q) {  // padding rows repeat a real position
+        xr[q] = xr[n_here - 1];
+        dst[q] = dst[n_here - 1];
+      }
+    }
+    const int m0 = cp * NR;
+    const int m_valid = m - m0 < NR ? m - m0 : NR;
+    const int nvu = static_cast<int>(((m_pad - m0 < NR ? m_pad - m0 : NR) + kLanes - 1) / kLanes);
+    alignas(64) float bias_pad[NR];
+    const float* bp = nullptr;
+    if (g->bias != nullptr) {
+      for (int q = 0; q < NR; ++q) bias_pad[q] = q < m_valid ? g->bias[m0 + q] : 0.f;
+      bp = bias_pad;
+    }
+    const float* w = g->a + m0;
+    float* c = g->c + static_cast<int64_t>(m0) * g->ldc;
+    static constexpr DirectTile kDirect[NV] = {direct_tile<1>, direct_tile<2>, direct_tile<3>,
+                                               direct_tile<4>};
+    int rows_per = nvu == 1 ? direct_rows<1>() : nvu == 2 ? direct_rows<2>() : direct_rows<3>();
+    for (int q = 0; q < n_here; q += rows_per) {
+      const int valid = n_here - q < rows_per ? n_here - q : rows_per;
+      kDirect[nvu - 1](xr + q, koff, w, m_pad, n_r, ts, k_last, m_valid, bp, dst + q, valid, c,
+                       g->ldc, base);
+    }
+  }
+  std::free(koff);
+  return 0;
 }
 
 }  // extern "C"

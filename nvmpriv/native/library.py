@@ -25,6 +25,7 @@ __all__ = [
     "PARALLEL_MIN_MACS",
     "AdcGemmLibrary",
     "PackedGemm",
+    "conv_direct",
     "load_checked",
 ]
 
@@ -79,6 +80,8 @@ class AdcGemmLibrary:
         lib.nvmpriv_adc_pack.restype = None
         lib.nvmpriv_adc_gemm.argtypes = [ctypes.POINTER(_GemmArgs)]
         lib.nvmpriv_adc_gemm.restype = _I
+        lib.nvmpriv_adc_conv_direct.argtypes = [ctypes.POINTER(_GemmArgs)]
+        lib.nvmpriv_adc_conv_direct.restype = _I
         lib.nvmpriv_dac_codes.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64]
         lib.nvmpriv_dac_codes.argtypes += [_F, _F, _I]
         lib.nvmpriv_dac_codes.restype = None
@@ -265,6 +268,70 @@ class AdcGemmLibrary:
         if reach is None:
             return []
         return [int(t) for t in np.flatnonzero(reach.max(axis=(0, 1)))]
+
+
+def conv_direct(
+    lib: AdcGemmLibrary,
+    weights: int,
+    x: int,
+    out: tuple[int, int, int, int],
+    *,
+    conv: int,
+    m: int,
+    m_pad: int,
+    n: int,
+    n_r: int,
+    ts: int,
+    rows: int,
+    qmax: int,
+    scale: float,
+    bias: int | None,
+    relu: bool,
+    threads: int,
+) -> None:
+    """A convolution on the kernel's direct path (no gathered panels; OpenMP builds).
+
+    ``out[c, j] = scale * sum_t clamp(round(partial sums), -qmax, qmax) (+ bias[c])`` (then
+    ``max(., 0)`` with ``relu``) for output channel ``c < m`` and output position ``j < n``.
+
+    Args:
+        lib: The loaded kernel.
+        weights: Address of the float32 weights packed ``[n_r, ts, m_pad]`` (channels
+            innermost, zero past ``m``; ``m_pad`` a multiple of 16).
+        x: Address of the padded NCHW input.
+        out: ``(address, ldc, block, ld_block)`` as for :meth:`AdcGemmLibrary.gemm`.
+        conv: Address of the int64 geometry (as for :meth:`AdcGemmLibrary.gemm`).
+        m: Output channels.
+        m_pad: Packed channel count.
+        n: Output positions (batch times output pixels).
+        n_r: Tile rows.
+        ts: Rows per tile.
+        rows: Real rows ``k`` (the geometry's).
+        qmax: ADC clip level in steps.
+        scale: Factor applied to the summed codes.
+        bias: Address of ``m`` float32 values, or ``None``.
+        relu: Apply ``max(., 0)`` last.
+        threads: OpenMP threads.
+
+    Raises:
+        ValueError: If the sizes do not fit the kernel's 32-bit counts or ``m_pad`` is not a
+            multiple of 16 covering ``m``.
+        MemoryError: If the kernel could not allocate its buffers.
+    """
+    if max(m, n, n_r, ts) >= 2**31 or not (n_r - 1) * ts < rows <= n_r * ts:
+        raise ValueError(f"adc conv: {m} x {n} outputs, {rows} rows do not fit the kernel")
+    if m_pad % 16 or not m <= m_pad:
+        raise ValueError(f"adc conv: {m_pad} packed channels for {m} (a multiple of 16)")
+    g = _GemmArgs(
+        a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_i=m_pad, ldc=out[1], block=out[2],
+        ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=rows - (n_r - 1) * ts, n_cols=n,
+        relu=int(relu), n_threads=max(1, threads), qmax=float(qmax), scale=scale,
+    )  # fmt: skip
+    rc = lib._lib.nvmpriv_adc_conv_direct(g)
+    if rc == -1:
+        raise MemoryError("adc conv: out of memory")
+    if rc != 0:
+        raise ValueError("adc conv: unsupported operands")
 
 
 class PackedGemm:
