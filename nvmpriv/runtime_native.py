@@ -285,11 +285,14 @@ class _NativeNode:
         """This node followed by Relu node ``index`` (output ``output``), in the epilogue."""
         return replace(self, relu=index, y_name=output)
 
-    def _write_codes(self, x: np.ndarray, dst: np.ndarray) -> None:
+    def _write_codes(
+        self, x: np.ndarray, dst: np.ndarray, pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    ) -> None:
         """The array's input (DoReFa quantizer, then integer DAC codes) written into ``dst``.
 
         ``x`` is ``[B, K]`` or ``[B, C, H, W]``; ``dst`` a view of the same shape with a unit
-        last stride (the live part of a padded buffer).
+        last stride (the live part of a padded buffer, whose ``pad`` border (top, left, bottom,
+        right) around each image plane is zeroed too: the buffer is shared with other nodes).
         """
         sp = self.spec
         x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
@@ -306,6 +309,7 @@ class _NativeNode:
             step=sp.dac_step,
             qmax=sp.dac_qmax,
             threads=self.threads,
+            pad=pad,
         )
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -358,12 +362,7 @@ class _NativeNode:
         for b0 in range(0, b, step):
             b1 = min(b, b0 + step)
             xp = self.arena.take((b1 - b0, c, hp, wp))
-            # the borders are zeroed at every call: the buffer is shared with other nodes
-            xp[:, :, :top] = 0
-            xp[:, :, top + h :] = 0
-            xp[:, :, top : top + h, :left] = 0
-            xp[:, :, top : top + h, left + w :] = 0
-            self._write_codes(x[b0:b1], xp[:, :, top : top + h, left : left + w])
+            self._write_codes(x[b0:b1], xp[:, :, top : top + h, left : left + w], sp.pads)
             strides = [s // 4 for s in xp.strides]
             part = out[b0:b1]
             for grp in range(g):

@@ -357,11 +357,12 @@ def test_dac_codes_match_numpy_quantizer(bits: int) -> None:
     assert (dst[:, 0] == 9).all() and (dst[:, 251] == 9).all()
     assert (dst[:, :, :4] == 9).all() and (dst[:, :, 134:] == 9).all()
     assert ((x / step) % 1 == 0.5).any()  # ties were exercised
-    lib.dac_codes(  # step <= 0: plain copy
+    lib.dac_codes(  # step <= 0: plain copy, and the planes' borders zeroed
         (x.ctypes.data, 250 * 130, 130), (view.ctypes.data, 252 * 140, 140), (3, 250, 130),
-        step=0.0, qmax=1, threads=1,
+        step=0.0, qmax=1, threads=2, pad=(1, 4, 1, 6),
     )  # fmt: skip
     np.testing.assert_array_equal(view, x)
+    assert not dst[:, [0, 251]].any() and not dst[:, :, :4].any() and not dst[:, :, 134:].any()
 
 
 @needs_kernel

@@ -365,10 +365,14 @@ void nvmpriv_adc_pack(const float* b, int64_t sb_t, int64_t sb_k, int n_r, int t
 // plain copy d = x when step <= 0, for an [n0, n1, n2] block: x element (i, j, k) at
 // x[i*sx0 + j*sx1 + k], d element at d[i*sd0 + j*sd1 + k]. Same float32 operations as the
 // export's Div, Round and Clip (clamping first rounds to the same integer for integer qmax).
+// pad = (top, left, bottom, right): the destination's zero border around each [n1, n2] plane,
+// written here too (rows j in [-top, 0) and [n1, n1 + bottom), columns k likewise), which costs
+// little beside the codes, where a strided numpy assignment per border cost as much again.
 void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64_t sx0,
                        int64_t sx1, float* d, int64_t sd0, int64_t sd1, float step, float qmax,
-                       int n_threads) {
-  const int64_t rows = n0 * n1;
+                       const int64_t* pad, int n_threads) {
+  const int64_t top = pad[0], left = pad[1], bottom = pad[2], right = pad[3];
+  const int64_t plane_rows = n1 + top + bottom, rows = n0 * plane_rows;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(n_threads > 0 ? n_threads : 1) \
     if (rows * n2 >= (1 << 16))
@@ -376,9 +380,15 @@ void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64
   (void)n_threads;
 #endif
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = r / n1, j = r % n1;
-    const float* src = x + i * sx0 + j * sx1;
+    const int64_t i = r / plane_rows, j = r % plane_rows - top;
     float* dst = d + i * sd0 + j * sd1;
+    if (j < 0 || j >= n1) {
+      std::memset(dst - left, 0, (left + n2 + right) * sizeof(float));
+      continue;
+    }
+    if (left > 0) std::memset(dst - left, 0, left * sizeof(float));
+    if (right > 0) std::memset(dst + n2, 0, right * sizeof(float));
+    const float* src = x + i * sx0 + j * sx1;
     if (step <= 0.0f) {
       for (int64_t k = 0; k < n2; ++k) dst[k] = src[k];
       continue;

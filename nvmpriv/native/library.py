@@ -83,7 +83,7 @@ class AdcGemmLibrary:
         lib.nvmpriv_adc_conv_direct.argtypes = [ctypes.POINTER(_GemmArgs)]
         lib.nvmpriv_adc_conv_direct.restype = _I
         lib.nvmpriv_dac_codes.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64]
-        lib.nvmpriv_dac_codes.argtypes += [_F, _F, _I]
+        lib.nvmpriv_dac_codes.argtypes += [_F, _F, _P, _I]
         lib.nvmpriv_dac_codes.restype = None
         self._lib = lib
         self.path = path
@@ -152,6 +152,7 @@ class AdcGemmLibrary:
         step: float,
         qmax: int,
         threads: int,
+        pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> None:
         """``dst = clamp(round(x / step), -qmax, qmax)`` (or a copy when ``step <= 0``).
 
@@ -163,11 +164,17 @@ class AdcGemmLibrary:
             step: DAC step (``<= 0``: copy without quantizing).
             qmax: Clip level in steps (``1 <= qmax <= 2**22`` when quantizing).
             threads: Threads (OpenMP builds only).
+            pad: ``(top, left, bottom, right)``: also zero that border around every destination
+                ``[n1, n2]`` plane (rows before and after it, columns beside it; the caller's
+                buffer must hold them).
         """
         n0, n1, n2 = shape
+        if min(pad) < 0:
+            raise ValueError(f"dac codes: negative padding {pad}")
         self._lib.nvmpriv_dac_codes(
-            x[0], n0, n1, n2, x[1], x[2], dst[0], dst[1], dst[2], step, float(qmax), threads
-        )
+            x[0], n0, n1, n2, x[1], x[2], dst[0], dst[1], dst[2], step, float(qmax),
+            (ctypes.c_int64 * 4)(*pad), threads,
+        )  # fmt: skip
 
     def gemm(
         self,
