@@ -272,6 +272,9 @@ template <int NVU>
 constexpr int direct_rows() {
   return NVU == 1 ? 12 : NVU == 2 ? 8 : 6;
 }
+static_assert(kDirectPositions % direct_rows<1>() == 0 && kDirectPositions % direct_rows<2>() == 0 &&
+                  kDirectPositions % direct_rows<3>() == 0,
+              "a work item's positions split into whole direct tiles");
 
 template <int NVU>
 void direct_tile(const float* const* xr, const int64_t* koff, const float* w, int64_t m_pad,
@@ -586,9 +589,12 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
     }
     const float* w = g->a + m0;
     float* c = g->c + static_cast<int64_t>(m0) * g->ldc;
+    static_assert(NV == 4, "one direct tile per vector count");
     static constexpr DirectTile kDirect[NV] = {direct_tile<1>, direct_tile<2>, direct_tile<3>,
                                                direct_tile<4>};
-    int rows_per = nvu == 1 ? direct_rows<1>() : nvu == 2 ? direct_rows<2>() : direct_rows<3>();
+    static constexpr int kRows[NV] = {direct_rows<1>(), direct_rows<2>(), direct_rows<3>(),
+                                      direct_rows<4>()};
+    const int rows_per = kRows[nvu - 1];
     for (int q = 0; q < n_here; q += rows_per) {
       const int valid = n_here - q < rows_per ? n_here - q : rows_per;
       kDirect[nvu - 1](xr + q, koff, w, m_pad, n_r, ts, k_last, m_valid, bp, dst + q, valid, c,
