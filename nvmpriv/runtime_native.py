@@ -279,6 +279,7 @@ class _NativeNode:
                 n=sp.m, n_r=sp.n_r, ts=self.ts, rows=sp.k, qmax=sp.adc_qmax, scale=sp.adc_step,
                 bias=None if self.bias is None else self.bias.ctypes.data,
                 relu=self.relu is not None, threads=self.threads,
+                dac=(sp.dac_step, sp.dac_qmax),
             )  # fmt: skip
 
     def fuse_relu(self, index: int, output: str) -> _NativeNode:
@@ -330,11 +331,14 @@ class _NativeNode:
         b = x.shape[0]
         out = np.empty((b, m), np.float32)
         assert self.packed is not None
+        x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
+        x0 = np.ascontiguousarray(x0, np.float32)
         for r0 in range(0, b, _MAX_ROWS):  # the kernel counts rows in 32-bit integers
             r1 = min(b, r0 + _MAX_ROWS)
             rows = self.arena.take((r1 - r0, sp.n_r * n))
-            self._write_codes(x[r0:r1], rows[:, :k])  # the kernel skips the rows past K
-            self.packed(rows.ctypes.data, out[r0:].ctypes.data, r1 - r0)
+            # the kernel writes the DAC codes into rows[:, :K] first and skips the rows past K
+            xq = x0[r0:r1]
+            self.packed(rows.ctypes.data, out[r0:].ctypes.data, r1 - r0, (xq.ctypes.data, k))
         return out
 
     def _conv(self, x: np.ndarray) -> np.ndarray:

@@ -180,7 +180,8 @@ def test_kernel_epilogue_and_padding_rows_match_numpy(m, n, threads, axis, relu,
 @pytest.mark.parametrize("openmp", [True, False])
 def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) -> None:
     # PackedGemm fills its call's operands per query: concurrent queries must not see each
-    # other's; without OpenMP it takes the general entry point
+    # other's; without OpenMP it takes the general entry points. Odd queries hand it raw
+    # inputs, whose DAC codes (ties, clipping) it writes into A first.
     from concurrent.futures import ThreadPoolExecutor
 
     from nvmpriv.native.library import PackedGemm
@@ -196,18 +197,22 @@ def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) 
     lib.pack(w.ctypes.data, ts * n, n, n_r, ts, n, packed.ctypes.data)
     gemm = PackedGemm(
         lib, packed.ctypes.data, (ts, n_r * ts), n=n, n_r=n_r, ts=ts, rows=rows, qmax=qmax,
-        scale=0.5, bias=bias.ctypes.data, relu=True, threads=2,
+        scale=0.5, bias=bias.ctypes.data, relu=True, threads=2, dac=(0.25, 7),
     )  # fmt: skip
 
     def query(m: int) -> tuple[np.ndarray, np.ndarray]:
-        x = np.zeros((m, n_r * ts), np.float32)
-        x[:, :rows] = _dyadic(np.random.default_rng(m), (m, rows))
+        x = np.full((m, n_r * ts), np.nan, np.float32)  # past the real rows: skipped
+        raw = _dyadic(np.random.default_rng(m), (m, rows))  # multiples of 1/8: ties at 0.25
+        x[:, :rows] = np.clip(np.rint(raw / np.float32(0.25)), -7, 7)
         out = np.empty((m, n), np.float32)
-        gemm(x.ctypes.data, out.ctypes.data, m)
-        sums = sum(
-            np.clip(np.rint(x[:, t * ts : (t + 1) * ts].astype(np.float64) @ w[t]), -qmax, qmax)
-            for t in range(n_r)
-        )
+        if m % 2:
+            a = np.full_like(x, np.nan)
+            gemm(a.ctypes.data, out.ctypes.data, m, (raw.ctypes.data, rows))
+        else:
+            gemm(x.ctypes.data, out.ctypes.data, m)
+        real = x[:, :rows].astype(np.float64)
+        sums = np.clip(np.rint(real[:, :ts] @ w[0]), -qmax, qmax)
+        sums += np.clip(np.rint(real[:, ts:] @ w[1][: rows - ts]), -qmax, qmax)
         return out, np.maximum(sums * 0.5 + bias, 0).astype(np.float32)
 
     with ThreadPoolExecutor(4) as pool:

@@ -371,6 +371,27 @@ void nvmpriv_adc_pack(const float* b, int64_t sb_t, int64_t sb_k, int n_r, int t
 // pad = (top, left, bottom, right): the destination's zero border around each [n1, n2] plane,
 // written here too (rows j in [-top, 0) and [n1, n1 + bottom), columns k likewise), which costs
 // little beside the codes, where a strided numpy assignment per border cost as much again.
+}  // extern "C"
+
+namespace {
+
+// One row of DAC codes (see nvmpriv_dac_codes).
+inline void dac_row(const float* src, float* dst, int64_t n, float step, float qmax) {
+  if (step <= 0.0f) {
+    for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    float v = src[k] / step;
+    v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+    dst[k] = (v + kMagic) - kMagic;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
 void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64_t sx0,
                        int64_t sx1, float* d, int64_t sd0, int64_t sd1, float step, float qmax,
                        const int64_t* pad, int n_threads) {
@@ -391,16 +412,7 @@ void nvmpriv_dac_codes(const float* x, int64_t n0, int64_t n1, int64_t n2, int64
     }
     if (left > 0) std::memset(dst - left, 0, left * sizeof(float));
     if (right > 0) std::memset(dst + n2, 0, right * sizeof(float));
-    const float* src = x + i * sx0 + j * sx1;
-    if (step <= 0.0f) {
-      for (int64_t k = 0; k < n2; ++k) dst[k] = src[k];
-      continue;
-    }
-    for (int64_t k = 0; k < n2; ++k) {
-      float v = src[k] / step;
-      v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
-      dst[k] = (v + kMagic) - kMagic;
-    }
+    dac_row(x + i * sx0 + j * sx1, dst, n2, step, qmax);
   }
 }
 
@@ -414,9 +426,10 @@ struct GemmArgs {
   const float* bias;      // bias[i] per row of C (bias_axis 0) or bias[j] per column, or NULL
   const uint8_t* check;   // per tile row: record partial sums reaching thr (may be NULL)
   uint8_t* reach;         // n_threads * n_r bytes: reach[thread * n_r + t] (with check)
-  int64_t sa_t, sa_i, sb_t, sb_k, ldc, block, ld_block;
+  const float* x;         // or NULL; else A's real rows are first written as DAC codes of x
+  int64_t sa_t, sa_i, sb_t, sb_k, ldc, block, ld_block, sx;
   int32_t m_rows, packed, n_r, ts, k_last, n_cols, p0, p1, bias_axis, relu, n_threads;
-  float qmax, scale, thr;
+  float qmax, scale, thr, dac_step, dac_qmax;
 };
 
 // Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t) (+ bias) (then ReLU),
@@ -426,9 +439,12 @@ struct GemmArgs {
 //      b[t*sb_t + k*sb_k + j]. Unpacked panels are packed into a private buffer before use.
 //   k_last: rows of the last tile row that are not zero padding (1..ts); the rest are skipped.
 //   relu: after the bias, max(v, 0).
+//   x (may be NULL; needs sa_t == ts): first A[i, k] = DAC codes of x[i*sx + k] for the real
+//   rows k < (n_r - 1)*ts + k_last (see nvmpriv_dac_codes; dac_step <= 0: a copy), shared over
+//   the same threads: one call instead of two for a layer's input and product.
 // Work is shared over n_threads OpenMP threads where built with OpenMP: by panels, and with
-// packed B and fewer panels than work for the threads also by blocks of rows. Returns 0, or -1
-// when a packing buffer could not be allocated.
+// packed B and fewer panels than work for the threads also by blocks of rows. Returns 0, -1
+// when a packing buffer could not be allocated, -2 for x without packed B and sa_t == ts.
 int nvmpriv_adc_gemm(const GemmArgs* g) {
   const float *a = g->a, *b = g->b;
   const int64_t* conv = g->conv;
@@ -440,6 +456,7 @@ int nvmpriv_adc_gemm(const GemmArgs* g) {
   const int bias_axis = g->bias_axis, relu = g->relu, n_threads = g->n_threads;
   const uint8_t* check = g->check;
   uint8_t* reach = g->reach;
+  if (g->x != nullptr && (sa_t != ts || packed == 0)) return -2;
   const int64_t panel = static_cast<int64_t>(n_r) * ts * NR;
   const Out out{g->c, g->ldc, g->block, g->ld_block};
   const int n_p = p1 - p0 > 0 ? p1 - p0 : 0;
@@ -467,6 +484,15 @@ int nvmpriv_adc_gemm(const GemmArgs* g) {
     float* buf = packed ? nullptr
                         : static_cast<float*>(std::aligned_alloc(64, panel * sizeof(float)));
     alignas(64) float col_bias[NR];
+    if (g->x != nullptr) {
+      const int64_t k_real = static_cast<int64_t>(n_r - 1) * ts + k_last;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int i = 0; i < m_rows; ++i)
+        dac_row(g->x + i * g->sx, const_cast<float*>(a) + i * sa_i, k_real, g->dac_step,
+                g->dac_qmax);
+    }  // the loop's implicit barrier: every row is written before any is read
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif

@@ -47,14 +47,17 @@ class _GemmArgs(ctypes.Structure):
     """``GemmArgs`` of adc_gemm.cpp (same fields, order and types)."""
 
     _fields_ = [
-        *((name, _P) for name in ("a", "b", "conv", "c", "bias", "check", "reach")),
-        *((name, _I64) for name in ("sa_t", "sa_i", "sb_t", "sb_k", "ldc", "block", "ld_block")),
+        *((name, _P) for name in ("a", "b", "conv", "c", "bias", "check", "reach", "x")),
+        *(
+            (name, _I64)
+            for name in ("sa_t", "sa_i", "sb_t", "sb_k", "ldc", "block", "ld_block", "sx")
+        ),
         *(
             (name, ctypes.c_int32)
             for name in ("m_rows", "packed", "n_r", "ts", "k_last", "n_cols", "p0", "p1")
         ),
         *((name, ctypes.c_int32) for name in ("bias_axis", "relu", "n_threads")),
-        *((name, _F) for name in ("qmax", "scale", "thr")),
+        *((name, _F) for name in ("qmax", "scale", "thr", "dac_step", "dac_qmax")),
     ]
 
 
@@ -362,6 +365,8 @@ class PackedGemm:
         bias: Address of ``n`` float32 values added per column, or ``None``.
         relu: Apply ``max(., 0)`` last.
         threads: Most threads per call.
+        dac: ``(step, qmax)`` of the DAC codes a call with ``x`` writes into ``A`` first
+            (``step <= 0``: a copy); needs ``a_strides[0] == ts``.
 
     Raises:
         ValueError: If the sizes do not fit the kernel's 32-bit counts.
@@ -382,6 +387,7 @@ class PackedGemm:
         bias: int | None,
         relu: bool,
         threads: int,
+        dac: tuple[float, int] = (0.0, 1),
     ) -> None:
         if max(n, n_r * ts * lib.panel_width) >= 2**31 or not (n_r - 1) * ts < rows <= n_r * ts:
             raise ValueError(
@@ -395,15 +401,18 @@ class PackedGemm:
             b=packed, bias=bias, sa_t=a_strides[0], sa_i=a_strides[1], ldc=n, block=n,
             packed=1, n_r=n_r, ts=ts, k_last=rows - (n_r - 1) * ts, n_cols=n, p0=0,
             p1=self._n_p, bias_axis=1, relu=int(relu), qmax=float(qmax), scale=scale,
-            thr=float(qmax),
+            thr=float(qmax), dac_step=dac[0], dac_qmax=float(dac[1]),
         )  # fmt: skip
         self._local = threading.local()
         self._n, self._n_r, self._ts, self._rows, self._relu = n, n_r, ts, rows, relu
         self._qmax, self._scale = qmax, scale
-        self._bias, self._packed, self._a_strides = bias, packed, a_strides
+        self._bias, self._packed, self._a_strides, self._dac = bias, packed, a_strides, dac
 
-    def __call__(self, a: int, out: int, m: int) -> None:
+    def __call__(self, a: int, out: int, m: int, x: tuple[int, int] | None = None) -> None:
         """``out[:m] = C`` for the ``m`` rows of ``A`` at address ``a``.
+
+        With ``x = (address, row stride)`` of float32 inputs, ``A``'s real rows are first
+        written as their DAC codes (in the same kernel call; ``a`` is a writable buffer).
 
         Raises:
             ValueError: If ``m`` does not fit the kernel's 32-bit counts.
@@ -414,7 +423,12 @@ class PackedGemm:
         threads = self._threads
         if m * self._macs_per_row < PARALLEL_MIN_MACS:
             threads = 1
-        if not self._lib.openmp:  # panels over Python threads: the general entry point
+        if not self._lib.openmp:  # panels over Python threads: the general entry points
+            if x is not None:
+                self._lib.dac_codes(
+                    (x[0], 0, x[1]), (a, 0, self._a_strides[1]), (1, m, self._rows),
+                    step=self._dac[0], qmax=self._dac[1], threads=threads,
+                )  # fmt: skip
             self._lib.gemm(
                 (a, *self._a_strides), (self._packed, 0, 0), (out, self._n, self._n, 0),
                 m=m, n=self._n, n_r=self._n_r, ts=self._ts, qmax=self._qmax, scale=self._scale,
@@ -426,6 +440,7 @@ class PackedGemm:
         if args is None:  # each thread fills its own copy: queries may run concurrently
             args = self._local.args = _GemmArgs.from_buffer_copy(self._args)
         args.a, args.c, args.m_rows = a, out, m
+        args.x, args.sx = (None, 0) if x is None else x
         args.n_threads = max(1, min(threads, self._n_p * math.ceil(m / MICRO_ROWS)))
         if self._fn(args) != 0:
             raise MemoryError("adc matmul: out of memory for a packed panel")
