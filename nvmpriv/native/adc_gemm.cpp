@@ -80,6 +80,21 @@ struct Epilogue {
   uint8_t* reach;
 };
 
+// One tile row's partial sums s converted by the ADC and added to the running codes acc:
+// acc += round_half_even(clamp(s, -qmax, qmax)).
+template <int R, int NVU>
+inline __attribute__((always_inline)) void add_codes(const vf (&s)[R][NVU], vf (&acc)[R][NVU],
+                                                     float qmax) {
+  const vf hi = splat(qmax), lo = splat(-qmax), magic = splat(kMagic);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NVU; ++j) {
+      vf v = s[i][j];
+      v = v > hi ? hi : v;
+      v = v < lo ? lo : v;
+      acc[i][j] += (v + magic) - magic;
+    }
+}
+
 // R rows by NVU vectors of one panel (NVU < NV for a narrow last panel: the padding columns
 // are not computed).
 template <int R, int NVU>
@@ -88,7 +103,6 @@ void micro_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int
   vf acc[R][NVU];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NVU; ++j) acc[i][j] = vf{};
-  const vf hi = splat(e.qmax), lo = splat(-e.qmax), magic = splat(kMagic);
   for (int t = 0; t < n_r; ++t) {
     vf s[R][NVU];
     for (int i = 0; i < R; ++i)
@@ -115,13 +129,7 @@ void micro_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int
       for (int l = 0; l < kLanes; ++l)
         if (m[l] >= e.thr) e.reach[t] = 1;
     }
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < NVU; ++j) {
-        vf v = s[i][j];
-        v = v > hi ? hi : v;
-        v = v < lo ? lo : v;
-        acc[i][j] += (v + magic) - magic;
-      }
+    add_codes<R, NVU>(s, acc, e.qmax);
   }
   for (int i = 0; i < R; ++i) {
     float row[NR];
@@ -284,7 +292,6 @@ void direct_tile(const float* const* xr, const int64_t* koff, const float* w, in
   vf acc[R][NVU];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NVU; ++j) acc[r][j] = vf{};
-  const vf hi = splat(e.qmax), lo = splat(-e.qmax), magic = splat(kMagic);
   const float* p[R];
   for (int r = 0; r < R; ++r) p[r] = xr[r];
   for (int t = 0; t < n_r; ++t) {
@@ -303,13 +310,7 @@ void direct_tile(const float* const* xr, const int64_t* koff, const float* w, in
         for (int j = 0; j < NVU; ++j) s[r][j] += xv * wv[j];
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NVU; ++j) {
-        vf v = s[r][j];
-        v = v > hi ? hi : v;
-        v = v < lo ? lo : v;
-        acc[r][j] += (v + magic) - magic;
-      }
+    add_codes<R, NVU>(s, acc, e.qmax);
   }
   for (int r = 0; r < n_valid; ++r) {
     float lanes[NVU * kLanes];
