@@ -9,6 +9,8 @@ into standard-op segments, each its own onnxruntime session, run in order.
 
 A node qualifies when it has an ADC, no read noise and no bit slicing (read noise must come
 from the file's ``RandomNormalLike`` streams; the others have no per-tile conversion to fuse).
+A ``Relu`` that is the only reader of such a node's output is applied in the kernel too, and
+convolutions with few output channels take the kernel's direct path (inputs read in place).
 It computes the same function as the body: the DAC and ADC steps folded into the weights
 (``W * (dac_step / adc_step)`` in float32, as onnxruntime constant-folds it), integer DAC codes,
 and per tile ``clamp(round(partial sum), -qmax, qmax)`` summed times the ADC step. Partial sums
@@ -286,27 +288,22 @@ class _NativeNode:
         """This node followed by Relu node ``index`` (output ``output``), in the epilogue."""
         return replace(self, relu=index, y_name=output)
 
-    def _write_codes(
-        self, x: np.ndarray, dst: np.ndarray, pad: tuple[int, int, int, int] = (0, 0, 0, 0)
-    ) -> None:
-        """The array's input (DoReFa quantizer, then integer DAC codes) written into ``dst``.
+    def _write_codes(self, x: np.ndarray, dst: np.ndarray, pad: tuple[int, int, int, int]) -> None:
+        """A convolution's input (DoReFa quantizer, then integer DAC codes) written into ``dst``.
 
-        ``x`` is ``[B, K]`` or ``[B, C, H, W]``; ``dst`` a view of the same shape with a unit
-        last stride (the live part of a padded buffer, whose ``pad`` border (top, left, bottom,
-        right) around each image plane is zeroed too: the buffer is shared with other nodes).
+        ``x`` is ``[B, C, H, W]``; ``dst`` a view of the same shape with a unit last stride (the
+        live part of a padded buffer, whose ``pad`` border (top, left, bottom, right) around each
+        image plane is zeroed too: the buffer is shared with other nodes). Gemm nodes have the
+        kernel write their codes (:class:`PackedGemm`).
         """
         sp = self.spec
         x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
         x0 = np.ascontiguousarray(x0, np.float32)
-        if x0.ndim == 2:
-            shape, xs, ds = (1, *x0.shape), (0, x0.shape[1]), (0, dst.strides[0] // 4)
-        else:
-            b, c, h, w = x0.shape
-            shape, xs, ds = (b * c, h, w), (h * w, w), (dst.strides[1] // 4, dst.strides[2] // 4)
+        b, c, h, w = x0.shape
         self.lib.dac_codes(
-            (x0.ctypes.data, *xs),
-            (dst.ctypes.data, *ds),
-            (int(shape[0]), int(shape[1]), int(shape[2])),
+            (x0.ctypes.data, h * w, w),
+            (dst.ctypes.data, dst.strides[1] // 4, dst.strides[2] // 4),
+            (b * c, h, w),
             step=sp.dac_step,
             qmax=sp.dac_qmax,
             threads=self.threads,
