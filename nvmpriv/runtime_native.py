@@ -274,7 +274,6 @@ class _NativeNode:
 
     def __post_init__(self) -> None:
         sp = self.spec
-        self.direct = sp.conv and _direct(self.lib, sp)
         if not sp.conv:
             self.packed = PackedGemm(
                 self.lib, self.weights.ctypes.data, (self.ts, sp.n_r * self.ts),
@@ -288,6 +287,12 @@ class _NativeNode:
         """This node followed by Relu node ``index`` (output ``output``), in the epilogue."""
         return replace(self, relu=index, y_name=output)
 
+    def _quantized(self, x: np.ndarray) -> np.ndarray:
+        """The array's input as float32 C-contiguous, after the DoReFa quantizer if it has one."""
+        sp = self.spec
+        x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
+        return np.ascontiguousarray(x0, np.float32)
+
     def _write_codes(self, x: np.ndarray, dst: np.ndarray, pad: tuple[int, int, int, int]) -> None:
         """A convolution's input (DoReFa quantizer, then integer DAC codes) written into ``dst``.
 
@@ -297,8 +302,7 @@ class _NativeNode:
         kernel write their codes (:class:`PackedGemm`).
         """
         sp = self.spec
-        x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
-        x0 = np.ascontiguousarray(x0, np.float32)
+        x0 = self._quantized(x)
         b, c, h, w = x0.shape
         self.lib.dac_codes(
             (x0.ctypes.data, h * w, w),
@@ -328,8 +332,7 @@ class _NativeNode:
         b = x.shape[0]
         out = np.empty((b, m), np.float32)
         assert self.packed is not None
-        x0 = activation_quantizer(x, sp.act_bits, sp.act_signed) if sp.act_bits else x
-        x0 = np.ascontiguousarray(x0, np.float32)
+        x0 = self._quantized(x)
         for r0 in range(0, b, _MAX_ROWS):  # the kernel counts rows in 32-bit integers
             r1 = min(b, r0 + _MAX_ROWS)
             rows = self.arena.take((r1 - r0, sp.n_r * n))
@@ -445,8 +448,9 @@ def _prepare(
     ts = k if n_r == 1 else n  # a lone tile row's zero rows past K would only cost time
     wt = w.reshape(g, n_r, n, m)[:, :, :ts] * scale
     weights: np.ndarray
+    direct = _direct(lib, spec)
     if spec.conv:
-        if _direct(lib, spec):
+        if direct:
             m_pad = -(-m // 16) * 16
             weights = np.zeros((g, n_r, ts, m_pad), np.float32)
             weights[..., :m] = wt
@@ -468,6 +472,7 @@ def _prepare(
             threads=threads,
             ts=ts,
             arena=arena,
+            direct=direct,
         )
     except ValueError:  # sizes past the kernel's 32-bit counts
         return None

@@ -43,6 +43,16 @@ MICRO_ROWS = 6
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
+def _k_last(n_r: int, ts: int, rows: int) -> int:
+    """Real rows of the last tile row, after checking that ``rows`` ends in it."""
+    if not (n_r - 1) * ts < rows <= n_r * ts:
+        raise ValueError(
+            f"adc gemm: {rows} real rows do not fit {n_r} tile rows of {ts} (the last must hold "
+            "some)"
+        )
+    return rows - (n_r - 1) * ts
+
+
 class _GemmArgs(ctypes.Structure):
     """``GemmArgs`` of adc_gemm.cpp (same fields, order and types)."""
 
@@ -238,9 +248,7 @@ class AdcGemmLibrary:
         ints = (m, n, n_r, ts, n_r * ts * self.panel_width, math.ceil(n / self.panel_width) + 1)
         if max(ints) >= 2**31 or min(m, n, n_r, ts) < 0:
             raise ValueError(f"adc gemm: sizes {ints} do not fit the kernel's 32-bit counts")
-        rows = n_r * ts if rows is None else rows
-        if not (n_r - 1) * ts < rows <= n_r * ts:
-            raise ValueError(f"adc gemm: {rows} real rows do not fill {n_r} tile rows of {ts}")
+        k_last = _k_last(n_r, ts, n_r * ts if rows is None else rows)
         if check is not None and len(check) != n_r:
             raise ValueError(f"adc gemm: {len(check)} clip-check flags for {n_r} tile rows")
         n_p = math.ceil(n / self.panel_width)
@@ -264,7 +272,7 @@ class AdcGemmLibrary:
                 reach=None if reach is None else reach[i].ctypes.data,
                 sa_t=a[1], sa_i=a[2], sb_t=b[1], sb_k=b[2], ldc=out[1], block=out[2],
                 ld_block=out[3], m_rows=m, packed=int(packed), n_r=n_r, ts=ts,
-                k_last=rows - (n_r - 1) * ts, n_cols=n, p0=p0, p1=p1,
+                k_last=k_last, n_cols=n, p0=p0, p1=p1,
                 bias_axis=0 if bias is None else int(bias[1]), relu=int(relu),
                 n_threads=per_call, qmax=float(qmax), scale=scale, thr=float(qmax) * (1 - 1e-6),
             )  # fmt: skip
@@ -328,13 +336,13 @@ def conv_direct(
             multiple of 16 covering ``m``.
         MemoryError: If the kernel could not allocate its buffers.
     """
-    if max(m, n, n_r, ts) >= 2**31 or not (n_r - 1) * ts < rows <= n_r * ts:
-        raise ValueError(f"adc conv: {m} x {n} outputs, {rows} rows do not fit the kernel")
+    if max(m, n, n_r, ts) >= 2**31:
+        raise ValueError(f"adc conv: {m} x {n} outputs do not fit the kernel's 32-bit counts")
     if m_pad % 16 or not m <= m_pad:
         raise ValueError(f"adc conv: {m_pad} packed channels for {m} (a multiple of 16)")
     g = _GemmArgs(
         a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_i=m_pad, ldc=out[1], block=out[2],
-        ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=rows - (n_r - 1) * ts, n_cols=n,
+        ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=_k_last(n_r, ts, rows), n_cols=n,
         relu=int(relu), n_threads=max(1, threads), qmax=float(qmax), scale=scale,
     )  # fmt: skip
     rc = lib._lib.nvmpriv_adc_conv_direct(g)
@@ -389,24 +397,19 @@ class PackedGemm:
         threads: int,
         dac: tuple[float, int] = (0.0, 1),
     ) -> None:
-        if max(n, n_r * ts * lib.panel_width) >= 2**31 or not (n_r - 1) * ts < rows <= n_r * ts:
-            raise ValueError(
-                f"adc gemm: {n} columns, {rows} rows in {n_r} tiles of {ts} do not fit"
-            )
+        if max(n, n_r * ts * lib.panel_width) >= 2**31:
+            raise ValueError(f"adc gemm: {n} columns, {n_r} tiles of {ts} do not fit")
         self._lib, self._threads = lib, max(1, threads)
         self._macs_per_row = n_r * ts * n
         self._n_p = math.ceil(n / lib.panel_width)
         self._fn = lib._lib.nvmpriv_adc_gemm
         self._args = _GemmArgs(
             b=packed, bias=bias, sa_t=a_strides[0], sa_i=a_strides[1], ldc=n, block=n,
-            packed=1, n_r=n_r, ts=ts, k_last=rows - (n_r - 1) * ts, n_cols=n, p0=0,
+            packed=1, n_r=n_r, ts=ts, k_last=_k_last(n_r, ts, rows), n_cols=n, p0=0,
             p1=self._n_p, bias_axis=1, relu=int(relu), qmax=float(qmax), scale=scale,
             thr=float(qmax), dac_step=dac[0], dac_qmax=float(dac[1]),
         )  # fmt: skip
         self._local = threading.local()
-        self._n, self._n_r, self._ts, self._rows, self._relu = n, n_r, ts, rows, relu
-        self._qmax, self._scale = qmax, scale
-        self._bias, self._packed, self._a_strides, self._dac = bias, packed, a_strides, dac
 
     def __call__(self, a: int, out: int, m: int, x: tuple[int, int] | None = None) -> None:
         """``out[:m] = C`` for the ``m`` rows of ``A`` at address ``a``.
@@ -423,18 +426,8 @@ class PackedGemm:
         threads = self._threads
         if m * self._macs_per_row < PARALLEL_MIN_MACS:
             threads = 1
-        if not self._lib.openmp:  # panels over Python threads: the general entry points
-            if x is not None:
-                self._lib.dac_codes(
-                    (x[0], 0, x[1]), (a, 0, self._a_strides[1]), (1, m, self._rows),
-                    step=self._dac[0], qmax=self._dac[1], threads=threads,
-                )  # fmt: skip
-            self._lib.gemm(
-                (a, *self._a_strides), (self._packed, 0, 0), (out, self._n, self._n, 0),
-                m=m, n=self._n, n_r=self._n_r, ts=self._ts, qmax=self._qmax, scale=self._scale,
-                packed=True, conv=None, check=None, threads=threads, rows=self._rows,
-                bias=None if self._bias is None else (self._bias, 1), relu=self._relu,
-            )  # fmt: skip
+        if not self._lib.openmp:  # no OpenMP in the kernel: blocks of rows on Python threads
+            self._rows_on_threads(a, out, m, x, threads)
             return
         args = getattr(self._local, "args", None)
         if args is None:  # each thread fills its own copy: queries may run concurrently
@@ -444,6 +437,25 @@ class PackedGemm:
         args.n_threads = max(1, min(threads, self._n_p * math.ceil(m / MICRO_ROWS)))
         if self._fn(args) != 0:
             raise MemoryError("adc matmul: out of memory for a packed panel")
+
+    def _rows_on_threads(
+        self, a: int, out: int, m: int, x: tuple[int, int] | None, threads: int
+    ) -> None:
+        ranges = AdcGemmLibrary._ranges(math.ceil(m / MICRO_ROWS), max(1, threads))
+        parts = []
+        for lo, hi in ranges:
+            r0, r1 = lo * MICRO_ROWS, min(m, hi * MICRO_ROWS)
+            g = _GemmArgs.from_buffer_copy(self._args)
+            g.a, g.c, g.m_rows, g.n_threads = a + 4 * r0 * g.sa_i, out + 4 * r0 * g.ldc, r1 - r0, 1
+            g.x, g.sx = (None, 0) if x is None else (x[0] + 4 * r0 * x[1], x[1])
+            parts.append(g)
+
+        def part(i: int) -> None:
+            if self._fn(parts[i]) != 0:
+                raise MemoryError("adc matmul: out of memory for a packed panel")
+
+        if parts:
+            self._lib._run(part, len(parts))
 
 
 def load_checked(
