@@ -9,8 +9,12 @@ into standard-op segments, each its own onnxruntime session, run in order.
 
 A node qualifies when it has an ADC, no read noise and no bit slicing (read noise must come
 from the file's ``RandomNormalLike`` streams; the others have no per-tile conversion to fuse).
-A ``Relu`` that is the only reader of such a node's output is applied in the kernel too, and
-convolutions with few output channels take the kernel's direct path (inputs read in place).
+What follows such a node is applied in the kernel's epilogue where each node is the only
+reader of the previous output: a ``Relu``; for a convolution also an inference
+``BatchNormalization`` (folded into per-channel factors and biases) and a residual ``Add``
+before the ``Relu`` (a ResNet block's tail), so those passes over the largest tensors of a
+ResNet go. Convolutions with few output channels take the kernel's direct path (inputs read
+in place).
 It computes the same function as the body: the DAC and ADC steps folded into the weights
 (``W * (dac_step / adc_step)`` in float32, as onnxruntime constant-folds it), integer DAC codes,
 and per tile ``clamp(round(partial sum), -qmax, qmax)`` summed times the ADC step. Partial sums
@@ -268,9 +272,13 @@ class _NativeNode:
     threads: int
     ts: int  # rows per tile as run: the tile size, or K for a single tile row (no zero rows)
     arena: _Arena
-    relu: int | None = None  # index of the Relu node fused into the kernel's epilogue
     direct: bool = False  # Conv: the kernel's direct path instead of gathered panels
     packed: PackedGemm | None = None  # Gemm nodes: the kernel call, set up once
+    # graph nodes applied in the kernel's epilogue, in order (BatchNormalization, Add, Relu)
+    tail: tuple[int, ...] = ()
+    relu: bool = False
+    row_scale: np.ndarray | None = None  # per output channel instead of the ADC step (folded BN)
+    residual: str | None = None  # the value a fused Add adds before the ReLU
 
     def __post_init__(self) -> None:
         sp = self.spec
@@ -279,13 +287,40 @@ class _NativeNode:
                 self.lib, self.weights.ctypes.data, (self.ts, sp.n_r * self.ts),
                 n=sp.m, n_r=sp.n_r, ts=self.ts, rows=sp.k, qmax=sp.adc_qmax, scale=sp.adc_step,
                 bias=None if self.bias is None else self.bias.ctypes.data,
-                relu=self.relu is not None, threads=self.threads,
-                dac=(sp.dac_step, sp.dac_qmax),
+                relu=self.relu, threads=self.threads, dac=(sp.dac_step, sp.dac_qmax),
             )  # fmt: skip
 
     def fuse_relu(self, index: int, output: str) -> _NativeNode:
         """This node followed by Relu node ``index`` (output ``output``), in the epilogue."""
-        return replace(self, relu=index, y_name=output)
+        return replace(self, tail=(*self.tail, index), relu=True, y_name=output)
+
+    def fuse_batchnorm(
+        self, index: int, output: str, factor: np.ndarray, shift: np.ndarray
+    ) -> _NativeNode:
+        """This convolution followed by an inference BatchNormalization ``y * factor + shift``.
+
+        Folded into the epilogue: ``codes * (adc_step * factor) + (bias * factor + shift)``
+        per output channel (float64, rounded once to float32).
+        """
+        bias = np.zeros(factor.shape) if self.bias is None else self.bias.astype(np.float64)
+        return replace(
+            self,
+            tail=(*self.tail, index),
+            y_name=output,
+            row_scale=(self.spec.adc_step * factor).astype(np.float32),
+            bias=(bias * factor + shift).astype(np.float32),
+        )
+
+    def fuse_add(self, index: int, output: str, other: str) -> _NativeNode:
+        """This convolution's output plus ``other`` (same shape), added before any ReLU."""
+        return replace(self, tail=(*self.tail, index), y_name=output, residual=other)
+
+    @property
+    def code_value(self) -> float:
+        """The largest output change one ADC code makes (the step, or a folded channel's)."""
+        if self.row_scale is None:
+            return self.spec.adc_step
+        return float(np.abs(self.row_scale).max(initial=0.0))
 
     def _quantized(self, x: np.ndarray) -> np.ndarray:
         """The array's input as float32 C-contiguous, after the DoReFa quantizer if it has one."""
@@ -314,14 +349,15 @@ class _NativeNode:
             pad=pad,
         )
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The node's output ``Y`` for input ``X``.
+    def run(self, x: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
+        """The node's output for input ``X`` (and the fused Add's other operand ``res``).
 
         Raises:
-            ValueError: If ``x`` does not have the shape the node's attributes describe.
+            ValueError: If ``x`` does not have the shape the node's attributes describe, or
+                ``res`` does not broadcast to the output.
         """
         if self.spec.conv:
-            return self._conv(x)
+            return self._conv(x, res)
         return self._gemm(x)
 
     def _gemm(self, x: np.ndarray) -> np.ndarray:
@@ -341,7 +377,7 @@ class _NativeNode:
             self.packed(rows.ctypes.data, out[r0:].ctypes.data, r1 - r0, (xq.ctypes.data, k))
         return out
 
-    def _conv(self, x: np.ndarray) -> np.ndarray:
+    def _conv(self, x: np.ndarray, res: np.ndarray | None) -> np.ndarray:
         sp, n = self.spec, self.ts
         g, n_r, k, m = sp.groups, sp.n_r, sp.k, sp.m
         kh, kw = sp.kernel
@@ -362,6 +398,10 @@ class _NativeNode:
             )
         big_l = h_out * w_out
         out = np.empty((b, g * m, h_out, w_out), np.float32)
+        # a residual of another shape (broadcast by the Add) is added after the kernel
+        in_kernel = res is not None and res.shape == out.shape and res.dtype == np.float32
+        r = np.ascontiguousarray(res) if in_kernel and res is not None else None
+        relu = self.relu and (self.residual is None or r is not None)
         step = max(1, _MAX_ROWS // big_l)  # output positions per kernel call fit in 32 bits
         for b0 in range(0, b, step):
             b1 = min(b, b0 + step)
@@ -374,15 +414,18 @@ class _NativeNode:
                     [*strides, grp * cin_g, kh, kw, sh, sw, dh, dw, h_out, w_out, k, xp.size],
                     np.int64,
                 )
-                out_at = (part.ctypes.data + 4 * grp * m * big_l, big_l, big_l, g * m * big_l)
+                at = 4 * grp * m * big_l
+                out_at = (part.ctypes.data + at, big_l, big_l, g * m * big_l)
                 bias = None if self.bias is None else self.bias.ctypes.data + 4 * grp * m
+                rs = None if self.row_scale is None else self.row_scale.ctypes.data + 4 * grp * m
+                rp = None if r is None else r[b0:b1].ctypes.data + at
                 if self.direct:
                     conv_direct(
                         self.lib, self.weights[grp].ctypes.data, xp.ctypes.data, out_at,
                         conv=geo.ctypes.data, m=m, m_pad=self.weights.shape[-1],
                         n=(b1 - b0) * big_l, n_r=n_r, ts=n, rows=k, qmax=sp.adc_qmax,
-                        scale=sp.adc_step, bias=bias, relu=self.relu is not None,
-                        threads=self.threads,
+                        scale=sp.adc_step, bias=bias, relu=relu, threads=self.threads, row_scale=rs,
+                        res=rp,
                     )  # fmt: skip
                     continue
                 wt = self.weights[grp]
@@ -402,8 +445,16 @@ class _NativeNode:
                     threads=self.threads,
                     rows=k,
                     bias=None if bias is None else (bias, 0),
-                    relu=self.relu is not None,
+                    relu=relu,
+                    row_scale=rs,
+                    res=rp,
                 )
+        if self.residual is not None and r is None:
+            if res is None:
+                raise ValueError(f"crossbar node {self.y_name!r}: no value for its fused Add")
+            out = out + res
+            if self.relu:
+                np.maximum(out, 0, out=out)
         return out
 
 
@@ -502,20 +553,23 @@ class _Segment:
         values.update(zip(self.outputs, got, strict=True))
 
 
-def _agrees(native: np.ndarray, body: np.ndarray, spec: _NodeSpec) -> bool:
+def _agrees(native: np.ndarray, body: np.ndarray, n_r: int, code: float) -> bool:
     """Whether a native output is the function body's up to summation order.
 
     A partial sum within float32 rounding of a half step may round to the neighbouring code in
-    one of them: at most a step per tile row apart, and on a small share of the outputs.
+    one of them: at most a code (``code``: its largest output change) per tile row (``n_r``)
+    apart, and on a small share of the outputs. A folded BatchNormalization rounds in another
+    order too, which near zero is a few units of the output's own scale, not of the value.
     """
     if native.shape != body.shape or not np.isfinite(native).all():
         return False
     diff = np.abs(native.astype(np.float64) - body)
-    tol = 1e-6 * np.abs(body) + 1e-30
+    mag = np.abs(body.astype(np.float64))
+    tol = 1e-6 * (mag + mag.max(initial=0.0)) + 1e-30
     off = diff > tol
-    return bool(
-        diff.max(initial=0.0) <= spec.n_r * spec.adc_step * 1.001 + tol.max(initial=0.0)
-    ) and (int(off.sum()) <= max(1, off.size // 100))
+    return bool(diff.max(initial=0.0) <= n_r * code * 1.001 + tol.max(initial=0.0)) and (
+        int(off.sum()) <= max(1, off.size // 100)
+    )
 
 
 class NativeGraphRunner:
@@ -581,7 +635,8 @@ class NativeGraphRunner:
                 natives[i] = prepared
         if not natives:
             raise ValueError("no crossbar node qualifies for the native kernel")
-        natives = self._fuse_relus(natives)
+        self._producers = {o: nd for nd in graph.node for o in nd.output if o}
+        natives = self._fuse_epilogues(natives)
         probe = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
         self._build(natives)
         wrong = self._check_against_bodies(probe)
@@ -592,28 +647,96 @@ class NativeGraphRunner:
             self._build(natives)
         self.native_count = len(natives)
 
-    def _fuse_relus(self, natives: dict[int, _NativeNode]) -> dict[int, _NativeNode]:
-        """Move each ``Relu`` that is the only reader of a native node's output into it."""
+    def _fuse_epilogues(self, natives: dict[int, _NativeNode]) -> dict[int, _NativeNode]:
+        """Move the nodes that follow a native node into its epilogue, where they can go.
+
+        A chain of nodes each the only reader of the previous output (not a graph output):
+        for a convolution, an inference ``BatchNormalization`` with constant parameters, then
+        an ``Add`` of another float32 value, then a ``Relu``; for a Gemm node, a ``Relu``.
+        The native node then runs where the chain's last node stood (the Add's other operand
+        is computed by then).
+        """
         graph = self._model.graph
         readers: dict[str, list[int]] = {}
         for i, nd in enumerate(graph.node):
             for name in dict.fromkeys(nd.input):
                 readers.setdefault(name, []).append(i)
+        claimed: set[int] = set()
         fused = {}
-        for i, native in natives.items():
-            after = readers.get(native.y_name, [])
-            nxt = graph.node[after[0]] if len(after) == 1 else None
-            if (
-                nxt is not None
-                and nxt.op_type == "Relu"
-                and nxt.domain in ("", "ai.onnx")
-                and list(nxt.input) == [native.y_name]
-                and len(nxt.output) == 1
-                and native.y_name not in self._outputs
-            ):
-                native = native.fuse_relu(after[0], nxt.output[0])
+        for i, native in sorted(natives.items()):
+            while native.y_name not in self._outputs:
+                after = readers.get(native.y_name, [])
+                j = after[0] if len(after) == 1 else -1
+                nxt = graph.node[j] if j >= 0 and j not in claimed else None
+                if nxt is None or nxt.domain not in ("", "ai.onnx") or len(nxt.output) != 1:
+                    break
+                ins, out = list(nxt.input), nxt.output[0]
+                if nxt.op_type == "Relu" and ins == [native.y_name]:
+                    native = native.fuse_relu(j, out)
+                elif not native.spec.conv or native.relu or native.residual is not None:
+                    break
+                elif nxt.op_type == "BatchNormalization" and native.row_scale is None:
+                    folded = self._batchnorm(nxt, native)
+                    if folded is None:
+                        break
+                    native = native.fuse_batchnorm(j, out, *folded)
+                elif nxt.op_type == "Add" and len(ins) == 2 and ins.count(native.y_name) == 1:
+                    other = ins[1] if ins[0] == native.y_name else ins[0]
+                    # the operand comes from the values computed at run time (not a constant)
+                    float32 = (
+                        self._types.get(other, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+                    )
+                    if not other or other in self._init or not float32:
+                        break
+                    native = native.fuse_add(j, out, other)
+                else:
+                    break
+                claimed.add(j)
+                if native.relu:
+                    break
             fused[i] = native
         return fused
+
+    def _constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is an initializer, a ``Constant`` or an ``Identity`` of one."""
+        seen = 0
+        while name not in self._init:
+            nd = self._producers.get(name)
+            if nd is None or nd.domain not in ("", "ai.onnx") or seen > len(self._producers):
+                return None
+            if nd.op_type == "Identity" and len(nd.input) == 1:
+                name = nd.input[0]
+            elif nd.op_type == "Constant" and [a.name for a in nd.attribute] == ["value"]:
+                return numpy_helper.to_array(nd.attribute[0].t)
+            else:
+                return None
+            seen += 1
+        return numpy_helper.to_array(self._init[name])
+
+    def _batchnorm(
+        self, node: onnx.NodeProto, native: _NativeNode
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(factor, shift)`` of an inference BatchNormalization on ``native``'s output.
+
+        ``y = (x - mean) / sqrt(var + epsilon) * scale + B = x * factor + shift`` (float64), or
+        ``None`` where the node is not that (training mode, non-constant or mis-sized
+        parameters).
+        """
+        attrs = _attrs(node)
+        if attrs.get("training_mode", 0) != 0 or len(node.input) != 5:
+            return None
+        channels = native.spec.groups * native.spec.m
+        params = [self._constant(x) for x in node.input[1:]]
+        if any(p is None or p.shape != (channels,) or p.dtype != np.float32 for p in params):
+            return None
+        scale, shift, mean, var = (np.asarray(p, np.float64) for p in params)
+        eps = float(attrs.get("epsilon", 1e-5))
+        with np.errstate(all="ignore"):
+            factor = scale / np.sqrt(var + eps)
+            out = factor, shift - mean * factor
+        if not all(np.isfinite(v).all() for v in out):
+            return None
+        return out
 
     @staticmethod
     def _value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -651,13 +774,16 @@ class NativeGraphRunner:
     def _build(self, natives: dict[int, _NativeNode]) -> None:
         """Cut the graph at the native nodes into onnxruntime segments."""
         graph = self._model.graph
-        absorbed = {nd.relu for nd in natives.values() if nd.relu is not None}
+        absorbed = {j for nd in natives.values() for j in nd.tail}
+        # a native node runs where its last fused node stood: a fused Add's other operand may
+        # be computed after the crossbar node
+        place = {max((i, *nd.tail)): nd for i, nd in natives.items()}
         groups: list[list[int] | _NativeNode] = []
         for i in range(len(graph.node)):
-            if i in absorbed:
+            if i in place:
+                groups.append(place[i])
+            elif i in absorbed or i in natives:
                 continue
-            if i in natives:
-                groups.append(natives[i])
             elif groups and isinstance(groups[-1], list):
                 groups[-1].append(i)
             else:
@@ -669,6 +795,8 @@ class NativeGraphRunner:
             step = groups[pos]
             if isinstance(step, _NativeNode):
                 later.add(step.x_name)
+                if step.residual is not None:
+                    later.add(step.residual)
             else:
                 later.update(x for j in step for x in graph.node[j].input if x)
         self._steps: list[_Segment | _NativeNode] = []
@@ -696,13 +824,21 @@ class NativeGraphRunner:
             if not isinstance(step, _NativeNode):
                 step.run(values)
                 continue
-            node = graph.node[step.index]
-            ins = [x for x in dict.fromkeys(node.input) if x and x not in self._init]
-            nodes = [node] if step.relu is None else [node, graph.node[step.relu]]
+            nodes = [graph.node[j] for j in (step.index, *step.tail)]
+            produced = {o for nd in nodes for o in nd.output}
+            ins = [
+                x
+                for x in dict.fromkeys(x for nd in nodes for x in nd.input)
+                if x and x not in self._init and x not in produced
+            ]
+            # fused parameters are not computed by the segments any more
+            feeds = {x: values[x] if x in values else self._constant(x) for x in ins}
             body = self._session(self._sub_model(nodes, ins, [step.y_name]), 1)
-            (expected,) = body.run([step.y_name], {x: values[x] for x in ins})
+            (expected,) = body.run([step.y_name], feeds)
+            res = None if step.residual is None else values[step.residual]
             try:
-                if not _agrees(step.run(values[step.x_name]), expected, step.spec):
+                got = step.run(values[step.x_name], res)
+                if not _agrees(got, expected, step.spec.n_r, step.code_value):
                     wrong.add(step.index)
             except ValueError:  # its attributes describe another input shape
                 wrong.add(step.index)
@@ -722,7 +858,8 @@ class NativeGraphRunner:
         values = dict(feeds)
         for step in self._steps:
             if isinstance(step, _NativeNode):
-                values[step.y_name] = step.run(values[step.x_name])
+                res = None if step.residual is None else values[step.residual]
+                values[step.y_name] = step.run(values[step.x_name], res)
             else:
                 step.run(values)
         return [values[x] for x in (names or self._outputs)]

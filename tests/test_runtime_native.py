@@ -53,6 +53,19 @@ def _dorefa_fc() -> nn.Module:
     return quantize_model(net, weight_bits=4, act_bits=4)
 
 
+def _batchnorm_stats(net: nn.Module, seed: int = 8) -> nn.Module:
+    """``net`` with trained-looking BatchNorm statistics and affine parameters (not 0/1)."""
+    gen = torch.Generator().manual_seed(seed)
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            c = mod.num_features
+            mod.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
+            mod.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+            mod.weight.data.copy_(0.5 + torch.rand(c, generator=gen))
+            mod.bias.data.copy_(0.2 * torch.randn(c, generator=gen))
+    return net
+
+
 NO_DAC = get_preset("64x64_100k").replace(name="adc_only", dac_bits=None)
 CASES = [
     pytest.param(lambda: nets.ColumnFC(100, 10), [100], "64x64_100k", id="fc-64"),
@@ -60,7 +73,12 @@ CASES = [
     pytest.param(lambda: nets.ColumnFC(100, 10), [100], NO_DAC, id="fc-no-dac"),
     pytest.param(lambda: nets.LeNet5(1, 10), [1, 28, 28], "64x64_100k", id="lenet"),
     pytest.param(_grouped_cnn, [4, 9, 9], "32x32_100k", id="grouped-same-dilated"),
-    pytest.param(lambda: nets.CifarResNet(10, 1, 10), [3, 16, 16], "64x64_100k", id="resnet10"),
+    pytest.param(
+        lambda: _batchnorm_stats(nets.CifarResNet(10, 1, 10)),
+        [3, 16, 16],
+        "64x64_100k",
+        id="resnet10",
+    ),
     pytest.param(lambda: nets.ColumnFC(20, 3), [20], "64x64_100k", id="fc-one-tile-row"),
     pytest.param(_dorefa_fc, [64], "32x32_100k", id="dorefa-signed"),
 ]
@@ -113,7 +131,7 @@ def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path
     )
     skip = runtime.load(_export(tmp_path, _shared_output_fc(), get_preset("32x32_100k"), [30], "s"))
     fused = [
-        [s.relu is not None for s in p._runner._steps if isinstance(s, runtime_native._NativeNode)]
+        [s.relu for s in p._runner._steps if isinstance(s, runtime_native._NativeNode)]
         for p in (lenet, skip)
     ]
     assert fused == [[True, True, True, True, False], [False, False]]
@@ -129,6 +147,66 @@ def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path
     np.testing.assert_allclose(skip.predict_proba(x), stock.predict_proba(x), rtol=1e-4, atol=1e-7)
 
 
+class _Branches(nn.Module):
+    """A BatchNormalization read twice (only it is fused) and an Add that broadcasts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv1(x))
+        z = torch.relu(self.conv2(torch.relu(y)) + y[:, :1])  # [B, 8, H, W] + [B, 1, H, W]
+        return self.fc(z.flatten(1))
+
+
+def _tails(model: runtime.Predictor) -> list[list[str]]:
+    graph = onnx.load(model.path).graph
+    return [
+        [graph.node[j].op_type for j in s.tail]
+        for s in model._runner._steps
+        if isinstance(s, runtime_native._NativeNode)
+    ]
+
+
+@needs_kernel
+def test_batchnorm_residual_add_and_relu_run_in_the_kernel(tmp_path: Path) -> None:
+    # the results against onnxruntime on the function bodies: test_native_engine_equals_...
+    # (resnet10, with non-trivial BatchNorm statistics) and below (the broadcasting Add)
+    resnet = runtime.load(
+        _export(tmp_path, _batchnorm_stats(nets.CifarResNet(10, 1, 10)), get_preset("64x64_100k"),
+                [3, 16, 16], "resnet"),
+    )  # fmt: skip
+    tails = _tails(resnet)
+    # the stem and each block's first convolution, each block's second, 1x1 shortcuts, the fc
+    allowed = [["BatchNormalization", "Relu"], ["BatchNormalization", "Add", "Relu"]]
+    assert all(t in [*allowed, ["BatchNormalization"], []] for t in tails)
+    graph = onnx.load(resnet.path).graph
+    absorbed = {j for s in resnet._runner._steps if isinstance(s, runtime_native._NativeNode)
+                for j in s.tail}  # fmt: skip
+    left = {n.op_type for j, n in enumerate(graph.node) if j not in absorbed}
+    assert not left & {"BatchNormalization", "Add", "Relu"}
+    assert tails.count(allowed[1]) == sum(n.op_type == "Add" for n in graph.node) == 4
+    # a BatchNormalization parameter behind an Identity node (as torch writes shared ones)
+    path = _export(tmp_path, _batchnorm_stats(_Branches()), get_preset("32x32_100k"), [3, 6, 6])
+    model = onnx.load(path)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    init = next(t for t in model.graph.initializer if t.name == bn.input[1])
+    init.name = f"{bn.input[1]}.source"
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", [init.name], [bn.input[1]]))
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta[runtime.CONTENT_DIGEST_KEY] = runtime.content_digest(model)
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, tmp_path / "identity.onnx")
+    for file in (path, tmp_path / "identity.onnx"):
+        native = runtime.load(file, threads=2)
+        assert _tails(native) == [["BatchNormalization"], ["Add", "Relu"], []]
+        x = _queries([3, 6, 6])
+        want = runtime.load(file, native=False).predict_proba(x)
+        np.testing.assert_allclose(native.predict_proba(x), want, rtol=1e-4, atol=1e-7)
+
+
 def _dyadic(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Multiples of 1/8 in [-2, 2]: sums of products are exact in float32 and float64."""
     return (rng.integers(-16, 17, shape) / 8).astype(np.float32)
@@ -140,7 +218,10 @@ def _dyadic(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 )
 @pytest.mark.parametrize(("axis", "relu"), [(None, False), (0, True), (1, True), (1, False)])
 @pytest.mark.parametrize("packed", [True, False])
-def test_kernel_epilogue_and_padding_rows_match_numpy(m, n, threads, axis, relu, packed) -> None:
+@pytest.mark.parametrize("fold", [False, True], ids=["scale", "row-scale-residual"])
+def test_kernel_epilogue_and_padding_rows_match_numpy(
+    m, n, threads, axis, relu, packed, fold
+) -> None:
     # oracle: the definition in float64 on the real rows; the padding rows hold NaN, so the
     # kernel must skip them; 500 x 10 has one panel, so its rows are shared over the threads
     assert lib is not None
@@ -154,7 +235,12 @@ def test_kernel_epilogue_and_padding_rows_match_numpy(m, n, threads, axis, relu,
         want += np.clip(np.rint(a[t, :, :k].astype(np.float64) @ b[t, :k]), -qmax, qmax)
     a[-1, :, real:], b[-1, real:] = np.nan, np.nan
     bias = _dyadic(rng, (m if axis == 0 else n,))
-    want = want * scale + (0 if axis is None else bias[:, None] if axis == 0 else bias)
+    # fold: a per-row factor instead of the scale (a folded BatchNormalization), and a residual
+    row_scale, res = _dyadic(rng, (m,)), _dyadic(rng, (m, n))
+    want = want * (row_scale[:, None] if fold else scale)
+    want = (
+        want + (0 if axis is None else bias[:, None] if axis == 0 else bias) + (res if fold else 0)
+    )
     want = np.maximum(want, 0) if relu else want
     rhs = b
     if packed:
@@ -165,7 +251,8 @@ def test_kernel_epilogue_and_padding_rows_match_numpy(m, n, threads, axis, relu,
         (a.ctypes.data, m * ts, ts), (rhs.ctypes.data, ts * n, n), (out.ctypes.data, n, n, 0),
         m=m, n=n, n_r=n_r, ts=ts, qmax=qmax, scale=scale, packed=packed, conv=None, check=None,
         threads=threads, rows=rows, bias=None if axis is None else (bias.ctypes.data, axis),
-        relu=relu,
+        relu=relu, row_scale=row_scale.ctypes.data if fold else None,
+        res=res.ctypes.data if fold else None,
     )  # fmt: skip
     np.testing.assert_array_equal(out, want.astype(np.float32))
     with pytest.raises(ValueError, match="real rows"):
@@ -226,6 +313,7 @@ def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) 
 
 
 @needs_kernel
+@pytest.mark.parametrize("fold", [False, True], ids=["scale", "row-scale-residual"])
 @pytest.mark.parametrize(
     ("c", "m", "kernel", "stride", "dilation", "ts"),
     [
@@ -236,7 +324,7 @@ def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) 
     ],
 )
 def test_direct_convolution_equals_the_gathered_one_and_numpy(
-    c: int, m: int, kernel: tuple[int, int], stride: tuple[int, int], dilation, ts: int
+    c: int, m: int, kernel: tuple[int, int], stride: tuple[int, int], dilation, ts: int, fold
 ) -> None:
     # oracle: the definition on numpy's sliding windows; output positions (batch 3 x 7 x 9 = 189)
     # are not a multiple of the direct path's 96-position blocks
@@ -263,7 +351,12 @@ def test_direct_convolution_equals_the_gathered_one_and_numpy(
     for t in range(n_r):
         part = cols[..., t * ts : (t + 1) * ts].astype(np.float64) @ wk[:, t * ts : (t + 1) * ts].T
         want += np.clip(np.rint(part), -20, 20)
-    want = np.maximum(want * 0.5 + bias, 0).transpose(0, 3, 1, 2).astype(np.float32)
+    # fold: per-channel factors instead of the scale and a residual, as a folded
+    # BatchNormalization and an Add before the ReLU
+    row_scale, res = _dyadic(rng, (m,)), _dyadic(rng, (b, m, h_out, w_out))
+    want = want * (row_scale if fold else 0.5) + bias
+    want = want + res.transpose(0, 2, 3, 1) if fold else want
+    want = np.maximum(want, 0).transpose(0, 3, 1, 2).astype(np.float32)
     wpad = np.zeros((m, n_r * ts), np.float32)
     wpad[:, :k] = wk
     gathered = np.ascontiguousarray(wpad.reshape(m, n_r, ts).transpose(1, 0, 2))  # [n_r, m, ts]
@@ -276,6 +369,8 @@ def test_direct_convolution_equals_the_gathered_one_and_numpy(
     big_l, n = h_out * w_out, b * h_out * w_out
     outs = [np.full((b, m, h_out, w_out), np.nan, np.float32) for _ in range(2)]
     common = dict(n_r=n_r, ts=ts, rows=k, qmax=20, scale=0.5, relu=True, threads=2)
+    if fold:
+        common.update(row_scale=row_scale.ctypes.data, res=res.ctypes.data)
     lib.gemm(
         (gathered.ctypes.data, m * ts, ts), (x.ctypes.data, 0, 0),
         (outs[0].ctypes.data, big_l, big_l, m * big_l), m=m, n=n, packed=False,

@@ -69,7 +69,8 @@ struct PanelOut {
 };
 
 // What happens to a micro-tile's summed codes before they are stored:
-// v = scale * codes (+ bias) (then max(v, 0) with relu), the order of the export's Mul, Add, Relu.
+// v = scale * codes (+ bias) (+ res) (then max(v, 0) with relu), the order of the export's Mul
+// and Add, a folded BatchNormalization (per-row scale and bias), a residual Add and Relu.
 struct Epilogue {
   float qmax, scale;
   const float* row_bias;  // per row of C from the micro-tile's first row, or nullptr
@@ -78,7 +79,34 @@ struct Epilogue {
   const uint8_t* check;
   float thr;
   uint8_t* reach;
+  // instead of scale: per row of C from the micro-tile's first row (direct path: the channel
+  // panel's NR lanes, zero-padded), or nullptr
+  const float* row_scale = nullptr;
+  // added before the ReLU: an array addressed as C, at the micro-tile's first row, or nullptr
+  const float* res = nullptr;
 };
+
+// A row of computed values (before the ReLU when there is a residual) stored into its runs in
+// C, with the residual added and the ReLU applied there when there is one.
+inline void store_row(const float* row, float* ci, const float* ri, const PanelOut& po,
+                      bool relu) {
+  if (ri == nullptr) {
+    for (int u = 0; u < po.n_runs; ++u)
+      std::memcpy(ci + po.dst[u], row + po.start[u],
+                  (po.start[u + 1] - po.start[u]) * sizeof(float));
+    return;
+  }
+  for (int u = 0; u < po.n_runs; ++u) {
+    const float* src = row + po.start[u];
+    const float* r = ri + po.dst[u];
+    float* d = ci + po.dst[u];
+    const int n = po.start[u + 1] - po.start[u];
+    for (int q = 0; q < n; ++q) {
+      const float v = src[q] + r[q];
+      d[q] = relu && v < 0 ? 0.f : v;
+    }
+  }
+}
 
 // One tile row's partial sums s converted by the ADC and added to the running codes acc:
 // acc += round_half_even(clamp(s, -qmax, qmax)).
@@ -131,19 +159,18 @@ void micro_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int
     }
     add_codes<R, NVU>(s, acc, e.qmax);
   }
+  const bool relu_now = e.relu && e.res == nullptr;  // else after the residual, in store_row
   for (int i = 0; i < R; ++i) {
     float row[NR];
+    const float sc = e.row_scale != nullptr ? e.row_scale[i] : e.scale;
     for (int j = 0; j < NVU; ++j) {
-      vf v = acc[i][j] * e.scale;
+      vf v = acc[i][j] * sc;
       if (e.col_bias != nullptr) v += load(e.col_bias + j * kLanes);
       if (e.row_bias != nullptr) v += e.row_bias[i];
-      if (e.relu) v = v < 0 ? vf{} : v;
+      if (relu_now) v = v < 0 ? vf{} : v;
       std::memcpy(row + j * kLanes, &v, sizeof(vf));
     }
-    float* ci = c + i * ldc;
-    for (int u = 0; u < po.n_runs; ++u)
-      std::memcpy(ci + po.dst[u], row + po.start[u],
-                  (po.start[u + 1] - po.start[u]) * sizeof(float));
+    store_row(row, c + i * ldc, e.res != nullptr ? e.res + i * ldc : nullptr, po, e.relu);
   }
 }
 
@@ -173,6 +200,8 @@ void panel_rows(const float* a, int64_t sa_t, int64_t sa_i, int i0, int i1, cons
   for (int i = i0; i < i1; i += MR) {
     Epilogue ei = e;
     if (e.row_bias != nullptr) ei.row_bias = e.row_bias + i;
+    if (e.row_scale != nullptr) ei.row_scale = e.row_scale + i;
+    if (e.res != nullptr) ei.res = e.res + i * c.ldc;
     const int r = i1 - i >= MR ? MR : i1 - i;
     tiles[r - 1](a + i * sa_i, sa_t, sa_i, bp, n_r, ts, k_last, c.base + i * c.ldc, c.ldc, po, ei);
   }
@@ -312,16 +341,25 @@ void direct_tile(const float* const* xr, const int64_t* koff, const float* w, in
     }
     add_codes<R, NVU>(s, acc, e.qmax);
   }
+  const bool relu_now = e.relu && e.res == nullptr;
   for (int r = 0; r < n_valid; ++r) {
     float lanes[NVU * kLanes];
     for (int j = 0; j < NVU; ++j) {
-      vf v = acc[r][j] * e.scale;
+      vf v = acc[r][j] * (e.row_scale != nullptr ? load(e.row_scale + j * kLanes) : splat(e.scale));
       if (bias_pad != nullptr) v += load(bias_pad + j * kLanes);
-      if (e.relu) v = v < 0 ? vf{} : v;
+      if (relu_now) v = v < 0 ? vf{} : v;
       std::memcpy(lanes + j * kLanes, &v, sizeof(vf));
     }
     float* out = c + dst[r];
-    for (int m = 0; m < m_valid; ++m) out[m * ldc] = lanes[m];
+    if (e.res == nullptr) {
+      for (int m = 0; m < m_valid; ++m) out[m * ldc] = lanes[m];
+      continue;
+    }
+    const float* rr = e.res + dst[r];
+    for (int m = 0; m < m_valid; ++m) {
+      const float v = lanes[m] + rr[m * ldc];
+      out[m * ldc] = e.relu && v < 0 ? 0.f : v;
+    }
   }
 }
 
@@ -339,7 +377,7 @@ inline int panel_cols(int n_cols, int p) {
 extern "C" {
 
 // Interface version checked by the loader; bump with any signature change.
-int nvmpriv_adc_abi(void) { return 6; }
+int nvmpriv_adc_abi(void) { return 7; }
 
 // Packed panel width (columns).
 int nvmpriv_adc_panel_width(void) { return NR; }
@@ -428,18 +466,22 @@ struct GemmArgs {
   const uint8_t* check;   // per tile row: record partial sums reaching thr (may be NULL)
   uint8_t* reach;         // n_threads * n_r bytes: reach[thread * n_r + t] (with check)
   const float* x;         // or NULL; else A's real rows are first written as DAC codes of x
+  const float* row_scale;  // or NULL; else row i of C is scaled by row_scale[i] instead of scale
+  const float* res;       // or NULL; else added (addressed as C) after the bias, before the ReLU
   int64_t sa_t, sa_i, sb_t, sb_k, ldc, block, ld_block, sx;
   int32_t m_rows, packed, n_r, ts, k_last, n_cols, p0, p1, bias_axis, relu, n_threads;
   float qmax, scale, thr, dac_step, dac_qmax;
 };
 
-// Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t) (+ bias) (then ReLU),
+// Column panels [p0, p1) of C = scale * sum_t ADC(A_t @ B_t) (+ bias) (+ res) (then ReLU),
 // ADC(s) = round(clamp(s)), for the operands in *g (see GemmArgs).
 //   B: packed by nvmpriv_adc_pack when `packed`; else, with `conv` (see gather_conv_panel),
 //      gathered from the padded NCHW input b of a convolution; else element [t, k, j] at
 //      b[t*sb_t + k*sb_k + j]. Unpacked panels are packed into a private buffer before use.
 //   k_last: rows of the last tile row that are not zero padding (1..ts); the rest are skipped.
-//   relu: after the bias, max(v, 0).
+//   row_scale: per row of C, replaces scale (a BatchNormalization folded into scale and bias).
+//   res: an array addressed as C, added after the bias (a residual Add).
+//   relu: last, max(v, 0).
 //   x (may be NULL; needs sa_t == ts): first A[i, k] = DAC codes of x[i*sx + k] for the real
 //   rows k < (n_r - 1)*ts + k_last (see nvmpriv_dac_codes; dac_step <= 0: a copy), shared over
 //   the same threads: one call instead of two for a layer's input and product.
@@ -520,6 +562,8 @@ int nvmpriv_adc_gemm(const GemmArgs* g) {
       Epilogue e{qmax, scale, nullptr, nullptr, relu != 0, check, thr,
                  reach != nullptr ? reach + static_cast<int64_t>(tid) * n_r : nullptr};
       if (bias != nullptr && bias_axis == 0) e.row_bias = bias;
+      e.row_scale = g->row_scale;
+      e.res = g->res;
       if (bias != nullptr && bias_axis != 0) {
         std::memcpy(col_bias, bias + static_cast<int64_t>(p) * NR, nc * sizeof(float));
         for (int q = nc; q < NR; ++q) col_bias[q] = 0.f;
@@ -535,7 +579,8 @@ int nvmpriv_adc_gemm(const GemmArgs* g) {
 
 // Convolution by direct_tile (see there) for the operands in *g: a = weights packed
 // [n_r][ts][m_pad] (sa_i = m_pad, a multiple of 16), b = the padded NCHW input, conv = the
-// geometry of gather_conv_panel, C as in nvmpriv_adc_gemm, bias per output channel (bias_axis 0).
+// geometry of gather_conv_panel, C as in nvmpriv_adc_gemm, bias and row_scale per output channel
+// (bias_axis 0), res as in nvmpriv_adc_gemm.
 // No clip check. Returns 0, -1 when a buffer could not be allocated, -2 for unsupported operands.
 int nvmpriv_adc_conv_direct(const GemmArgs* g) {
   const int64_t* geo = g->conv;
@@ -567,6 +612,7 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
   }
   const float* x = g->b;
   const Epilogue base{g->qmax, g->scale, nullptr, nullptr, g->relu != 0, nullptr, 0.f, nullptr};
+  const float* row_scale = g->row_scale;
   const int64_t n_items = n_blocks * n_cp;
   const int threads = g->n_threads > 0 ? g->n_threads : 1;
 #ifdef _OPENMP
@@ -614,6 +660,13 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
       for (int q = 0; q < NR; ++q) bias_pad[q] = q < m_valid ? g->bias[m0 + q] : 0.f;
       bp = bias_pad;
     }
+    Epilogue e = base;
+    alignas(64) float scale_pad[NR];
+    if (row_scale != nullptr) {
+      for (int q = 0; q < NR; ++q) scale_pad[q] = q < m_valid ? row_scale[m0 + q] : 0.f;
+      e.row_scale = scale_pad;
+    }
+    if (g->res != nullptr) e.res = g->res + static_cast<int64_t>(m0) * g->ldc;
     const float* w = g->a + m0;
     float* c = g->c + static_cast<int64_t>(m0) * g->ldc;
     static_assert(NV == 4, "one direct tile per vector count");
@@ -625,7 +678,7 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
     for (int q = 0; q < n_here; q += rows_per) {
       const int valid = n_here - q < rows_per ? n_here - q : rows_per;
       kDirect[nvu - 1](xr + q, koff, w, m_pad, n_r, ts, k_last, m_valid, bp, dst + q, valid, c,
-                       g->ldc, base);
+                       g->ldc, e);
     }
   }
   std::free(koff);

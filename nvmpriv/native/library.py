@@ -32,7 +32,7 @@ __all__ = [
 _T = TypeVar("_T")
 _LOAD_LOCK = threading.Lock()
 
-ABI = 6
+ABI = 7
 # The kernel rounds with the 1.5 * 2**23 trick, exact for |partial sum| <= 2**22 after clamping.
 MAX_QMAX = 2**22
 # Below this many multiply-adds per call the thread hand-off costs more than it saves.
@@ -58,6 +58,7 @@ class _GemmArgs(ctypes.Structure):
 
     _fields_ = [
         *((name, _P) for name in ("a", "b", "conv", "c", "bias", "check", "reach", "x")),
+        *((name, _P) for name in ("row_scale", "res")),
         *(
             (name, _I64)
             for name in ("sa_t", "sa_i", "sb_t", "sb_k", "ldc", "block", "ld_block", "sx")
@@ -208,8 +209,10 @@ class AdcGemmLibrary:
         rows: int | None = None,
         bias: tuple[int, int] | None = None,
         relu: bool = False,
+        row_scale: int | None = None,
+        res: int | None = None,
     ) -> list[int]:
-        """``C = scale * sum_t clamp(round(A_t @ B_t), -qmax, qmax) (+ bias)``, on raw memory.
+        """``C = scale * sum_t clamp(round(A_t @ B_t), -qmax, qmax) (+ bias) (+ res)``, raw memory.
 
         With ``relu`` the result is then ``max(C, 0)``.
 
@@ -238,6 +241,10 @@ class AdcGemmLibrary:
             bias: ``(address, axis)`` of a float32 bias added after the scaling, one value per
                 row of ``C`` (axis 0, ``m`` values) or per column (axis 1, ``n`` values).
             relu: Apply ``max(., 0)`` last.
+            row_scale: Address of ``m`` float32 factors, one per row of ``C``, used instead of
+                ``scale`` (a BatchNormalization folded into the scale and the bias), or ``None``.
+            res: Address of a float32 array addressed as ``out`` (same ``ldc``, ``block``,
+                ``ld_block``), added after the bias and before the ReLU, or ``None``.
 
         Returns:
             The checked tile rows whose partial sums reached the clip level.
@@ -274,7 +281,7 @@ class AdcGemmLibrary:
                 ld_block=out[3], m_rows=m, packed=int(packed), n_r=n_r, ts=ts,
                 k_last=k_last, n_cols=n, p0=p0, p1=p1,
                 bias_axis=0 if bias is None else int(bias[1]), relu=int(relu),
-                n_threads=per_call, qmax=float(qmax), scale=scale, thr=float(qmax) * (1 - 1e-6),
+                row_scale=row_scale, res=res, n_threads=per_call, qmax=float(qmax), scale=scale, thr=float(qmax) * (1 - 1e-6),
             )  # fmt: skip
             args.append(g)
 
@@ -306,11 +313,14 @@ def conv_direct(
     bias: int | None,
     relu: bool,
     threads: int,
+    row_scale: int | None = None,
+    res: int | None = None,
 ) -> None:
     """A convolution on the kernel's direct path (no gathered panels; OpenMP builds).
 
-    ``out[c, j] = scale * sum_t clamp(round(partial sums), -qmax, qmax) (+ bias[c])`` (then
-    ``max(., 0)`` with ``relu``) for output channel ``c < m`` and output position ``j < n``.
+    ``out[c, j] = scale * sum_t clamp(round(partial sums), -qmax, qmax) (+ bias[c])
+    (+ res[c, j])`` (then ``max(., 0)`` with ``relu``) for output channel ``c < m`` and output
+    position ``j < n``.
 
     Args:
         lib: The loaded kernel.
@@ -330,6 +340,8 @@ def conv_direct(
         bias: Address of ``m`` float32 values, or ``None``.
         relu: Apply ``max(., 0)`` last.
         threads: OpenMP threads.
+        row_scale: Address of ``m`` float32 factors used instead of ``scale``, or ``None``.
+        res: Address of a float32 array addressed as ``out``, added before the ReLU, or ``None``.
 
     Raises:
         ValueError: If the sizes do not fit the kernel's 32-bit counts or ``m_pad`` is not a
@@ -344,6 +356,7 @@ def conv_direct(
         a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_i=m_pad, ldc=out[1], block=out[2],
         ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=_k_last(n_r, ts, rows), n_cols=n,
         relu=int(relu), n_threads=max(1, threads), qmax=float(qmax), scale=scale,
+        row_scale=row_scale, res=res,
     )  # fmt: skip
     rc = lib._lib.nvmpriv_adc_conv_direct(g)
     if rc == -1:
