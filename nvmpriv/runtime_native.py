@@ -13,8 +13,9 @@ What follows such a node is applied in the kernel's epilogue where each node is 
 reader of the previous output: a ``Relu``; for a convolution also an inference
 ``BatchNormalization`` (folded into per-channel factors and biases) and a residual ``Add``
 before the ``Relu`` (a ResNet block's tail), so those passes over the largest tensors of a
-ResNet go. Convolutions with few output channels take the kernel's direct path (inputs read
-in place).
+ResNet go. Convolutions with stride 1 along the width and output rows of at least 16 columns
+take the kernel's row-segment path (a micro-tile's inputs are loaded straight from the padded
+input), others with few output channels its direct path; the rest gather panels.
 It computes the same function as the body: the DAC and ADC steps folded into the weights
 (``W * (dac_step / adc_step)`` in float32, as onnxruntime constant-folds it), integer DAC codes,
 and per tile ``clamp(round(partial sum), -qmax, qmax)`` summed times the ADC step. Partial sums
@@ -43,7 +44,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, PackedGemm, conv_direct, load_checked
+from nvmpriv.native.library import (
+    MAX_QMAX,
+    AdcGemmLibrary,
+    PackedGemm,
+    conv_direct,
+    conv_rows,
+    load_checked,
+)
 from nvmpriv.runtime import activation_quantizer
 
 __all__ = ["NativeGraphRunner", "native_library", "native_nodes"]
@@ -128,6 +136,10 @@ _PANEL_LIMIT = 256
 #: run on the kernel's direct path (see :func:`_direct`).
 _DIRECT_MAX_CHANNELS = 32
 _DIRECT_MIN_ROWS = 128
+#: Least share of the row-segment path's vector lanes that are distinct output positions (an
+#: output row of w columns takes ceil(w / 16) segments of 16) for it to be taken over the
+#: direct path (see :meth:`_NativeNode.conv_path`).
+_ROWS_MIN_LANE_USE = 0.8
 #: Most rows (Gemm) or output positions (Conv) per kernel call: its counts are 32-bit.
 _MAX_ROWS = 2**31 - 2**16
 
@@ -266,13 +278,13 @@ class _NativeNode:
     index: int
     x_name: str
     y_name: str
-    weights: np.ndarray  # packed [n_r, ts, M] panels (Gemm), [G, n_r, M, ts] (Conv, gathered)
-    # or [G, n_r, ts, M padded to 16] (Conv, direct: see _DIRECT_MAX_CHANNELS)
+    weights: np.ndarray  # packed [n_r, ts, M] panels (Gemm), [G, n_r, M, ts] (Conv)
     bias: np.ndarray | None
     threads: int
     ts: int  # rows per tile as run: the tile size, or K for a single tile row (no zero rows)
     arena: _Arena
-    direct: bool = False  # Conv: the kernel's direct path instead of gathered panels
+    # Conv: [G, n_r, ts, M padded to 16] for the kernel's direct path (see _DIRECT_MAX_CHANNELS)
+    direct_weights: np.ndarray | None = None
     packed: PackedGemm | None = None  # Gemm nodes: the kernel call, set up once
     # graph nodes applied in the kernel's epilogue, in order (BatchNormalization, Add, Relu)
     tail: tuple[int, ...] = ()
@@ -377,6 +389,22 @@ class _NativeNode:
             self.packed(rows.ctypes.data, out[r0:].ctypes.data, r1 - r0, (xq.ctypes.data, k))
         return out
 
+    def conv_path(self, w_out: int) -> str:
+        """The kernel path of this convolution for ``w_out`` output columns.
+
+        ``"rows"`` (row segments read in place: stride 1 along the width, ``w_out >= 16``)
+        unless its lanes are poorly used and the direct path is available, then ``"direct"``
+        (few output channels, many rows), else ``"gathered"`` panels. Measured
+        (benchmarks/RESULTS.md, session 13): the row segments beat gathered panels 1.2-2.3x
+        wherever they apply; the direct path beats them at 20 columns (62 % of lanes used).
+        """
+        sp = self.spec
+        lane_use = w_out / (16 * math.ceil(w_out / 16))
+        rows = self.lib.openmp and sp.strides[1] == 1 and w_out >= 16
+        if rows and (lane_use >= _ROWS_MIN_LANE_USE or self.direct_weights is None):
+            return "rows"
+        return "gathered" if self.direct_weights is None else "direct"
+
     def _conv(self, x: np.ndarray, res: np.ndarray | None) -> np.ndarray:
         sp, n = self.spec, self.ts
         g, n_r, k, m = sp.groups, sp.n_r, sp.k, sp.m
@@ -402,6 +430,7 @@ class _NativeNode:
         in_kernel = res is not None and res.shape == out.shape and res.dtype == np.float32
         r = np.ascontiguousarray(res) if in_kernel and res is not None else None
         relu = self.relu and (self.residual is None or r is not None)
+        path = self.conv_path(w_out)
         step = max(1, _MAX_ROWS // big_l)  # output positions per kernel call fit in 32 bits
         for b0 in range(0, b, step):
             b1 = min(b, b0 + step)
@@ -419,16 +448,25 @@ class _NativeNode:
                 bias = None if self.bias is None else self.bias.ctypes.data + 4 * grp * m
                 rs = None if self.row_scale is None else self.row_scale.ctypes.data + 4 * grp * m
                 rp = None if r is None else r[b0:b1].ctypes.data + at
-                if self.direct:
+                wt = self.weights[grp]
+                if path == "direct":
+                    assert self.direct_weights is not None
                     conv_direct(
-                        self.lib, self.weights[grp].ctypes.data, xp.ctypes.data, out_at,
-                        conv=geo.ctypes.data, m=m, m_pad=self.weights.shape[-1],
+                        self.lib, self.direct_weights[grp].ctypes.data, xp.ctypes.data, out_at,
+                        conv=geo.ctypes.data, m=m, m_pad=self.direct_weights.shape[-1],
                         n=(b1 - b0) * big_l, n_r=n_r, ts=n, rows=k, qmax=sp.adc_qmax,
                         scale=sp.adc_step, bias=bias, relu=relu, threads=self.threads, row_scale=rs,
                         res=rp,
                     )  # fmt: skip
                     continue
-                wt = self.weights[grp]
+                if path == "rows":
+                    conv_rows(
+                        self.lib, wt.ctypes.data, xp.ctypes.data, out_at, conv=geo.ctypes.data,
+                        m=m, n=(b1 - b0) * big_l, n_r=n_r, ts=n, rows=k, qmax=sp.adc_qmax,
+                        scale=sp.adc_step, bias=bias, relu=relu, threads=self.threads, row_scale=rs,
+                        res=rp,
+                    )  # fmt: skip
+                    continue
                 self.lib.gemm(
                     (wt.ctypes.data, m * n, n),
                     (xp.ctypes.data, 0, 0),
@@ -459,7 +497,7 @@ class _NativeNode:
 
 
 def _direct(lib: AdcGemmLibrary, spec: _NodeSpec) -> bool:
-    """Whether a convolution runs on the kernel's direct path (see adc_gemm.cpp).
+    """Whether a convolution may take the kernel's direct path (see :meth:`_NativeNode.conv_path`).
 
     Measured (benchmarks/RESULTS.md, session 12): with few output channels the gathered panels
     are mostly copying (each gathered input serves only M products) and the direct path is
@@ -499,14 +537,13 @@ def _prepare(
     ts = k if n_r == 1 else n  # a lone tile row's zero rows past K would only cost time
     wt = w.reshape(g, n_r, n, m)[:, :, :ts] * scale
     weights: np.ndarray
-    direct = _direct(lib, spec)
+    direct_weights = None
     if spec.conv:
-        if direct:
+        weights = np.ascontiguousarray(wt.transpose(0, 1, 3, 2))  # [G, n_r, M, ts]
+        if _direct(lib, spec):
             m_pad = -(-m // 16) * 16
-            weights = np.zeros((g, n_r, ts, m_pad), np.float32)
-            weights[..., :m] = wt
-        else:
-            weights = np.ascontiguousarray(wt.transpose(0, 1, 3, 2))  # [G, n_r, M, ts]
+            direct_weights = np.zeros((g, n_r, ts, m_pad), np.float32)
+            direct_weights[..., :m] = wt
     else:
         weights = np.empty(lib.packed_size(n_r, ts, m), np.float32)
         src = np.ascontiguousarray(wt[0])
@@ -523,7 +560,7 @@ def _prepare(
             threads=threads,
             ts=ts,
             arena=arena,
-            direct=direct,
+            direct_weights=direct_weights,
         )
     except ValueError:  # sizes past the kernel's 32-bit counts
         return None

@@ -136,8 +136,10 @@ def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path
     ]
     assert fused == [[True, True, True, True, False], [False, False]]
     convs = [s for s in lenet._runner._steps if getattr(s, "spec", None) and s.spec.conv]
-    # 6@5x5 on one channel: 25 rows, gathered; 16@5x5 on six: 150 rows, 16 channels, direct
-    assert [s.direct for s in convs] == [False, lib.openmp]
+    # 6@5x5 on one channel, 28 output columns: row segments; 16@5x5 on six: 150 rows, 16
+    # channels, 10 columns: direct
+    paths = [s.conv_path(w) for s, w in zip(convs, (28, 10), strict=True)]
+    assert paths == (["rows", "direct"] if lib.openmp else ["gathered", "gathered"])
     graph = onnx.load(lenet.path).graph
     relus = {n.output[0] for n in graph.node if n.op_type == "Relu"}
     assert {s.y_name for s in lenet._runner._steps if getattr(s, "relu", None)} <= relus
@@ -315,27 +317,30 @@ def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) 
 @needs_kernel
 @pytest.mark.parametrize("fold", [False, True], ids=["scale", "row-scale-residual"])
 @pytest.mark.parametrize(
-    ("c", "m", "kernel", "stride", "dilation", "ts"),
+    ("c", "m", "kernel", "stride", "dilation", "ts", "w_out"),
     [
-        (6, 16, (5, 5), (1, 1), (1, 1), 64),  # LeNet-5's second convolution
-        (8, 20, (3, 3), (2, 1), (1, 2), 32),  # channels padded to 32, strides and dilations
-        (3, 80, (2, 3), (1, 2), (2, 1), 16),  # two channel panels (64 + 16), asymmetric kernel
-        (2, 5, (1, 1), (1, 1), (1, 1), 64),  # one tile row, a 1x1 kernel
+        (6, 16, (5, 5), (1, 1), (1, 1), 64, 20),  # LeNet-5's second convolution
+        (8, 20, (3, 3), (2, 1), (1, 2), 32, 16),  # channels padded to 32, strides and dilations
+        (3, 80, (2, 3), (1, 2), (2, 1), 16, 9),  # two channel panels (64 + 16), asymmetric kernel
+        (2, 5, (1, 1), (1, 1), (1, 1), 64, 70),  # one tile row, a 1x1 kernel, 5 row segments
+        (3, 7, (3, 3), (1, 1), (1, 1), 16, 145),  # 10 row segments
     ],
 )
-def test_direct_convolution_equals_the_gathered_one_and_numpy(
-    c: int, m: int, kernel: tuple[int, int], stride: tuple[int, int], dilation, ts: int, fold
+def test_direct_and_row_convolutions_equal_the_gathered_one_and_numpy(
+    c: int, m: int, kernel, stride: tuple[int, int], dilation, ts: int, w_out: int, fold
 ) -> None:
-    # oracle: the definition on numpy's sliding windows; output positions (batch 3 x 7 x 9 = 189)
-    # are not a multiple of the direct path's 96-position blocks
-    from nvmpriv.native.library import conv_direct
+    # oracle: the definition on numpy's sliding windows; output positions (batch 3 x 7 rows) are
+    # not a multiple of the direct path's 96-position blocks; the row-segment path covers rows
+    # of 16 (one segment), 20 (two, overlapping), 70 (five: the lone last one joins the fourth)
+    # and 145 columns, and refuses a width stride of 2
+    from nvmpriv.native.library import conv_direct, conv_rows
 
     assert lib is not None
     if not lib.openmp:
         pytest.skip("the direct path needs an OpenMP build")
     rng = np.random.default_rng(c * m)
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    h_out, w_out, b = 7, 9, 3
+    h_out, b = 7, 3
     h, w = (h_out - 1) * sh + dh * (kh - 1) + 1, (w_out - 1) * sw + dw * (kw - 1) + 1
     x = _dyadic(rng, (b, c, h, w))
     k = c * kh * kw
@@ -367,7 +372,7 @@ def test_direct_convolution_equals_the_gathered_one_and_numpy(
         [c * h * w, h * w, w, 1, 0, kh, kw, sh, sw, dh, dw, h_out, w_out, k, x.size], np.int64
     )
     big_l, n = h_out * w_out, b * h_out * w_out
-    outs = [np.full((b, m, h_out, w_out), np.nan, np.float32) for _ in range(2)]
+    outs = [np.full((b, m, h_out, w_out), np.nan, np.float32) for _ in range(3)]
     common = dict(n_r=n_r, ts=ts, rows=k, qmax=20, scale=0.5, relu=True, threads=2)
     if fold:
         common.update(row_scale=row_scale.ctypes.data, res=res.ctypes.data)
@@ -382,6 +387,21 @@ def test_direct_convolution_equals_the_gathered_one_and_numpy(
     )  # fmt: skip
     np.testing.assert_array_equal(outs[0], want)
     np.testing.assert_array_equal(outs[1], want)
+    rows_call = dict(
+        conv=geo.ctypes.data,
+        m=m,
+        n=n,
+        bias=bias.ctypes.data,
+        **common,  # type: ignore[arg-type]
+    )
+    if sw != 1:
+        with pytest.raises(ValueError, match="width stride 1"):
+            conv_rows(lib, gathered.ctypes.data, x.ctypes.data, (outs[2].ctypes.data, big_l,
+                      big_l, m * big_l), **rows_call)  # fmt: skip
+        return
+    conv_rows(lib, gathered.ctypes.data, x.ctypes.data, (outs[2].ctypes.data, big_l, big_l,
+              m * big_l), **rows_call)  # fmt: skip
+    np.testing.assert_array_equal(outs[2], want)
     with pytest.raises(ValueError, match="multiple of 16"):
         conv_direct(
             lib, direct.ctypes.data, x.ctypes.data, (outs[1].ctypes.data, big_l, big_l, 0),
@@ -396,14 +416,14 @@ from nvmpriv import runtime_native
 
 lib = runtime_native.native_library()
 page = mmap.PAGESIZE
-region = mmap.mmap(-1, 2 * page)
+region = mmap.mmap(-1, 3 * page)
 base = ctypes.addressof(ctypes.c_char.from_buffer(region))
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-assert libc.mprotect(base + page, page, 0) == 0  # PROT_NONE: reading past the input faults
-b, c, h, w, kh = 2, 3, 10, 11, 3  # 144 positions: the last panel is partial
+assert libc.mprotect(base + 2 * page, page, 0) == 0  # PROT_NONE: reading past the input faults
+b, c, h, w, kh = 2, 3, 10, 19, 3  # 272 positions: the last panel is partial; rows of 17
 size = b * c * h * w
-x = np.frombuffer(region, np.float32, size, page - 4 * size).reshape(b, c, h, w)
+x = np.frombuffer(region, np.float32, size, 2 * page - 4 * size).reshape(b, c, h, w)
 x[...] = np.arange(size, dtype=np.float32).reshape(x.shape) % 7 - 3
 k, m, ho, wo = c * kh * kh, 5, h - kh + 1, w - kh + 1
 wt = np.ones((1, m, k), np.float32)
@@ -416,6 +436,15 @@ lib.gemm(
 )
 win = np.lib.stride_tricks.sliding_window_view(x, (kh, kh), axis=(2, 3)).sum(axis=(1, 4, 5))
 assert np.array_equal(out, np.repeat(win[:, None], m, axis=1)), "wrong result"
+if lib.openmp:  # the row-segment path reads the input in place, 16 floats at a time
+    out[...] = np.nan
+    from nvmpriv.native.library import conv_rows
+    conv_rows(
+        lib, wt.ctypes.data, x.ctypes.data, (out.ctypes.data, ho * wo, ho * wo, m * ho * wo),
+        conv=geo.ctypes.data, m=m, n=b * ho * wo, n_r=1, ts=k, rows=k, qmax=1000, scale=1.0,
+        bias=None, relu=False, threads=1,
+    )
+    assert np.array_equal(out, np.repeat(win[:, None], m, axis=1)), "wrong result (rows)"
 print("ok")
 """
 

@@ -367,6 +367,65 @@ typedef void (*DirectTile)(const float* const*, const int64_t*, const float*, in
                            int, int, const float*, const int64_t*, int, float*, int64_t,
                            const Epilogue&);
 
+// Row-segment convolution (stride 1 along the width): no gathered panel either, but the inputs
+// of 16 adjacent output positions of one output row are 16 adjacent floats of the padded input
+// for every kernel row k, so a micro-tile's B vectors are loaded straight from it at
+// xb[j] + koff[k] (one base per segment j of 16 positions). R output channels by NVU segments.
+// An output row of w_out >= 16 positions is covered by ceil(w_out / 16) segments, the last one
+// ending at the row's end (overlapping its predecessor, computed and stored by the same
+// micro-tile, so no lane is wasted on positions past the row and no input past it is read).
+template <int R, int NVU>
+void row_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* const* xb,
+              const int64_t* koff, int n_r, int ts, int k_last, float* c, int64_t ldc,
+              const int64_t* dst, const Epilogue& e) {
+  vf acc[R][NVU];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NVU; ++j) acc[i][j] = vf{};
+  for (int t = 0; t < n_r; ++t) {
+    vf s[R][NVU];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < NVU; ++j) s[i][j] = vf{};
+    const float* at = a + t * sa_t;
+    const int64_t* kt = koff + static_cast<int64_t>(t) * ts;
+    const int kn = t == n_r - 1 ? k_last : ts;
+    for (int k = 0; k < kn; ++k) {
+      const int64_t o = kt[k];
+      vf v[NVU];
+      for (int j = 0; j < NVU; ++j) v[j] = load(xb[j] + o);
+      for (int i = 0; i < R; ++i) {
+        const float w = at[i * sa_i + k];
+        for (int j = 0; j < NVU; ++j) s[i][j] += w * v[j];
+      }
+    }
+    add_codes<R, NVU>(s, acc, e.qmax);
+  }
+  for (int i = 0; i < R; ++i) {
+    const float sc = e.row_scale != nullptr ? e.row_scale[i] : e.scale;
+    float* ci = c + i * ldc;
+    const float* ri = e.res != nullptr ? e.res + i * ldc : nullptr;
+    for (int j = 0; j < NVU; ++j) {
+      vf v = acc[i][j] * sc;
+      if (e.row_bias != nullptr) v += e.row_bias[i];
+      if (ri != nullptr) v += load(ri + dst[j]);
+      if (e.relu) v = v < 0 ? vf{} : v;
+      std::memcpy(ci + dst[j], &v, sizeof(vf));
+    }
+  }
+}
+
+typedef void (*RowTile)(const float*, int64_t, int64_t, const float* const*, const int64_t*, int,
+                        int, int, float*, int64_t, const int64_t*, const Epilogue&);
+
+template <int NVU, int... R>
+constexpr std::array<RowTile, MR> row_tiles_of(std::integer_sequence<int, R...>) {
+  return {row_tile<R + 1, NVU>...};
+}
+template <int... V>
+constexpr std::array<std::array<RowTile, MR>, NV> row_tile_table(std::integer_sequence<int, V...>) {
+  return {row_tiles_of<V + 1>(std::make_integer_sequence<int, MR>{})...};
+}
+constexpr auto kRowTiles = row_tile_table(std::make_integer_sequence<int, NV>{});
+
 inline int panel_cols(int n_cols, int p) {
   const int nc = n_cols - p * NR;
   return nc > NR ? NR : nc;
@@ -377,7 +436,7 @@ inline int panel_cols(int n_cols, int p) {
 extern "C" {
 
 // Interface version checked by the loader; bump with any signature change.
-int nvmpriv_adc_abi(void) { return 7; }
+int nvmpriv_adc_abi(void) { return 8; }
 
 // Packed panel width (columns).
 int nvmpriv_adc_panel_width(void) { return NR; }
@@ -679,6 +738,95 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
       const int valid = n_here - q < rows_per ? n_here - q : rows_per;
       kDirect[nvu - 1](xr + q, koff, w, m_pad, n_r, ts, k_last, m_valid, bp, dst + q, valid, c,
                        g->ldc, e);
+    }
+  }
+  std::free(koff);
+  return 0;
+}
+
+
+// Convolution by row_tile (see there) for the operands in *g: a = weights [n_r][m][ts] as the
+// gathered path's (sa_t, sa_i), b = the padded NCHW input with unit width stride, conv = the
+// geometry of gather_conv_panel (stride 1 along the width, at least 16 output columns), C, bias
+// (bias_axis 0), row_scale and res as in nvmpriv_adc_gemm. No clip check. Work items are whole
+// output rows (up to NV segments: several short rows, or part of a long one), so that the
+// overlapping last segment of a row is stored by the micro-tile that stores its predecessor.
+// Returns 0, -1 when a buffer could not be allocated, -2 for unsupported operands.
+int nvmpriv_adc_conv_rows(const GemmArgs* g) {
+  const int64_t* geo = g->conv;
+  if (geo == nullptr || g->check != nullptr || (g->bias != nullptr && g->bias_axis != 0))
+    return -2;
+  const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
+  const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
+  const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
+  if (s_w != 1 || sw != 1 || h_out < 1 || w_out < kLanes || k < 1) return -2;
+  const int n_r = g->n_r, ts = g->ts, k_last = g->k_last, m = g->m_rows;
+  const int64_t hw = h_out * w_out, n_img = g->n_cols / hw;
+  if (n_img * hw != g->n_cols) return -2;
+  const int per_row = static_cast<int>((w_out + kLanes - 1) / kLanes);  // segments per row
+  // items: rows_per whole rows (short rows), or groups of a row's segments (long rows); a
+  // lone last segment joins its predecessor's group (that one gives up its last but one)
+  const int rows_per = per_row <= NV ? NV / per_row : 1;
+  const int groups = per_row <= NV ? 1 : (per_row + NV - 1) / NV;
+  const bool lone = per_row > NV && per_row % NV == 1;
+  const int64_t n_rows = n_img * h_out;
+  const int64_t n_items = per_row <= NV ? (n_rows + rows_per - 1) / rows_per : n_rows * groups;
+  int64_t* koff = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * k));
+  if (koff == nullptr) return -1;
+  {
+    int64_t c = 0, i = 0, j = 0;
+    for (int64_t r = 0; r < k; ++r) {
+      koff[r] = (c0 + c) * s_c + i * dh * s_h + j * dw;
+      if (++j == kw) {
+        j = 0;
+        if (++i == kh) {
+          i = 0;
+          ++c;
+        }
+      }
+    }
+  }
+  const float* x = g->b;
+  const Epilogue base{g->qmax, g->scale, nullptr, nullptr, g->relu != 0, nullptr, 0.f, nullptr};
+  const int threads = g->n_threads > 0 ? g->n_threads : 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#else
+  (void)threads;
+#endif
+  for (int64_t item = 0; item < n_items; ++item) {
+    const float* xb[NV];
+    int64_t dst[NV];
+    int nvu = 0;
+    int64_t row0 = item * rows_per, row1 = row0 + rows_per < n_rows ? row0 + rows_per : n_rows;
+    int s0 = 0, s1 = per_row;
+    if (per_row > NV) {
+      row0 = item / groups;
+      row1 = row0 + 1;
+      const int gi = static_cast<int>(item % groups);
+      s0 = gi * NV;
+      s1 = s0 + NV < per_row ? s0 + NV : per_row;
+      if (lone && gi == groups - 2) --s1;
+      if (lone && gi == groups - 1) --s0;
+    }
+    for (int64_t row = row0; row < row1; ++row) {
+      const int64_t bi = row / h_out, oh = row % h_out;
+      for (int sg = s0; sg < s1; ++sg) {
+        const int64_t ow0 = sg + 1 < per_row ? sg * kLanes : w_out - kLanes;
+        xb[nvu] = x + bi * s_b + oh * sh * s_h + ow0;
+        const int64_t pos = bi * hw + oh * w_out + ow0;  // column of C
+        dst[nvu++] = (pos / g->block) * g->ld_block + pos % g->block;
+      }
+    }
+    const RowTile* tiles = kRowTiles[nvu - 1].data();
+    for (int i = 0; i < m; i += MR) {
+      const int r = m - i >= MR ? MR : m - i;
+      Epilogue e = base;
+      if (g->bias != nullptr) e.row_bias = g->bias + i;
+      if (g->row_scale != nullptr) e.row_scale = g->row_scale + i;
+      if (g->res != nullptr) e.res = g->res + i * g->ldc;
+      tiles[r - 1](g->a + i * g->sa_i, g->sa_t, g->sa_i, xb, koff, n_r, ts, k_last,
+                   g->c + i * g->ldc, g->ldc, dst, e);
     }
   }
   std::free(koff);

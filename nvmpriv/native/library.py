@@ -26,13 +26,14 @@ __all__ = [
     "AdcGemmLibrary",
     "PackedGemm",
     "conv_direct",
+    "conv_rows",
     "load_checked",
 ]
 
 _T = TypeVar("_T")
 _LOAD_LOCK = threading.Lock()
 
-ABI = 7
+ABI = 8
 # The kernel rounds with the 1.5 * 2**23 trick, exact for |partial sum| <= 2**22 after clamping.
 MAX_QMAX = 2**22
 # Below this many multiply-adds per call the thread hand-off costs more than it saves.
@@ -96,6 +97,8 @@ class AdcGemmLibrary:
         lib.nvmpriv_adc_gemm.restype = _I
         lib.nvmpriv_adc_conv_direct.argtypes = [ctypes.POINTER(_GemmArgs)]
         lib.nvmpriv_adc_conv_direct.restype = _I
+        lib.nvmpriv_adc_conv_rows.argtypes = [ctypes.POINTER(_GemmArgs)]
+        lib.nvmpriv_adc_conv_rows.restype = _I
         lib.nvmpriv_dac_codes.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64]
         lib.nvmpriv_dac_codes.argtypes += [_F, _F, _P, _I]
         lib.nvmpriv_dac_codes.restype = None
@@ -363,6 +366,72 @@ def conv_direct(
         raise MemoryError("adc conv: out of memory")
     if rc != 0:
         raise ValueError("adc conv: unsupported operands")
+
+
+def conv_rows(
+    lib: AdcGemmLibrary,
+    weights: int,
+    x: int,
+    out: tuple[int, int, int, int],
+    *,
+    conv: int,
+    m: int,
+    n: int,
+    n_r: int,
+    ts: int,
+    rows: int,
+    qmax: int,
+    scale: float,
+    bias: int | None,
+    relu: bool,
+    threads: int,
+    row_scale: int | None = None,
+    res: int | None = None,
+) -> None:
+    """A stride-1 convolution on the kernel's row-segment path (no gathered panels).
+
+    The same result as :meth:`AdcGemmLibrary.gemm` with ``conv``: each micro-tile loads the
+    inputs of 16 adjacent output positions of an output row straight from the padded input
+    (a row's last 16 positions overlap the previous ones where the width is not a multiple).
+
+    Args:
+        lib: The loaded kernel.
+        weights: Address of the float32 weights ``[n_r, m, ts]`` (as the gathered path's ``A``).
+        x: Address of the padded NCHW input (unit width stride).
+        out: ``(address, ldc, block, ld_block)`` as for :meth:`AdcGemmLibrary.gemm`.
+        conv: Address of the int64 geometry (as for :meth:`AdcGemmLibrary.gemm`; stride 1
+            along the width, at least 16 output columns).
+        m: Output channels.
+        n: Output positions (batch times output pixels).
+        n_r: Tile rows.
+        ts: Rows per tile.
+        rows: Real rows ``k`` (the geometry's).
+        qmax: ADC clip level in steps.
+        scale: Factor applied to the summed codes.
+        bias: Address of ``m`` float32 values, or ``None``.
+        relu: Apply ``max(., 0)`` last.
+        threads: OpenMP threads.
+        row_scale: Address of ``m`` float32 factors used instead of ``scale``, or ``None``.
+        res: Address of a float32 array addressed as ``out``, added before the ReLU, or ``None``.
+
+    Raises:
+        ValueError: If the sizes do not fit the kernel's 32-bit counts, the width stride is
+            not 1 or the output has fewer than 16 columns.
+        MemoryError: If the kernel could not allocate its buffers.
+    """
+    if max(m, n, n_r, ts) >= 2**31:
+        raise ValueError(f"adc conv: {m} x {n} outputs do not fit the kernel's 32-bit counts")
+    g = _GemmArgs(
+        a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_t=m * ts, sa_i=ts, ldc=out[1],
+        block=out[2], ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=_k_last(n_r, ts, rows),
+        n_cols=n, relu=int(relu), n_threads=max(1, threads), qmax=float(qmax), scale=scale,
+        row_scale=row_scale, res=res,
+    )  # fmt: skip
+    rc = lib._lib.nvmpriv_adc_conv_rows(g)
+    if rc == -1:
+        raise MemoryError("adc conv: out of memory")
+    if rc != 0:
+        raise ValueError("adc conv rows: needs width stride 1 and at least 16 output columns")
 
 
 class PackedGemm:
