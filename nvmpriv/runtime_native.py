@@ -390,20 +390,10 @@ class _NativeNode:
         return out
 
     def conv_path(self, w_out: int) -> str:
-        """The kernel path of this convolution for ``w_out`` output columns.
-
-        ``"rows"`` (row segments read in place: stride 1 along the width, ``w_out >= 16``)
-        unless its lanes are poorly used and the direct path is available, then ``"direct"``
-        (few output channels, many rows), else ``"gathered"`` panels. Measured
-        (benchmarks/RESULTS.md, session 13): the row segments beat gathered panels 1.2-2.3x
-        wherever they apply; the direct path beats them at 20 columns (62 % of lanes used).
-        """
-        sp = self.spec
-        lane_use = w_out / (16 * math.ceil(w_out / 16))
-        rows = self.lib.openmp and sp.strides[1] == 1 and w_out >= 16
-        if rows and (lane_use >= _ROWS_MIN_LANE_USE or self.direct_weights is None):
-            return "rows"
-        return "gathered" if self.direct_weights is None else "direct"
+        """The kernel path of this convolution for ``w_out`` output columns (see :func:`_conv_path`)."""
+        return _conv_path(
+            self.lib.openmp, self.spec.strides[1], w_out, self.direct_weights is not None
+        )
 
     def _conv(self, x: np.ndarray, res: np.ndarray | None) -> np.ndarray:
         sp, n = self.spec, self.ts
@@ -494,6 +484,27 @@ class _NativeNode:
             if self.relu:
                 np.maximum(out, 0, out=out)
         return out
+
+
+def _conv_path(openmp: bool, width_stride: int, w_out: int, direct: bool) -> str:
+    """The kernel path of a convolution: ``"rows"``, ``"direct"`` or ``"gathered"``.
+
+    ``"rows"`` (row segments read in place; an OpenMP build, stride 1 along the width,
+    ``w_out >= 16``) unless its lanes are poorly used and the direct path is available
+    (``direct``: see :func:`_direct`), then ``"direct"``, else ``"gathered"`` panels. Measured
+    (``benchmarks/bench_native_conv.py``, RESULTS.md session 13): the row segments beat the
+    gathered panels wherever they apply; the direct path beats them at 20 columns (62 % of
+    the lanes used).
+    """
+    lane_use = w_out / (16 * math.ceil(w_out / 16))
+    if (
+        openmp
+        and width_stride == 1
+        and w_out >= 16
+        and (lane_use >= _ROWS_MIN_LANE_USE or not direct)
+    ):
+        return "rows"
+    return "direct" if direct else "gathered"
 
 
 def _direct(lib: AdcGemmLibrary, spec: _NodeSpec) -> bool:
