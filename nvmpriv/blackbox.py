@@ -11,6 +11,7 @@ CLI::
 
     python -m nvmpriv attack --model exports/NAME.onnx --data RUN_DIR|DATA.yaml|ARRAYS.npz \\
         [--attacks all|a,b,c] [--queries k] [--output report.json]
+        [--engine auto|onnxruntime|reference]
 
 ``--data`` is (a) a run folder (its ``config.yaml`` rebuilds the DataModule, its ``splits.npz``
 gives the roles; checkpoints are ignored), (b) a data config YAML (a ``data:`` section or a
@@ -67,6 +68,8 @@ ALL_ATTACKS: tuple[str, ...] = (
     "nn_shadow",
 )
 _REFERENCE = {"lira_offline", "rmia_offline", "lira_online", "rmia_online"}
+#: ``--engine`` choices (see :func:`nvmpriv.runtime.load`).
+ENGINES = ("auto", "onnxruntime", "reference")
 
 
 @dataclass(frozen=True)
@@ -586,6 +589,14 @@ def _parser() -> CommandParser:
     p.add_argument(
         "--seed", type=nonnegative_int, default=0, help="seed of the attacker's training"
     )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="what evaluates the file: 'auto' (the native crossbar kernel where it applies, "
+        "else onnxruntime), 'onnxruntime' (the file's function bodies alone) or 'reference' "
+        "(onnx's ReferenceEvaluator with numpy crossbar ops: slow, for cross-checks)",
+    )
     return p
 
 
@@ -603,7 +614,7 @@ def cli_main(argv: list[str]) -> int:
         args.output = str(Path(args.model).with_suffix(".attack.json"))
     _check_output(Path(args.output), args.overwrite)
     names = _parse_attacks(args.attacks)
-    model = load(args.model)
+    model = load(args.model, native=args.engine == "auto", reference=args.engine == "reference")
     data = load_attack_data(args.data, max_samples=args.max_samples)
     report = attack_model(
         model,

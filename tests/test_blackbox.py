@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nvmpriv import runtime_native
 from nvmpriv.__main__ import main
 from nvmpriv.blackbox import attack_model, load_attack_data
 from nvmpriv.runtime import load
@@ -143,6 +144,26 @@ def test_cli_attack_without_checkpoints(
     assert report["query_averaging"][1]["accuracy"] == report["attacks"]["confidence"]["accuracy"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "lira_offline" in capsys.readouterr().out
+
+
+def test_cli_engine_choice(run: dict[str, Any], tmp_path: Path) -> None:
+    # the gap attack is closed form on the labels the file predicts: every engine that
+    # evaluates the same deterministic chip gives the same accuracy, and the report says which
+    # engine ran
+    reports = {}
+    for engine in ("auto", "onnxruntime", "reference"):
+        out = tmp_path / f"{engine}.json"
+        args = ["attack", "--model", str(run["chip"]), "--data", str(run["run_dir"])]
+        args += ["--attacks", "gap", "--max-samples", "60", "--output", str(out)]
+        assert main([*args, "--engine", engine]) == 0
+        reports[engine] = json.loads(out.read_text())
+    assert reports["onnxruntime"]["engine"] == "onnxruntime"
+    assert reports["reference"]["engine"] == "reference"
+    kernel = runtime_native.native_library() is not None
+    auto = "onnxruntime + native crossbar kernel (" if kernel else "onnxruntime"
+    assert reports["auto"]["engine"].startswith(auto)
+    gaps = {e: r["attacks"]["gap"]["accuracy"] for e, r in reports.items()}
+    assert len(set(gaps.values())) == 1, gaps
 
 
 def test_npz_data_and_errors(
