@@ -13,9 +13,10 @@ What follows such a node is applied in the kernel's epilogue where each node is 
 reader of the previous output: a ``Relu``; for a convolution also an inference
 ``BatchNormalization`` (folded into per-channel factors and biases) and a residual ``Add``
 before the ``Relu`` (a ResNet block's tail), so those passes over the largest tensors of a
-ResNet go. Convolutions with stride 1 along the width and output rows of at least 16 columns
-take the kernel's row-segment path (a micro-tile's inputs are loaded straight from the padded
-input), others with few output channels its direct path; the rest gather panels.
+ResNet go. In an OpenMP build, convolutions with stride 1 along the width and output rows of
+at least 16 columns take the kernel's row-segment path (a micro-tile's inputs are loaded
+straight from the padded input), others with few output channels its direct path (also those
+rows whose segments would leave a fifth of their lanes idle); the rest gather panels.
 It computes the same function as the body: the DAC and ADC steps folded into the weights
 (``W * (dac_step / adc_step)`` in float32, as onnxruntime constant-folds it), integer DAC codes,
 and per tile ``clamp(round(partial sum), -qmax, qmax)`` summed times the ADC step. Partial sums
@@ -324,7 +325,11 @@ class _NativeNode:
         )
 
     def fuse_add(self, index: int, output: str, other: str) -> _NativeNode:
-        """This convolution's output plus ``other`` (same shape), added before any ReLU."""
+        """This convolution's output plus ``other``, added before any ReLU.
+
+        In the kernel where ``other`` has the output's shape; one that broadcasts is added
+        after it (see :meth:`_conv`).
+        """
         return replace(self, tail=(*self.tail, index), y_name=output, residual=other)
 
     @property
@@ -601,19 +606,22 @@ class _Segment:
         values.update(zip(self.outputs, got, strict=True))
 
 
-def _agrees(native: np.ndarray, body: np.ndarray, n_r: int, code: float) -> bool:
+def _agrees(
+    native: np.ndarray, body: np.ndarray, n_r: int, code: float, offset: float = 0.0
+) -> bool:
     """Whether a native output is the function body's up to summation order.
 
     A partial sum within float32 rounding of a half step may round to the neighbouring code in
     one of them: at most a code (``code``: its largest output change) per tile row (``n_r``)
-    apart, and on a small share of the outputs. A folded BatchNormalization rounds in another
-    order too, which near zero is a few units of the output's own scale, not of the value.
+    apart, and on a small share of the outputs. A folded BatchNormalization and a residual
+    round in another order too, which is a few units of the largest term summed (the output's
+    own scale, or ``offset``: the largest folded bias or residual), not of the value.
     """
     if native.shape != body.shape or not np.isfinite(native).all():
         return False
     diff = np.abs(native.astype(np.float64) - body)
     mag = np.abs(body.astype(np.float64))
-    tol = 1e-6 * (mag + mag.max(initial=0.0)) + 1e-30
+    tol = 1e-6 * (mag + max(mag.max(initial=0.0), offset)) + 1e-30
     off = diff > tol
     return bool(diff.max(initial=0.0) <= n_r * code * 1.001 + tol.max(initial=0.0)) and (
         int(off.sum()) <= max(1, off.size // 100)
@@ -723,7 +731,11 @@ class NativeGraphRunner:
                     native = native.fuse_relu(j, out)
                 elif not native.spec.conv or native.relu or native.residual is not None:
                     break
-                elif nxt.op_type == "BatchNormalization" and native.row_scale is None:
+                elif (
+                    nxt.op_type == "BatchNormalization"
+                    and native.row_scale is None
+                    and ins[:1] == [native.y_name]
+                ):
                     folded = self._batchnorm(nxt, native)
                     if folded is None:
                         break
@@ -884,9 +896,12 @@ class NativeGraphRunner:
             body = self._session(self._sub_model(nodes, ins, [step.y_name]), 1)
             (expected,) = body.run([step.y_name], feeds)
             res = None if step.residual is None else values[step.residual]
+            terms = [np.abs(t).max(initial=0.0) for t in (step.bias, res) if t is not None]
             try:
                 got = step.run(values[step.x_name], res)
-                if not _agrees(got, expected, step.spec.n_r, step.code_value):
+                if not _agrees(
+                    got, expected, step.spec.n_r, step.code_value, max(terms, default=0)
+                ):
                     wrong.add(step.index)
             except ValueError:  # its attributes describe another input shape
                 wrong.add(step.index)

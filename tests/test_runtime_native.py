@@ -125,7 +125,9 @@ def _shared_output_fc() -> nn.Module:
 
 
 @needs_kernel
-def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path) -> None:
+def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lenet = runtime.load(
         _export(tmp_path, nets.LeNet5(1, 10), get_preset("64x64_100k"), [1, 28, 28])
     )
@@ -140,6 +142,15 @@ def test_relus_that_only_read_a_crossbar_output_run_in_the_kernel(tmp_path: Path
     # channels, 10 columns: direct
     paths = [s.conv_path(w) for s, w in zip(convs, (28, 10), strict=True)]
     assert paths == (["rows", "direct"] if lib.openmp else ["gathered", "gathered"])
+    # and a query takes them: one call of each per convolution
+    calls: list[str] = []
+    for name in ("conv_rows", "conv_direct"):
+        real = getattr(runtime_native, name)
+        monkeypatch.setattr(
+            runtime_native, name, lambda *a, _f=real, _n=name, **k: (calls.append(_n), _f(*a, **k))
+        )
+    lenet.predict_proba(_queries([1, 28, 28], 4))
+    assert calls == (["conv_rows", "conv_direct"] if lib.openmp else [])
     graph = onnx.load(lenet.path).graph
     relus = {n.output[0] for n in graph.node if n.op_type == "Relu"}
     assert {s.y_name for s in lenet._runner._steps if getattr(s, "relu", None)} <= relus
@@ -324,15 +335,18 @@ def test_packed_gemm_from_many_threads_matches_numpy(monkeypatch, openmp: bool) 
         (3, 80, (2, 3), (1, 2), (2, 1), 16, 9),  # two channel panels (64 + 16), asymmetric kernel
         (2, 5, (1, 1), (1, 1), (1, 1), 64, 70),  # one tile row, a 1x1 kernel, 5 row segments
         (3, 7, (3, 3), (1, 1), (1, 1), 16, 145),  # 10 row segments
+        (2, 9, (3, 1), (1, 1), (1, 1), 64, 140),  # 9: the last two in a third item
     ],
 )
+@pytest.mark.parametrize("relu", [True, False])
 def test_direct_and_row_convolutions_equal_the_gathered_one_and_numpy(
-    c: int, m: int, kernel, stride: tuple[int, int], dilation, ts: int, w_out: int, fold
+    c: int, m: int, kernel, stride: tuple[int, int], dilation, ts: int, w_out: int, fold, relu
 ) -> None:
     # oracle: the definition on numpy's sliding windows; output positions (batch 3 x 7 rows) are
     # not a multiple of the direct path's 96-position blocks; the row-segment path covers rows
-    # of 16 (one segment), 20 (two, overlapping), 70 (five: the lone last one joins the fourth)
-    # and 145 columns, and refuses a width stride of 2
+    # of 16 (one segment), 20 (two, overlapping), 70 (five: the lone last one joins the fourth),
+    # 140 (nine: items of 4, 3 and 2 segments) and 145 columns, and refuses a width stride of 2
+    # and output blocks that split rows
     from nvmpriv.native.library import conv_direct, conv_rows
 
     assert lib is not None
@@ -361,7 +375,7 @@ def test_direct_and_row_convolutions_equal_the_gathered_one_and_numpy(
     row_scale, res = _dyadic(rng, (m,)), _dyadic(rng, (b, m, h_out, w_out))
     want = want * (row_scale if fold else 0.5) + bias
     want = want + res.transpose(0, 2, 3, 1) if fold else want
-    want = np.maximum(want, 0).transpose(0, 3, 1, 2).astype(np.float32)
+    want = (np.maximum(want, 0) if relu else want).transpose(0, 3, 1, 2).astype(np.float32)
     wpad = np.zeros((m, n_r * ts), np.float32)
     wpad[:, :k] = wk
     gathered = np.ascontiguousarray(wpad.reshape(m, n_r, ts).transpose(1, 0, 2))  # [n_r, m, ts]
@@ -373,7 +387,7 @@ def test_direct_and_row_convolutions_equal_the_gathered_one_and_numpy(
     )
     big_l, n = h_out * w_out, b * h_out * w_out
     outs = [np.full((b, m, h_out, w_out), np.nan, np.float32) for _ in range(3)]
-    common = dict(n_r=n_r, ts=ts, rows=k, qmax=20, scale=0.5, relu=True, threads=2)
+    common = dict(n_r=n_r, ts=ts, rows=k, qmax=20, scale=0.5, relu=relu, threads=2)
     if fold:
         common.update(row_scale=row_scale.ctypes.data, res=res.ctypes.data)
     lib.gemm(
@@ -387,6 +401,11 @@ def test_direct_and_row_convolutions_equal_the_gathered_one_and_numpy(
     )  # fmt: skip
     np.testing.assert_array_equal(outs[0], want)
     np.testing.assert_array_equal(outs[1], want)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        conv_direct(
+            lib, direct.ctypes.data, x.ctypes.data, (outs[1].ctypes.data, big_l, big_l, 0),
+            conv=geo.ctypes.data, m=m, m_pad=m_pad + 1, n=n, bias=None, **common,
+        )  # fmt: skip
     rows_call = dict(
         conv=geo.ctypes.data,
         m=m,
@@ -402,11 +421,9 @@ def test_direct_and_row_convolutions_equal_the_gathered_one_and_numpy(
     conv_rows(lib, gathered.ctypes.data, x.ctypes.data, (outs[2].ctypes.data, big_l, big_l,
               m * big_l), **rows_call)  # fmt: skip
     np.testing.assert_array_equal(outs[2], want)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        conv_direct(
-            lib, direct.ctypes.data, x.ctypes.data, (outs[1].ctypes.data, big_l, big_l, 0),
-            conv=geo.ctypes.data, m=m, m_pad=m_pad + 1, n=n, bias=None, **common,
-        )  # fmt: skip
+    with pytest.raises(ValueError, match="blocks of whole rows"):  # blocks of w_out - 1 columns
+        conv_rows(lib, gathered.ctypes.data, x.ctypes.data, (outs[2].ctypes.data, big_l,
+                  w_out - 1, m * big_l), **rows_call)  # fmt: skip
 
 
 _GUARD_SCRIPT = r"""

@@ -748,10 +748,13 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
 // Convolution by row_tile (see there) for the operands in *g: a = weights [n_r][m][ts] as the
 // gathered path's (sa_t, sa_i), b = the padded NCHW input with unit width stride, conv = the
 // geometry of gather_conv_panel (stride 1 along the width, at least 16 output columns), C, bias
-// (bias_axis 0), row_scale and res as in nvmpriv_adc_gemm. No clip check. Work items are whole
-// output rows (up to NV segments: several short rows, or part of a long one), so that the
-// overlapping last segment of a row is stored by the micro-tile that stores its predecessor.
-// Returns 0, -1 when a buffer could not be allocated, -2 for unsupported operands.
+// (bias_axis 0), row_scale and res as in nvmpriv_adc_gemm (res must not alias C: the
+// overlapping last segment of a row reads it after its predecessor's store). The output's
+// block must hold whole output rows (a multiple of w_out), so that each segment's 16 columns
+// are adjacent in C. No clip check. Work items are whole output rows (up to NV segments:
+// several short rows, or part of a long one), so that the overlapping last segment of a row
+// is stored by the micro-tile that stores its predecessor. Returns 0, -1 when a buffer could
+// not be allocated, -2 for unsupported operands.
 int nvmpriv_adc_conv_rows(const GemmArgs* g) {
   const int64_t* geo = g->conv;
   if (geo == nullptr || g->check != nullptr || (g->bias != nullptr && g->bias_axis != 0))
@@ -759,7 +762,8 @@ int nvmpriv_adc_conv_rows(const GemmArgs* g) {
   const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
   const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
   const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
-  if (s_w != 1 || sw != 1 || h_out < 1 || w_out < kLanes || k < 1) return -2;
+  if (s_w != 1 || sw != 1 || h_out < 1 || w_out < kLanes || k < 1 || g->block % w_out != 0)
+    return -2;
   const int n_r = g->n_r, ts = g->ts, k_last = g->k_last, m = g->m_rows;
   const int64_t hw = h_out * w_out, n_img = g->n_cols / hw;
   if (n_img * hw != g->n_cols) return -2;

@@ -412,15 +412,19 @@ def conv_rows(
         relu: Apply ``max(., 0)`` last.
         threads: OpenMP threads.
         row_scale: Address of ``m`` float32 factors used instead of ``scale``, or ``None``.
-        res: Address of a float32 array addressed as ``out``, added before the ReLU, or ``None``.
+        res: Address of a float32 array addressed as ``out`` (not the output itself), added
+            before the ReLU, or ``None``.
 
     Raises:
         ValueError: If the sizes do not fit the kernel's 32-bit counts, the width stride is
-            not 1 or the output has fewer than 16 columns.
+            not 1, the output has fewer than 16 columns or ``out``'s blocks are not whole
+            output rows.
         MemoryError: If the kernel could not allocate its buffers.
     """
     if max(m, n, n_r, ts) >= 2**31:
         raise ValueError(f"adc conv: {m} x {n} outputs do not fit the kernel's 32-bit counts")
+    if n_r * m * ts * n < PARALLEL_MIN_MACS:
+        threads = 1
     g = _GemmArgs(
         a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_t=m * ts, sa_i=ts, ldc=out[1],
         block=out[2], ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=_k_last(n_r, ts, rows),
@@ -431,7 +435,10 @@ def conv_rows(
     if rc == -1:
         raise MemoryError("adc conv: out of memory")
     if rc != 0:
-        raise ValueError("adc conv rows: needs width stride 1 and at least 16 output columns")
+        raise ValueError(
+            "adc conv rows: unsupported operands (needs width stride 1, at least 16 output "
+            "columns, whole images, output blocks of whole rows, a per-channel bias)"
+        )
 
 
 class PackedGemm:
