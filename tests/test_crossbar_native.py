@@ -211,22 +211,33 @@ def test_linear_chip_native_equals_pure_torch(monkeypatch, preset):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "conv",
+    ("conv", "width", "rows"),
     [
-        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
-        dict(in_channels=16, out_channels=16, kernel_size=3, stride=2, padding=1, groups=16),
-        dict(in_channels=20, out_channels=6, kernel_size=(3, 2), dilation=2, padding=(2, 1)),
-        dict(in_channels=24, out_channels=4, kernel_size=1, groups=2),
+        (dict(in_channels=8, out_channels=12, kernel_size=3, padding=1), 9, 0),
+        (dict(in_channels=16, out_channels=16, kernel_size=3, stride=2, padding=1, groups=16),
+         9, 0),
+        (dict(in_channels=20, out_channels=6, kernel_size=(3, 2), dilation=2, padding=(2, 1)),
+         9, 0),
+        (dict(in_channels=24, out_channels=4, kernel_size=1, groups=2), 9, 0),
+        # 20 and 19 output columns: row segments read in place (one call per group)
+        (dict(in_channels=8, out_channels=12, kernel_size=3, padding=1), 20, 1),
+        (dict(in_channels=12, out_channels=8, kernel_size=(3, 2), groups=2, stride=(2, 1)), 20, 2),
     ],
-)
-def test_conv_chip_native_equals_pure_torch(monkeypatch, conv):
+)  # fmt: skip
+def test_conv_chip_native_equals_pure_torch(monkeypatch, conv, width: int, rows: int):
+    import nvmpriv.crossbar.native as native
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(**conv), nn.ReLU()).eval()
-    x = torch.randn(5, conv["in_channels"], 9, 9)
+    x = torch.randn(5, conv["in_channels"], 9, width)
     cfg = PRESETS["32x32_100k"]
     chip = convert(net, cfg, seed=2, calibration=x).eval()
+    calls: list[int] = []
+    real = native.conv_rows
+    monkeypatch.setattr(native, "conv_rows", lambda *a, **k: (calls.append(1), real(*a, **k)))
     with torch.no_grad():
         y_native = chip(x)
+        assert len(calls) == (rows if native.adc_gemm_kernel().library.openmp else 0)
         _pure_torch(monkeypatch)
         y_torch = chip(x)
     step = float(chip[0].adc_range) / (2 ** (cfg.adc_bits - 1) - 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nvmpriv.native.build import native_disabled
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, load_checked
+from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, conv_rows, load_checked
 
 __all__ = ["MAX_QMAX", "NativeAdcGemm", "adc_gemm_kernel", "native_status"]
 
@@ -87,6 +87,9 @@ class NativeAdcGemm:
                 instead: ``(channel offset, kh, kw, stride h, stride w, dilation h,
                 dilation w, output h, output w, rows k)``; rows ``k .. n_r*ts`` are zero and
                 column ``j`` is output position ``j`` of ``(batch, h, w)`` (needs ``n_cols``).
+                Without ``check``, stride 1 along the width and at least 16 output columns,
+                the inputs are read in place by row segments (``nvmpriv_adc_conv_rows``)
+                instead of gathered into panels.
             rows: Rows ``k`` of the operands that are not zero padding (default ``n_r * ts``;
                 with ``conv``, its ``k``): the kernel skips the last tile row's rows past it.
 
@@ -118,6 +121,25 @@ class NativeAdcGemm:
             )
         if not packed and geo is None and b.stride(2) != 1:
             raise ValueError("adc matmul: b needs a unit last stride")
+        if (
+            geo is not None
+            and conv is not None
+            and check is None
+            and self.library.openmp
+            and conv[4] == 1  # stride along the width
+            and b.stride(3) == 1
+            and conv[8] >= 16  # output columns
+            and block % conv[8] == 0
+        ):
+            # row segments read in place (benchmarks/bench_native_conv.py: faster than the
+            # gathered panels wherever they apply; no clip report on that path)
+            conv_rows(
+                self.library, a.data_ptr(), b.data_ptr(), (out.data_ptr(), ldc, block, ld_block),
+                conv=geo.data_ptr(), m=m, n=n, n_r=n_r, ts=ts, rows=conv[-1], qmax=qmax,
+                scale=scale, bias=None, relu=False, threads=torch.get_num_threads(),
+                a_strides=(a.stride(0), a.stride(1)),
+            )  # fmt: skip
+            return []
         sb_t, sb_k = (0, 0) if packed or geo is not None else (b.stride(0), b.stride(1))
         return self.library.gemm(
             (a.data_ptr(), a.stride(0), a.stride(1)),

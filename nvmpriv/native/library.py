@@ -387,6 +387,7 @@ def conv_rows(
     threads: int,
     row_scale: int | None = None,
     res: int | None = None,
+    a_strides: tuple[int, int] | None = None,
 ) -> None:
     """A stride-1 convolution on the kernel's row-segment path (no gathered panels).
 
@@ -414,6 +415,8 @@ def conv_rows(
         row_scale: Address of ``m`` float32 factors used instead of ``scale``, or ``None``.
         res: Address of a float32 array addressed as ``out`` (not the output itself), added
             before the ReLU, or ``None``.
+        a_strides: ``(tile-row stride, row stride)`` of the weights (default ``(m * ts, ts)``;
+            unit last stride).
 
     Raises:
         ValueError: If the sizes do not fit the kernel's 32-bit counts, the width stride is
@@ -425,8 +428,9 @@ def conv_rows(
         raise ValueError(f"adc conv: {m} x {n} outputs do not fit the kernel's 32-bit counts")
     if n_r * m * ts * n < PARALLEL_MIN_MACS:
         threads = 1
+    sa_t, sa_i = (m * ts, ts) if a_strides is None else a_strides
     g = _GemmArgs(
-        a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_t=m * ts, sa_i=ts, ldc=out[1],
+        a=weights, b=x, conv=conv, c=out[0], bias=bias, sa_t=sa_t, sa_i=sa_i, ldc=out[1],
         block=out[2], ld_block=out[3], m_rows=m, n_r=n_r, ts=ts, k_last=_k_last(n_r, ts, rows),
         n_cols=n, relu=int(relu), n_threads=max(1, threads), qmax=float(qmax), scale=scale,
         row_scale=row_scale, res=res,
