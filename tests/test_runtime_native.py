@@ -220,6 +220,36 @@ def test_batchnorm_residual_add_and_relu_run_in_the_kernel(tmp_path: Path) -> No
         np.testing.assert_allclose(native.predict_proba(x), want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2, -1, 4])
+def test_flatten_segments_run_as_numpy_reshapes_like_onnxruntime(axis: int) -> None:
+    import onnxruntime as ort
+
+    nodes = [
+        onnx.helper.make_node("Identity", ["x"], ["i"]),
+        onnx.helper.make_node("Flatten", ["i"], ["y"], axis=axis),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, None)],
+        [onnx.helper.make_tensor_value_info("y", 1, None)],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    x = _queries([2, 3, 4, 5], 0) if axis == 4 else _queries([3, 4, 5], 2)
+    (want,) = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    assert runtime_native._ReshapeSegment.takes(nodes, {})
+    values = {"x": x}
+    runtime_native._ReshapeSegment(nodes).run(values)
+    assert values["y"].shape == want.shape
+    np.testing.assert_array_equal(values["y"], want)
+
+
+@needs_kernel
+def test_a_flatten_only_segment_skips_onnxruntime(tmp_path: Path) -> None:
+    # ColumnFC: Flatten, three crossbar layers, Softmax (results: test_native_engine_equals_...)
+    model = runtime.load(_export(tmp_path, nets.ColumnFC(100, 10), get_preset("64x64_100k"), [100]))
+    kinds = [type(s).__name__ for s in model._runner._steps]
+    assert kinds == ["_ReshapeSegment", *["_NativeNode"] * 3, "_Segment"]
+
+
 def _dyadic(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Multiples of 1/8 in [-2, 2]: sums of products are exact in float32 and float64."""
     return (rng.integers(-16, 17, shape) / 8).astype(np.float32)
