@@ -267,11 +267,13 @@ void gather_conv_panel(const float* x, const int64_t* geo, int64_t j0, int nc, f
       }
     }
   }
-  // runs of positions whose inputs are adjacent in memory (stride-1 image rows) are copied
+  // runs of positions along an output row: their inputs are adjacent in memory (width stride
+  // 1: vector copies) or evenly spaced (a strided loop instead of one position at a time)
+  const int64_t hstep = sw * s_w;
   int run_start[NR + 1];
   int n_runs = 0;
   for (int q = 0; q < nc; ++q)
-    if (q == 0 || off[q] != off[q - 1] + 1) run_start[n_runs++] = q;
+    if (q == 0 || off[q] != off[q - 1] + hstep) run_start[n_runs++] = q;
   run_start[n_runs] = nc;
   int64_t c = 0, i = 0, j = 0;  // kernel row r = (c * kh + i) * kw + j
   for (int r = 0; r < k; ++r) {
@@ -287,10 +289,13 @@ void gather_conv_panel(const float* x, const int64_t* geo, int64_t j0, int nc, f
     for (int u = 0; u < n_runs; ++u) {
       const int q0 = run_start[u], len = run_start[u + 1] - q0;
       const int64_t src = base + off[q0];
-      const int64_t room = extent - src < NR - q0 ? extent - src : NR - q0;
       if (len == 1) {
         d[q0] = x[src];
+      } else if (hstep != 1) {
+        const float* s = x + src;
+        for (int q = 0; q < len; ++q) d[q0 + q] = s[q * hstep];
       } else {
+        const int64_t room = extent - src < NR - q0 ? extent - src : NR - q0;
         copy_run(d + q0, x + src, len, room);
       }
     }
