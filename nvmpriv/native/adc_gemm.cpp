@@ -303,6 +303,28 @@ void gather_conv_panel(const float* x, const int64_t* geo, int64_t j0, int nc, f
   }
 }
 
+// Input offset of every kernel row r = (c * kh + i) * kw + j of a convolution with geometry
+// geo (see gather_conv_panel), relative to a position's first input: malloc'd, k entries (at
+// least one), or nullptr when the allocation failed.
+int64_t* kernel_row_offsets(const int64_t* geo) {
+  const int64_t s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
+  const int64_t kh = geo[5], kw = geo[6], dh = geo[9], dw = geo[10], k = geo[13];
+  int64_t* koff = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (k > 0 ? k : 1)));
+  if (koff == nullptr) return nullptr;
+  int64_t c = 0, i = 0, j = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    koff[r] = (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
+    if (++j == kw) {
+      j = 0;
+      if (++i == kh) {
+        i = 0;
+        ++c;
+      }
+    }
+  }
+  return koff;
+}
+
 // Direct convolution (no gathered panel): C^T, R output positions by NVU vectors of 16 output
 // channels. The weights are packed [n_r][ts][m_pad] (channels innermost, zero past m), so each
 // kernel row k is NVU vector loads, and each position's input element is a scalar broadcast
@@ -651,29 +673,14 @@ int nvmpriv_adc_conv_direct(const GemmArgs* g) {
   if (geo == nullptr || g->check != nullptr || g->sa_i % kLanes != 0 || g->sa_i <= 0 ||
       (g->bias != nullptr && g->bias_axis != 0))
     return -2;
-  const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
-  const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
-  const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
+  const int64_t s_b = geo[0], s_h = geo[2], s_w = geo[3], sh = geo[7], sw = geo[8];
+  const int64_t h_out = geo[11], w_out = geo[12];
   const int n_r = g->n_r, ts = g->ts, k_last = g->k_last, m = g->m_rows;
   const int64_t m_pad = g->sa_i, n_pos = g->n_cols;
   const int n_cp = static_cast<int>((m_pad + NR - 1) / NR);  // channel panels of up to NR
   const int64_t n_blocks = (n_pos + kDirectPositions - 1) / kDirectPositions;
-  // input offset of every kernel row, shared by all positions
-  int64_t* koff = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (k > 0 ? k : 1)));
+  int64_t* koff = kernel_row_offsets(geo);  // shared by all positions
   if (koff == nullptr) return -1;
-  {
-    int64_t c = 0, i = 0, j = 0;
-    for (int64_t r = 0; r < k; ++r) {
-      koff[r] = (c0 + c) * s_c + i * dh * s_h + j * dw * s_w;
-      if (++j == kw) {
-        j = 0;
-        if (++i == kh) {
-          i = 0;
-          ++c;
-        }
-      }
-    }
-  }
   const float* x = g->b;
   const Epilogue base{g->qmax, g->scale, nullptr, nullptr, g->relu != 0, nullptr, 0.f, nullptr};
   const float* row_scale = g->row_scale;
@@ -764,8 +771,7 @@ int nvmpriv_adc_conv_rows(const GemmArgs* g) {
   const int64_t* geo = g->conv;
   if (geo == nullptr || g->check != nullptr || (g->bias != nullptr && g->bias_axis != 0))
     return -2;
-  const int64_t s_b = geo[0], s_c = geo[1], s_h = geo[2], s_w = geo[3], c0 = geo[4];
-  const int64_t kh = geo[5], kw = geo[6], sh = geo[7], sw = geo[8], dh = geo[9], dw = geo[10];
+  const int64_t s_b = geo[0], s_h = geo[2], s_w = geo[3], sh = geo[7], sw = geo[8];
   const int64_t h_out = geo[11], w_out = geo[12], k = geo[13];
   if (s_w != 1 || sw != 1 || h_out < 1 || w_out < kLanes || k < 1 || g->block % w_out != 0)
     return -2;
@@ -780,21 +786,8 @@ int nvmpriv_adc_conv_rows(const GemmArgs* g) {
   const bool lone = per_row > NV && per_row % NV == 1;
   const int64_t n_rows = n_img * h_out;
   const int64_t n_items = per_row <= NV ? (n_rows + rows_per - 1) / rows_per : n_rows * groups;
-  int64_t* koff = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * k));
+  int64_t* koff = kernel_row_offsets(geo);
   if (koff == nullptr) return -1;
-  {
-    int64_t c = 0, i = 0, j = 0;
-    for (int64_t r = 0; r < k; ++r) {
-      koff[r] = (c0 + c) * s_c + i * dh * s_h + j * dw;
-      if (++j == kw) {
-        j = 0;
-        if (++i == kh) {
-          i = 0;
-          ++c;
-        }
-      }
-    }
-  }
   const float* x = g->b;
   const Epilogue base{g->qmax, g->scale, nullptr, nullptr, g->relu != 0, nullptr, 0.f, nullptr};
   const int threads = g->n_threads > 0 ? g->n_threads : 1;
