@@ -177,16 +177,24 @@ void micro_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* bp, int
 typedef void (*MicroTile)(const float*, int64_t, int64_t, const float*, int, int, int, float*,
                           int64_t, const PanelOut&, const Epilogue&);
 
-// micro_tile<R, NVU> for R = 1..MR, for each NVU = 1..NV.
-template <int NVU, int... R>
-constexpr std::array<MicroTile, MR> tiles_of(std::integer_sequence<int, R...>) {
-  return {micro_tile<R + 1, NVU>...};
+// Table of Kind::at<R, NVU> (a micro-tile kernel's instances) for R = 1..MR, for each
+// NVU = 1..NV; Kind names the kernel (its pointer type Fn and its instances at).
+template <class Kind, int NVU, int... R>
+constexpr std::array<typename Kind::Fn, MR> tiles_of(std::integer_sequence<int, R...>) {
+  return {Kind::template at<R + 1, NVU>...};
 }
-template <int... V>
-constexpr std::array<std::array<MicroTile, MR>, NV> tile_table(std::integer_sequence<int, V...>) {
-  return {tiles_of<V + 1>(std::make_integer_sequence<int, MR>{})...};
+template <class Kind, int... V>
+constexpr std::array<std::array<typename Kind::Fn, MR>, NV> tile_table(
+    std::integer_sequence<int, V...>) {
+  return {tiles_of<Kind, V + 1>(std::make_integer_sequence<int, MR>{})...};
 }
-constexpr auto kTiles = tile_table(std::make_integer_sequence<int, NV>{});
+
+struct PanelTiles {
+  using Fn = MicroTile;
+  template <int R, int NVU>
+  static constexpr Fn at = micro_tile<R, NVU>;
+};
+constexpr auto kTiles = tile_table<PanelTiles>(std::make_integer_sequence<int, NV>{});
 
 inline const MicroTile* micro_tiles(int nvu) { return kTiles[nvu - 1].data(); }
 
@@ -443,15 +451,12 @@ void row_tile(const float* a, int64_t sa_t, int64_t sa_i, const float* const* xb
 typedef void (*RowTile)(const float*, int64_t, int64_t, const float* const*, const int64_t*, int,
                         int, int, float*, int64_t, const int64_t*, const Epilogue&);
 
-template <int NVU, int... R>
-constexpr std::array<RowTile, MR> row_tiles_of(std::integer_sequence<int, R...>) {
-  return {row_tile<R + 1, NVU>...};
-}
-template <int... V>
-constexpr std::array<std::array<RowTile, MR>, NV> row_tile_table(std::integer_sequence<int, V...>) {
-  return {row_tiles_of<V + 1>(std::make_integer_sequence<int, MR>{})...};
-}
-constexpr auto kRowTiles = row_tile_table(std::make_integer_sequence<int, NV>{});
+struct RowTiles {
+  using Fn = RowTile;
+  template <int R, int NVU>
+  static constexpr Fn at = row_tile<R, NVU>;
+};
+constexpr auto kRowTiles = tile_table<RowTiles>(std::make_integer_sequence<int, NV>{});
 
 inline int panel_cols(int n_cols, int p) {
   const int nc = n_cols - p * NR;
