@@ -34,7 +34,7 @@ import numpy as np
 from timing import median_seconds
 
 from nvmpriv import runtime_native
-from nvmpriv.native.library import AdcGemmLibrary, conv_direct, conv_rows
+from nvmpriv.native.library import AdcGemmLibrary, conv_direct, conv_rows, row_segments_apply
 
 #: (label, batch, in channels, out channels, output size, kernel, padding)
 SHAPES = [
@@ -115,7 +115,7 @@ def one_shape(
         if name in runs and not np.array_equal(outs[key], outs["g"]):
             raise SystemExit(f"{label}: the {name} path disagrees with the gathered one")
     may_direct = m <= runtime_native._DIRECT_MAX_CHANNELS and k >= runtime_native._DIRECT_MIN_ROWS
-    picked = runtime_native._conv_path(lib.openmp, 1, size, may_direct)
+    picked = runtime_native._conv_path(row_segments_apply(lib, 1, size), size, may_direct)
     cells = " ".join(
         f"{1e3 * times[p]:9.3f}" if p in times else f"{'-':>9s}"
         for p in ("gathered", "rows", "direct")

@@ -47,11 +47,13 @@ from onnx import numpy_helper
 
 from nvmpriv.native.library import (
     MAX_QMAX,
+    ROW_SEGMENT,
     AdcGemmLibrary,
     PackedGemm,
     conv_direct,
     conv_rows,
     load_checked,
+    row_segments_apply,
 )
 from nvmpriv.runtime import activation_quantizer
 
@@ -396,9 +398,8 @@ class _NativeNode:
 
     def conv_path(self, w_out: int) -> str:
         """The kernel path of this convolution for ``w_out`` output columns (see :func:`_conv_path`)."""
-        return _conv_path(
-            self.lib.openmp, self.spec.strides[1], w_out, self.direct_weights is not None
-        )
+        rows = row_segments_apply(self.lib, self.spec.strides[1], w_out)
+        return _conv_path(rows, w_out, self.direct_weights is not None)
 
     def _conv(self, x: np.ndarray, res: np.ndarray | None) -> np.ndarray:
         sp, n = self.spec, self.ts
@@ -491,23 +492,19 @@ class _NativeNode:
         return out
 
 
-def _conv_path(openmp: bool, width_stride: int, w_out: int, direct: bool) -> str:
+def _conv_path(rows: bool, w_out: int, direct: bool) -> str:
     """The kernel path of a convolution: ``"rows"``, ``"direct"`` or ``"gathered"``.
 
-    ``"rows"`` (row segments read in place; an OpenMP build, stride 1 along the width,
-    ``w_out >= 16``) unless its lanes are poorly used and the direct path is available
+    ``"rows"`` (row segments read in place, where ``rows``: see
+    :func:`nvmpriv.native.library.row_segments_apply`) unless its lanes are poorly used
+    (``w_out`` output columns) and the direct path is available
     (``direct``: see :func:`_direct`), then ``"direct"``, else ``"gathered"`` panels. Measured
     (``benchmarks/bench_native_conv.py``, RESULTS.md session 13): the row segments beat the
     gathered panels wherever they apply; the direct path beats them at 20 columns (62 % of
     the lanes used).
     """
-    lane_use = w_out / (16 * math.ceil(w_out / 16))
-    if (
-        openmp
-        and width_stride == 1
-        and w_out >= 16
-        and (lane_use >= _ROWS_MIN_LANE_USE or not direct)
-    ):
+    lane_use = w_out / (ROW_SEGMENT * math.ceil(w_out / ROW_SEGMENT))
+    if rows and (lane_use >= _ROWS_MIN_LANE_USE or not direct):
         return "rows"
     return "direct" if direct else "gathered"
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from nvmpriv.native.build import native_disabled
-from nvmpriv.native.library import MAX_QMAX, AdcGemmLibrary, conv_rows, load_checked
+from nvmpriv.native.library import (
+    MAX_QMAX,
+    AdcGemmLibrary,
+    conv_rows,
+    load_checked,
+    row_segments_apply,
+)
 
 __all__ = ["MAX_QMAX", "NativeAdcGemm", "adc_gemm_kernel", "native_status"]
 
@@ -125,10 +131,8 @@ class NativeAdcGemm:
             geo is not None
             and conv is not None
             and check is None
-            and self.library.openmp
-            and conv[4] == 1  # stride along the width
+            and row_segments_apply(self.library, conv[4], conv[8])  # width stride, columns
             and b.stride(3) == 1
-            and conv[8] >= 16  # output columns
             and block % conv[8] == 0
         ):
             # row segments read in place (benchmarks/bench_native_conv.py: faster than the

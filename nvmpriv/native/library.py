@@ -23,11 +23,13 @@ __all__ = [
     "MAX_QMAX",
     "MICRO_ROWS",
     "PARALLEL_MIN_MACS",
+    "ROW_SEGMENT",
     "AdcGemmLibrary",
     "PackedGemm",
     "conv_direct",
     "conv_rows",
     "load_checked",
+    "row_segments_apply",
 ]
 
 _T = TypeVar("_T")
@@ -40,6 +42,8 @@ MAX_QMAX = 2**22
 PARALLEL_MIN_MACS = 1 << 18
 # Rows of C per micro-tile (MR in adc_gemm.cpp): the least a thread gets when rows are shared.
 MICRO_ROWS = 6
+# Output positions per row segment of nvmpriv_adc_conv_rows (kLanes in adc_gemm.cpp).
+ROW_SEGMENT = 16
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -366,6 +370,20 @@ def conv_direct(
         raise MemoryError("adc conv: out of memory")
     if rc != 0:
         raise ValueError("adc conv: unsupported operands")
+
+
+def row_segments_apply(lib: AdcGemmLibrary, width_stride: int, w_out: int) -> bool:
+    """Whether a convolution can take :func:`conv_rows` (the kernel's row-segment path).
+
+    Args:
+        lib: The loaded kernel (the path shares its work over OpenMP threads).
+        width_stride: The convolution's stride along the width.
+        w_out: Output columns (a row takes ``ceil(w_out / ROW_SEGMENT)`` segments).
+
+    Returns:
+        ``True`` for an OpenMP build, width stride 1 and at least :data:`ROW_SEGMENT` columns.
+    """
+    return lib.openmp and width_stride == 1 and w_out >= ROW_SEGMENT
 
 
 def conv_rows(
